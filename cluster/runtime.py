@@ -1,0 +1,112 @@
+"""Connect to a Ray cluster by address, or start an embedded local Ray when none is given.
+
+The address comes from `ClusterConfig.address`, else `RAY_ADDRESS`, else none: then Ray starts
+in-process with this machine's CPUs. Resource detection decides the collective backend: NCCL and
+`use_gpu` where the cluster has GPUs, gloo on CPU workers otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    """Where to run. Everything else (workers, ZeRO) lives in the training config."""
+
+    address: str | None = None  # "ray://host:10001", "host:6379" or "auto"; None -> RAY_ADDRESS or embedded
+    num_cpus: int | None = None  # embedded Ray only: logical CPUs to advertise (None -> enough for the job)
+    dashboard: bool = True  # embedded Ray only: start the dashboard
+    dashboard_host: str = "127.0.0.1"  # embedded Ray only; 0.0.0.0 exposes it to the network
+    namespace: str = "hybridtrain"
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"cluster.num_cpus must be >= 1, got {self.num_cpus!r}")
+        if self.address is not None and not str(self.address).strip():
+            raise ValueError(f"cluster.address must be a Ray address or unset, got {self.address!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterInfo:
+    """What we connected to."""
+
+    address: str
+    embedded: bool
+    dashboard_url: str | None
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+    @property
+    def backend(self) -> str:
+        """Collective backend for torch.distributed: NCCL across GPUs, gloo on CPUs."""
+        return "nccl" if self.use_gpu else "gloo"
+
+
+def resolve_address(config: ClusterConfig) -> str | None:
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bool = False) -> ClusterInfo:
+    """Connect to the configured cluster or start an embedded one; print the dashboard URL.
+
+    `min_cpus` is the number of logical CPUs the job needs at once (train workers plus helpers);
+    an embedded Ray advertises at least that many so a 2-core laptop can still place 2 workers,
+    the coordinator and an advisor replica (they then share the cores).
+    """
+    import ray
+
+    config = config or ClusterConfig()
+    address = resolve_address(config)
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        embedded = address is None
+    elif address is None:
+        num_cpus = config.num_cpus or max(os.cpu_count() or 1, min_cpus)
+        context = ray.init(
+            num_cpus=num_cpus,
+            namespace=config.namespace,
+            include_dashboard=config.dashboard,
+            dashboard_host=config.dashboard_host,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+        embedded = True
+    else:
+        context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING)
+        embedded = False
+    dashboard_url = getattr(context, "dashboard_url", None) or None
+    if dashboard_url and not dashboard_url.startswith("http"):
+        dashboard_url = f"http://{dashboard_url}"
+    resources = detect_resources()
+    info = ClusterInfo(
+        address=address or "embedded",
+        embedded=embedded,
+        dashboard_url=dashboard_url,
+        num_cpus=resources["CPU"],
+        num_gpus=resources["GPU"],
+    )
+    if not quiet:
+        where = "embedded local Ray" if embedded else f"Ray cluster at {address}"
+        print(
+            f"[hybridtrain] {where}: {info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs, backend {info.backend}; "
+            f"dashboard: {dashboard_url or 'not running'}",
+            flush=True,
+        )
+    return info
+
+
+def detect_resources() -> dict[str, float]:
+    """Total CPUs and GPUs the connected cluster advertises."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}

@@ -1,0 +1,1 @@
+"""Experiments: config, the `hybridtrain` command, running and predicting (and, with the advisor, the coordinator)."""

@@ -1,0 +1,97 @@
+"""The `hybridtrain` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _add_run(subparsers) -> None:
+    run = subparsers.add_parser("run", help="train a model on Ray Train with DeepSpeed (embedded local Ray unless --address)")
+    run.add_argument("--config", metavar="FILE.yaml", help="config file (YAML)")
+    run.add_argument("--recipe", metavar="NAME", help="named recipe, e.g. smoke, default, zero3, mlp, resnet")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=10 (repeatable)")
+    run.add_argument("--output", metavar="DIR", help="run directory (default: runs/NAME-TIMESTAMP)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    run.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestration.config import build_config
+    from orchestration.run import run_experiment
+
+    if args.resume:
+        if args.config or args.recipe or args.overrides or args.output:
+            raise ValueError("--resume continues a run with its saved config.yaml; it takes no --config/--recipe/--set/--output")
+        from orchestration.config import read_config
+
+        config = read_config(Path(args.resume) / "config.yaml") if (Path(args.resume) / "config.yaml").is_file() else None
+        if config is not None and args.address:
+            config.cluster.address = args.address
+        run_experiment(config, args.resume, resume=True)  # type: ignore[arg-type]
+        return 0
+    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides)
+    run_dir = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_experiment(config, run_dir)
+    return 0
+
+
+def _add_predict(subparsers) -> None:
+    predict = subparsers.add_parser("predict", help="predict with a finished run's model")
+    predict.add_argument("run_dir", metavar="RUN_DIR")
+    predict.add_argument("input", metavar="INPUT.npz", help=".npz with array x shaped like the training samples")
+    predict.add_argument("--output", metavar="FILE.npz")
+    predict.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from orchestration.predict import predict_file
+
+    predict_file(args.run_dir, args.input, args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridtrain", description="LLM-advised training on Ray Train with DeepSpeed ZeRO")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_run(subparsers)
+    _add_predict(subparsers)
+    try:
+        from serve_llm.cli import register as register_advisor
+    except ImportError:
+        register_advisor = None
+    if register_advisor is not None:
+        register_advisor(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from orchestration.config import ConfigError
+    from orchestration.run import RunError
+    from workers.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+        print(f"hybridtrain: error: {error}", file=sys.stderr)
+        return 2
+    except RunError as error:
+        print(f"hybridtrain: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hybridtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

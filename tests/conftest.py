@@ -1,0 +1,29 @@
+"""Shared fixtures, named for what they start."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Runs here have no hub access; make any accidental hub call fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An embedded local Ray with more logical CPUs than cores, so that 2 train workers,
+    the coordinator and an advisor replica fit at once on a 2-core CI machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()

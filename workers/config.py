@@ -1,0 +1,107 @@
+"""Configs owned by the worker side: data, model and training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+INITS = ("default", "zero", "normal", "xavier", "kaiming")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _require(condition: bool, field: str, value: object, rule: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} {rule}, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the data comes from and how it is split.
+
+    `path` is None for scikit-learn's bundled digits; otherwise a `.npz` (arrays `x`, `y`), a `.csv`
+    (with `label_column`), or a folder with one sub-folder of images per class.
+    """
+
+    path: str | None = None
+    label_column: str = "label"  # CSV only
+    image_size: int | None = None  # image folders only: resize to this square size (None -> first image's size)
+    grayscale: bool = False  # image folders only
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        _require(0.0 < self.test_fraction < 0.5, "data.test_fraction", self.test_fraction, "must be in (0, 0.5)")
+        _require(self.image_size is None or self.image_size >= 4, "data.image_size", self.image_size, "must be >= 4")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Which network. `auto` picks from the data's shape: images -> cnn2d, flat features -> mlp."""
+
+    kind: str = "auto"
+    width: int = 32  # channels of the first conv layer / units of the first hidden layer
+    hidden: int = 128  # units of the classifier's hidden layer
+    depth: int = 2  # conv stages (cnn) or hidden layers (mlp) or residual blocks per stage (resnet)
+    dropout: float = 0.1
+    init: str = "default"  # weight init: default (PyTorch's), zero, normal, xavier, kaiming
+
+    def __post_init__(self) -> None:
+        _require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
+        _require(self.init in INITS, "model.init", self.init, f"must be one of {INITS}")
+        _require(1 <= self.width <= 4096, "model.width", self.width, "must be in [1, 4096]")
+        _require(1 <= self.hidden <= 65536, "model.hidden", self.hidden, "must be in [1, 65536]")
+        _require(1 <= self.depth <= 16, "model.depth", self.depth, "must be in [1, 16]")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """How to train: workers, ZeRO, optimizer, schedule, stopping, fault tolerance."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None  # None -> use GPUs if the cluster has them
+    zero_stage: int = 2
+    precision: str = "auto"  # auto -> bf16 on GPUs that support it, fp32 otherwise (DeepSpeed's CPU path has no fp16)
+    epochs: int = 30
+    batch_size: int = 64  # per worker, per micro-step
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    optimizer: str = "adamw"
+    lr: float = 3e-3  # peak learning rate, reached after warm-up
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD momentum / RMSprop momentum / Adam beta1
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05
+    early_stopping_patience: int = 8  # epochs without val-loss improvement; 0 disables
+    early_stopping_min_delta: float = 1e-4
+    seed: int = 0
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    checkpoints_to_keep: int = 2
+    chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
+        _require(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"must be one of {PRECISIONS}")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        _require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        _require(0 < self.lr <= 10, "train.lr", self.lr, "must be in (0, 10]")
+        _require(0 <= self.weight_decay <= 1, "train.weight_decay", self.weight_decay, "must be in [0, 1]")
+        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
+        _require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
+        _require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
+        _require(
+            self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,
+            "train.chaos_kill_epoch", self.chaos_kill_epoch, f"must be unset or in [1, {self.epochs}]",
+        )

@@ -1,0 +1,222 @@
+"""Datasets, the stratified split, train-only normalisation, and per-worker sharding.
+
+Everything here is NumPy: a whole dataset fits in memory for the models this project trains, and
+a plain array keeps sharding exact (each sample once per epoch across all workers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.config import DataConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """A data file that is missing or malformed; the message names the file and what is wrong."""
+
+
+@dataclass(kw_only=True)
+class Dataset:
+    """Samples `x` (N, C, H, W) images or (N, F) features, integer labels `y`, and class names."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    source: str
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+@dataclass(kw_only=True)
+class Split:
+    """Index arrays into a `Dataset`: disjoint, stratified, seeded."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(kw_only=True)
+class Normalizer:
+    """Per-channel (images) or per-feature (tabular) standardisation fitted on the train split only."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Normalizer:
+        axes = (0, 2, 3) if x.ndim == 4 else (0,) if x.ndim == 2 else (0, 2)
+        mean = x.mean(axis=axes, keepdims=True)[0]
+        std = x.std(axis=axes, keepdims=True)[0]
+        return cls(mean=mean.astype(np.float32), std=np.maximum(std, 1e-6).astype(np.float32))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list]) -> Normalizer:
+        return cls(mean=np.asarray(data["mean"], dtype=np.float32), std=np.asarray(data["std"], dtype=np.float32))
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Load the configured data; raise `DataError` naming the file and the problem."""
+    if config.path is None:
+        return load_digits()
+    path = Path(config.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path {str(path)!r} does not exist")
+    if path.is_dir():
+        return load_image_folder(path, image_size=config.image_size, grayscale=config.grayscale)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.suffix == ".csv":
+        return load_csv(path, label_column=config.label_column)
+    raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .npz, .csv or a folder of class sub-folders")
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): no download needed."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    return Dataset(x=x, y=bunch.target.astype(np.int64), classes=[str(c) for c in bunch.target_names], source="sklearn:digits")
+
+
+def _labels_to_indices(labels: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels must be one-dimensional, got shape {labels.shape}")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise DataError(f"{path}: labels must be integers (or class names), found non-integer values")
+        labels = labels.astype(np.int64)
+    classes, indices = np.unique(labels, return_inverse=True)
+    return indices.astype(np.int64), [str(c) for c in classes]
+
+
+def load_npz(path: Path) -> Dataset:
+    """A `.npz` with `x` (N×H×W, N×C×H×W or N×F) and integer labels `y` (N,)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x", "y"} - set(archive.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(archive.files)}")
+            x, y = archive["x"], archive["y"]
+    except DataError:
+        raise
+    except Exception as error:  # zipfile/pickle/format errors all mean the same thing to a user
+        raise DataError(f"{path}: not a readable .npz file ({error})") from error
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{path}: x must be N×F, N×H×W or N×C×H×W, got shape {x.shape}")
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: x contains NaN or infinite values")
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    indices, classes = _labels_to_indices(np.asarray(y), path)
+    return Dataset(x=x, y=indices, classes=classes, source=str(path))
+
+
+def load_csv(path: Path, *, label_column: str) -> Dataset:
+    """A CSV with one label column and numeric feature columns (read with pandas)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from error
+    if label_column not in frame.columns:
+        raise DataError(f"{path}: label column {label_column!r} not found; columns are {list(frame.columns)} (set data.label_column)")
+    features = frame.drop(columns=[label_column])
+    non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if non_numeric:
+        raise DataError(f"{path}: feature columns must be numeric, these are not: {non_numeric}")
+    if features.shape[1] == 0:
+        raise DataError(f"{path}: no feature columns besides {label_column!r}")
+    x = features.to_numpy(dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: features contain missing or infinite values")
+    indices, classes = _labels_to_indices(frame[label_column].to_numpy(), path)
+    return Dataset(x=x, y=indices, classes=classes, source=str(path))
+
+
+def load_image_folder(path: Path, *, image_size: int | None, grayscale: bool) -> Dataset:
+    """A folder with one sub-folder per class, each holding image files."""
+    from PIL import Image, UnidentifiedImageError
+
+    class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if len(class_dirs) < 2:
+        raise DataError(f"{path}: expected one sub-folder per class (at least 2), found {len(class_dirs)}")
+    mode = "L" if grayscale else "RGB"
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    size: tuple[int, int] | None = (image_size, image_size) if image_size else None
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{class_dir}: class folder holds no image files ({sorted(IMAGE_SUFFIXES)})")
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image = image.convert(mode)
+                    size = size or image.size
+                    if image.size != size:
+                        image = image.resize(size)
+                    array = np.asarray(image, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataError(f"{file}: not a readable image ({error})") from error
+            images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+            labels.append(label)
+    return Dataset(x=np.stack(images), y=np.asarray(labels, dtype=np.int64), classes=[p.name for p in class_dirs], source=str(path))
+
+
+def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Seeded, stratified train/val/test split (80/10/10 by default); every class lands in every split."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels)
+    if len(counts) < 2 or counts.min() < 3:
+        raise DataError(f"need at least 2 classes with at least 3 samples each to split stratified; class counts are {counts.tolist()}")
+    indices = np.arange(len(labels))
+    holdout = val_fraction + test_fraction
+    try:
+        train, rest = train_test_split(indices, test_size=holdout, stratify=labels, random_state=seed)
+        val, test = train_test_split(rest, test_size=test_fraction / holdout, stratify=labels[rest], random_state=seed)
+    except ValueError as error:
+        raise DataError(f"cannot split {len(labels)} samples stratified into {1 - holdout:.0%}/{val_fraction:.0%}/{test_fraction:.0%}: {error}") from error
+    return Split(train=np.sort(train), val=np.sort(val), test=np.sort(test))
+
+
+def steps_per_epoch(num_samples: int, *, world_size: int, batch_size: int, grad_accum_steps: int = 1) -> int:
+    """Optimizer micro-steps each worker takes per epoch: equal on every rank, a multiple of accumulation."""
+    per_rank = math.ceil(num_samples / world_size)
+    steps = max(1, math.ceil(per_rank / batch_size))
+    return math.ceil(steps / grad_accum_steps) * grad_accum_steps
+
+
+def shard_batches(num_samples: int, *, rank: int, world_size: int, batch_size: int, epoch: int, seed: int, grad_accum_steps: int = 1, shuffle: bool = True) -> list[np.ndarray]:
+    """This rank's batches for one epoch.
+
+    All ranks shuffle with the same seeded permutation, take every `world_size`-th index, and cut
+    their shard into the same number of batches, so each sample is seen exactly once per epoch and
+    every rank takes the same number of steps (a rank with fewer steps would hang the collectives).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    shard = order[rank::world_size]
+    steps = steps_per_epoch(num_samples, world_size=world_size, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+    return [batch for batch in np.array_split(shard, steps)]

@@ -1,0 +1,296 @@
+"""The per-worker training loop: one function, read top to bottom.
+
+Ray Train runs `train_loop_per_worker` on every worker. Each worker loads the same data and model
+(same seed), trains its shard of every epoch through a DeepSpeed engine, validates, and, in a fixed
+order, checkpoints: every rank saves its shard, barrier, one `ray.train.report`. Rank 0 alone writes
+files a person reads (metrics.csv, the final model) and prints progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from workers.config import DataConfig, ModelConfig, TrainConfig
+from workers.data import Normalizer, load_dataset, shard_batches, stratified_split
+from workers.engine import build_engine, full_buffers, full_fp32_params, input_dtype, write_full_fp32_params
+from workers.models import build_model, resolve_kind
+
+CHECKPOINT_TAG = "state"
+FINAL_METRICS = "final_metrics.json"
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s"]
+
+
+@dataclass(kw_only=True)
+class LoopState:
+    """What the loop carries across epochs and restarts (saved in every checkpoint)."""
+
+    epoch: int = 0  # last completed epoch
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last val-loss improvement
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0  # training wall time over all attempts
+    restarts: int = 0
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    # DeepSpeed still calls a torch collective that torch marks deprecated; say it once, not every epoch.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # DeepSpeed reads it
+    data_config = DataConfig(**loop_config["data"])
+    model_config = ModelConfig(**loop_config["model"])
+    train = TrainConfig(**loop_config["train"])
+    run_dir = Path(loop_config["run_dir"])
+    device = ray.train.torch.get_device()
+
+    # Every rank loads and splits identically (seeded), so shards line up without any exchange.
+    dataset = load_dataset(data_config)
+    split = stratified_split(dataset.y, val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction, seed=data_config.seed)
+    normalizer = Normalizer.fit(dataset.x[split.train])
+    features = torch.from_numpy(normalizer(dataset.x))
+    labels = torch.from_numpy(dataset.y)
+
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
+    model = build_model(model_config, dataset.sample_shape, len(dataset.classes))
+    micro_steps = len(shard_batches(len(split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0, seed=train.seed, grad_accum_steps=train.grad_accum_steps))
+    engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device)
+    dtype = input_dtype(spec)
+
+    state = LoopState()
+    best_params: dict[str, torch.Tensor] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state, best_params = _restore(engine, checkpoint)
+        state.restarts += 1
+        _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})")
+    else:
+        _log(rank, f"training {resolve_kind(model_config.kind, dataset.sample_shape)} on {dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, "
+             f"{world_size} workers, ZeRO-{spec.zero_stage}, {spec.precision}, {spec.device}")
+
+    for epoch in range(state.epoch + 1, train.epochs + 1):
+        epoch_start = time.perf_counter()
+        # Dropout masks depend only on (seed, epoch, rank): a resumed run replays the same randomness.
+        torch.manual_seed(hash((train.seed, epoch, rank)) % 2**31)
+        batches = shard_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=epoch, seed=train.seed, grad_accum_steps=train.grad_accum_steps)
+        engine.train()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        seen = 0
+        for step, batch in enumerate(batches):
+            if train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
+                _chaos_kill_once(run_dir)
+            index = torch.from_numpy(split.train[batch])
+            inputs = features[index].to(device, dtype)
+            targets = labels[index].to(device)
+            loss = F.cross_entropy(engine(inputs).float(), targets)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double().cpu() * len(batch)
+            seen += len(batch)
+        train_seconds = time.perf_counter() - epoch_start
+        train_loss, total_seen = _all_reduce_sums(loss_sum, seen)
+        val = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+
+        improved = val.loss < state.best_val_loss - train.early_stopping_min_delta
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = val.loss, epoch, 0
+            best_params = full_fp32_params(engine)  # collective under ZeRO: every rank takes part
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch
+        state.wall_s += time.perf_counter() - epoch_start
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss / total_seen,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
+            "lr": engine.get_lr()[0],
+            "samples_per_s": total_seen / train_seconds,
+            "wall_s": state.wall_s,
+        }
+        state.history.append(row)
+        stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
+        _checkpoint_and_report(engine, state, best_params, row, rank=rank)
+        if rank == 0:
+            _write_metrics_csv(run_dir, state.history)
+            _log(rank, f"epoch {epoch:3d}/{train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val.loss:.4f}  "
+                       f"val_acc {val.accuracy:.4f}  lr {row['lr']:.2e}  {row['samples_per_s']:,.0f} samples/s" + ("  *" if improved else ""))
+        if stop:
+            _log(rank, f"early stopping: no val-loss improvement for {state.bad_epochs} epochs (best {state.best_val_loss:.4f} at epoch {state.best_epoch})")
+            break
+
+    # The final model is the best-validation one; the test split is touched exactly once, here.
+    if best_params is not None:
+        write_full_fp32_params(engine, best_params)
+    test = evaluate(engine, features, labels, split.test, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype, gather=True)
+    final_params = full_fp32_params(engine)
+    final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
+                                     "wall_s": state.wall_s, "restarts": state.restarts, "zero_stage": spec.zero_stage, "precision": spec.precision}
+    if rank == 0:
+        final_metrics.update(test_metrics(test.predictions, test.labels, len(dataset.classes)))
+        final_metrics["test_loss"] = test.loss
+        _save_model(run_dir, final_params, full_buffers(engine), model_config=model_config, dataset=dataset, normalizer=normalizer)
+        # Ray Train V2's `Result.metrics` carries only checkpointed reports, so the driver reads this file.
+        (run_dir / FINAL_METRICS).write_text(json.dumps(final_metrics))
+        _log(rank, f"test accuracy {final_metrics['test_accuracy']:.4f}, macro F1 {final_metrics['test_macro_f1']:.4f} (best epoch {state.best_epoch})")
+    ray.train.report(final_metrics)
+
+
+def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype, gather: bool = False) -> EvalResult:
+    """Mean loss and accuracy over `indices`, each rank taking a shard; all ranks get the result.
+
+    All ranks run the same number of forward passes, even on an empty shard, because under ZeRO-3
+    every forward gathers parameters collectively.
+    """
+    engine.eval()
+    shard = indices[rank::world_size]
+    steps = math.ceil(math.ceil(len(indices) / world_size) / batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = 0
+    predictions: list[np.ndarray] = []
+    device = next(engine.module.parameters()).device
+    with torch.no_grad():
+        for chunk in np.array_split(shard, steps):
+            index = torch.from_numpy(chunk)
+            logits = engine(features[index].to(device, dtype)).float()
+            targets = labels[index].to(device)
+            if len(chunk):
+                loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+                predicted = logits.argmax(dim=1)
+                correct += int((predicted == targets).sum())
+                predictions.append(predicted.cpu().numpy())
+    totals = torch.tensor([float(loss_sum), correct, len(shard)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    result = EvalResult(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]))
+    if gather:
+        local = (np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64), labels[torch.from_numpy(shard)].numpy())
+        gathered: list[Any] = [None] * world_size
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        result.predictions = np.concatenate([g[0] for g in gathered])
+        result.labels = np.concatenate([g[1] for g in gathered])
+    return result
+
+
+def test_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1 and the confusion matrix (rows: true class)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="macro", zero_division=0)
+    return {
+        "test_accuracy": float((predictions == labels).mean()),
+        "test_macro_precision": float(precision),
+        "test_macro_recall": float(recall),
+        "test_macro_f1": float(f1),
+        "test_confusion_matrix": confusion_matrix(labels, predictions, labels=list(range(num_classes))).tolist(),
+    }
+
+
+def _all_reduce_sums(loss_sum: torch.Tensor, count: int) -> tuple[float, int]:
+    totals = torch.tensor([float(loss_sum), count], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0]), int(totals[1])
+
+
+def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int) -> None:
+    """Every rank saves its shard, barrier, one report (saving from rank 0 alone loses ZeRO shards, ray#33369)."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="hybridtrain-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"loop_state": asdict(state)})
+        if rank == 0:
+            (Path(directory) / "loop_state.json").write_text(json.dumps(asdict(state)))
+            if best_params is not None:
+                save_file({k: v.contiguous() for k, v in best_params.items()}, str(Path(directory) / "best.safetensors"))
+        if dist.is_initialized():
+            dist.barrier()
+        ray.train.report(dict(row), checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _restore(engine, checkpoint) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as directory:
+        path, _ = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory} (tag {CHECKPOINT_TAG!r})")
+        state = LoopState(**json.loads((Path(directory) / "loop_state.json").read_text()))
+        best_file = Path(directory) / "best.safetensors"
+        best = load_file(str(best_file)) if best_file.exists() else None
+    return state, best
+
+
+def _write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
+    import pandas as pd
+
+    path = run_dir / "metrics.csv"
+    pd.DataFrame(history, columns=METRIC_COLUMNS).to_csv(path.with_suffix(".csv.tmp"), index=False)
+    os.replace(path.with_suffix(".csv.tmp"), path)  # a reader never sees a half-written file
+
+
+def _save_model(run_dir: Path, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *, model_config: ModelConfig, dataset, normalizer: Normalizer) -> None:
+    """The consolidated fp32 model, with what `predict` needs to rebuild and feed it."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.float().contiguous() for name, value in {**params, **buffers}.items() if value.is_floating_point()}
+    tensors.update({name: value.contiguous() for name, value in buffers.items() if not value.is_floating_point()})
+    save_file(tensors, str(run_dir / "model.safetensors"))
+    meta = {
+        "model": asdict(model_config) | {"kind": resolve_kind(model_config.kind, dataset.sample_shape)},
+        "sample_shape": list(dataset.sample_shape),
+        "classes": dataset.classes,
+        "normalizer": normalizer.to_dict(),
+        "data_source": dataset.source,
+    }
+    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+def _chaos_kill_once(run_dir: Path) -> None:
+    """Testing aid: kill this worker's process the hard way, once per run (a marker file remembers)."""
+    marker = run_dir / ".chaos_killed"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    sys.__stdout__.write(f"[hybridtrain] chaos: killing worker process {os.getpid()} mid-epoch\n")
+    sys.__stdout__.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log(rank: int, message: str) -> None:
+    """Progress for people, from rank 0 only. Written to the real stdout: Ray Train routes `print`
+    through its logger, which would echo every line twice on the driver's console."""
+    if rank == 0:
+        sys.__stdout__.write(f"[hybridtrain] {message}\n")
+        sys.__stdout__.flush()
