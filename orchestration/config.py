@@ -127,6 +127,11 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({error})") from error
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; a user means the number
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
     nested: dict[str, Any] = {}
     cursor = nested
     parts = key.split(".")

@@ -1,0 +1,89 @@
+"""Config validation: bad values fail before Ray starts, with a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestration.cli import main
+from orchestration.config import ConfigError, build_config, parse_override, read_config, write_config
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.optimizer=lamb", "train.optimizer"),
+        ("train.use_gpu=maybe", "train.use_gpu"),
+        ("model.kind=transformer", "model.kind"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("data.val_fraction=0.7", "data.val_fraction"),
+        ("cluster.num_cpus=0", "cluster.num_cpus"),
+        ("train.nope=1", "train.nope"),
+        ("nope=1", "nope"),
+        ("train=3", "train"),
+    ],
+)
+def test_bad_value_names_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_config(overrides=[override])
+
+
+def test_overrides_recipe_and_file_compose(tmp_path) -> None:
+    config_file = tmp_path / "exp.yaml"
+    config_file.write_text("train:\n  epochs: 5\n  lr: 0.01\nmodel:\n  kind: mlp\n")
+    config = build_config(recipe="smoke", config_file=config_file, overrides=["train.epochs=10", "data.path=shapes.npz"])
+    assert config.train.epochs == 10  # --set beats the file
+    assert config.train.lr == 0.01  # the file beats the recipe
+    assert config.train.zero_stage == 2  # from the recipe
+    assert config.model.kind == "mlp"
+    assert config.data.path == "shapes.npz"
+
+
+def test_parse_override_types() -> None:
+    assert parse_override("train.lr=1e-3") == {"train": {"lr": 1e-3}}
+    assert parse_override("train.use_gpu=null") == {"train": {"use_gpu": None}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+
+
+def test_config_round_trips_through_yaml(tmp_path) -> None:
+    config = build_config(recipe="smoke", overrides=["train.lr=0.02"])
+    write_config(config, tmp_path / "config.yaml")
+    assert read_config(tmp_path / "config.yaml") == config
+
+
+def test_unknown_recipe_and_bad_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown recipe 'huge'"):
+        build_config(recipe="huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(config_file=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_cli_exits_nonzero_naming_the_field(capsys, tmp_path) -> None:
+    code = main(["run", "--set", "train.zero_stage=7", "--output", str(tmp_path / "r")])
+    assert code == 2
+    assert "train.zero_stage" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
+
+
+def test_cli_names_a_missing_data_file(capsys, tmp_path) -> None:
+    missing = tmp_path / "nothere.npz"
+    code = main(["run", "--set", f"data.path={missing}", "--output", str(tmp_path / "r")])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_cli_names_a_malformed_data_file(capsys, tmp_path) -> None:
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"this is not a zip archive")
+    code = main(["run", "--set", f"data.path={broken}", "--output", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "not a readable .npz" in err
