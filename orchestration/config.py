@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from cluster.runtime import ClusterConfig
+from orchestration.coordinator_config import CoordinatorConfig
+from serve_llm.config import AdvisorConfig
 from workers.config import DataConfig, ModelConfig, TrainConfig
 
 
@@ -30,6 +32,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

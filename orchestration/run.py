@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cluster.runtime import ClusterInfo, connect
 from orchestration.config import ConfigError, ExperimentConfig, read_config, write_config
@@ -22,6 +22,8 @@ from workers.train_loop import FINAL_METRICS
 logger = logging.getLogger(__name__)
 
 RAY_STORAGE = "ray"
+LEDGER = "interventions.csv"
+COORDINATOR_STATE = "coordinator_state.json"
 RAY_RUN_NAME = "train"
 
 
@@ -47,8 +49,13 @@ def check_data(config: ExperimentConfig) -> dict[str, Any]:
             "train": len(split.train), "val": len(split.val), "test": len(split.test)}
 
 
-def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, cluster: ClusterInfo | None = None) -> dict[str, Any]:
-    """Train `config` into `run_dir` and return the summary (also written to `summary.json`)."""
+def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False, cluster: ClusterInfo | None = None,
+                   advisor_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Train `config` into `run_dir` and return the summary (also written to `summary.json`).
+
+    `advisor_factory` replaces the configured advisor with a custom client (anything with
+    `submit(snapshot) -> Future`), built inside the coordinator actor.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -71,9 +78,11 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: boo
     print(f"[hybridtrain] run {config.name!r} -> {run_dir}  ({data_info['source']}: {data_info['train']}/{data_info['val']}/{data_info['test']} samples, "
           f"{data_info['classes']} classes)", flush=True)
 
+    coordinator, advice = _start_advice(config, run_dir, advisor_factory)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"data": asdict(config.data), "model": asdict(config.model), "train": asdict(config.train), "run_dir": str(run_dir)},
+        train_loop_config={"data": asdict(config.data), "model": asdict(config.model), "train": asdict(config.train), "run_dir": str(run_dir),
+                           "advice": advice},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -90,6 +99,8 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: boo
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
         raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}") from error
+    finally:
+        advice_counts = _close_advice(coordinator, run_dir)
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
@@ -111,6 +122,10 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: boo
         "precision": metrics["precision"],
         "num_workers": train.num_workers,
         "restarts": metrics["restarts"],
+        "advisor": config.advisor.backend,
+        **advice_counts,
+        "probation_s": metrics["probation_s"],
+        "rollbacks_verified": metrics["rollbacks_verified"],
         "use_gpu": use_gpu,
         "data": data_info,
         "cluster": {"address": cluster.address, "dashboard_url": cluster.dashboard_url},
@@ -119,3 +134,50 @@ def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: boo
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
           f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s -> {run_dir}", flush=True)
     return summary
+
+
+SERVED_BACKENDS = ("smollm2", "hf", "openai")  # answered by the Ray Serve deployment; others run in the coordinator
+
+
+def _start_advice(config: ExperimentConfig, run_dir: Path, advisor_factory: Callable[[], Any] | None) -> tuple[Any, dict[str, Any] | None]:
+    """Deploy the advisor (if it is a served LLM) and create this run's coordinator actor."""
+    if config.advisor.backend == "none" and advisor_factory is None:
+        return None, None
+    import ray
+
+    from orchestration.coordinator import get_or_create_coordinator
+
+    if config.advisor.backend in SERVED_BACKENDS and advisor_factory is None:
+        from serve_llm.deployment import deploy_advisor
+
+        print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
+        deploy_advisor(config.advisor)
+    run_id = f"{config.name}-{abs(hash(str(run_dir))) % 10**8:08d}"
+    name = f"hybridtrain-coordinator-{run_id}"
+    namespace = ray.get_runtime_context().namespace
+    state_file = run_dir / COORDINATOR_STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None  # --resume keeps the track record
+    coordinator = get_or_create_coordinator(name, namespace, config=config.coordinator, run_id=run_id,
+                                            advisor_factory=advisor_factory, advisor_config=None if advisor_factory else config.advisor, state=state)
+    ray.get(coordinator.summary_counts.remote())  # fail here, not in a worker, if the actor cannot start
+    return coordinator, {"coordinator": name, "namespace": namespace, "run_id": run_id, "verify_rollback": config.coordinator.verify_rollback}
+
+
+def _close_advice(coordinator: Any, run_dir: Path) -> dict[str, Any]:
+    """Write the ledger and the coordinator's state; return the counts for summary.json."""
+    if coordinator is None:
+        return {}
+    import ray
+
+    try:
+        coordinator_state = ray.get(coordinator.to_state.remote())
+        (run_dir / COORDINATOR_STATE).write_text(json.dumps(coordinator_state))
+        ray.get(coordinator.write_ledger.remote(str(run_dir / LEDGER)))
+        counts = ray.get(coordinator.summary_counts.remote())
+    except Exception as error:  # the run's own outputs matter more than the ledger; say what was lost
+        logger.warning("could not collect the advisor ledger: %s", error)
+        print(f"[hybridtrain] warning: advisor ledger lost: {error}", flush=True)
+        return {"advisor_ledger_error": str(error)}
+    finally:
+        ray.kill(coordinator)
+    return counts

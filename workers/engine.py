@@ -163,3 +163,19 @@ def write_full_fp32_params(engine, values: dict[str, torch.Tensor]) -> None:
 def full_buffers(engine) -> dict[str, torch.Tensor]:
     """Module buffers (e.g. batch-norm statistics): never partitioned, identical on every rank."""
     return {name: buffer.detach().cpu().clone() for name, buffer in engine.module.named_buffers()}
+
+
+def load_engine_checkpoint(engine, directory: str, tag: str) -> None:
+    """Load a DeepSpeed checkpoint (model, optimizer, scheduler) and leave the engine fully usable.
+
+    DeepSpeed 0.19's ZeRO-1/2 load re-links the fp32 weight fragments but not the optimizer-state
+    fragments (its lazy-link flag stays set), so `safe_get_full_optimizer_state` would fail after
+    a load; reset the flag and link them again.
+    """
+    path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory} (tag {tag!r})")
+    optimizer = engine.optimizer
+    if getattr(optimizer, "_hp_optimizer_states_linked", False) and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()

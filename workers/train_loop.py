@@ -8,6 +8,7 @@ files a person reads (metrics.csv, the final model) and prints progress.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,9 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from orchestration.acceptance import ProbationMetrics
+from workers.advice import probation_batches
 from workers.config import DataConfig, ModelConfig, TrainConfig
 from workers.data import Normalizer, load_dataset, shard_batches, stratified_split
-from workers.engine import build_engine, full_buffers, full_fp32_params, input_dtype, write_full_fp32_params
+from workers.engine import build_engine, full_buffers, full_fp32_params, input_dtype, load_engine_checkpoint, write_full_fp32_params
 from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
@@ -46,6 +49,8 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0  # training wall time over all attempts
     restarts: int = 0
+    probation_s: float = 0.0  # of wall_s, time spent trying advisor proposals on probation
+    rollbacks_verified: int = 0  # rejected proposals whose rollback was checked bit for bit
 
 
 @dataclass(kw_only=True)
@@ -84,6 +89,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device)
     dtype = input_dtype(spec)
 
+    advice = _make_advice(loop_config.get("advice"), engine, rank=rank, world_size=world_size, run_dir=run_dir, train=train,
+                          model_kind=resolve_kind(model_config.kind, dataset.sample_shape))
+
+    def run_probation(micro_steps: int) -> ProbationMetrics:
+        """Train `micro_steps` on this epoch's probation batches, then validate (both branches alike)."""
+        torch.manual_seed(hash((train.seed, state.epoch, rank, "probation")) % 2**31)
+        engine.train()
+        losses = []
+        for batch in probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps):
+            index = torch.from_numpy(split.train[batch])
+            loss = F.cross_entropy(engine(features[index].to(device, dtype)).float(), labels[index].to(device))
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        train_loss, count = _all_reduce_sums(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
+        probe = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+        return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1))
+
     state = LoopState()
     best_params: dict[str, torch.Tensor] | None = None
     checkpoint = ray.train.get_checkpoint()
@@ -111,12 +134,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             targets = labels[index].to(device)
             loss = F.cross_entropy(engine(inputs).float(), targets)
             engine.backward(loss)
+            if advice is not None and step == len(batches) - 1:
+                advice.capture_grad_norms()  # grads exist only between backward and step
             engine.step()
             loss_sum += loss.detach().double().cpu() * len(batch)
             seen += len(batch)
         train_seconds = time.perf_counter() - epoch_start
         train_loss, total_seen = _all_reduce_sums(loss_sum, seen)
-        val = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+        with advice.watch_dead_units() if advice is not None else contextlib.nullcontext():
+            val = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
 
         improved = val.loss < state.best_val_loss - train.early_stopping_min_delta
         if improved:
@@ -136,6 +162,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "wall_s": state.wall_s,
         }
         state.history.append(row)
+        if advice is not None:
+            # Decided at the epoch boundary, carried out before the checkpoint so it holds the outcome.
+            event = advice.on_epoch_end(epoch=epoch, step=engine.global_steps, history=state.history, best_params=best_params, run_probation=run_probation,
+                                        epoch_metrics=ProbationMetrics(val_loss=val.loss, val_accuracy=val.accuracy, train_loss=row["train_loss"]))
+            state.probation_s += event.probation_s
+            if event.decision == "apply":
+                verdict = "accepted" if event.accepted else "rejected, rolled back" + ("" if event.rollback_exact is None else f" (exact: {event.rollback_exact})")
+                _log(rank, f"advisor proposal {event.query_id}: {verdict}, reward {event.reward:+.4f}, probation {event.probation_s:.1f}s")
+                if event.rollback_exact is False:
+                    raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
+                state.rollbacks_verified += int(bool(event.rollback_exact))
         stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
         _checkpoint_and_report(engine, state, best_params, row, rank=rank)
         if rank == 0:
@@ -152,7 +189,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     test = evaluate(engine, features, labels, split.test, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype, gather=True)
     final_params = full_fp32_params(engine)
     final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
-                                     "wall_s": state.wall_s, "restarts": state.restarts, "zero_stage": spec.zero_stage, "precision": spec.precision}
+                                     "wall_s": state.wall_s, "restarts": state.restarts,
+                                     "probation_s": state.probation_s, "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision}
     if rank == 0:
         final_metrics.update(test_metrics(test.predictions, test.labels, len(dataset.classes)))
         final_metrics["test_loss"] = test.loss
@@ -161,6 +199,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         (run_dir / FINAL_METRICS).write_text(json.dumps(final_metrics))
         _log(rank, f"test accuracy {final_metrics['test_accuracy']:.4f}, macro F1 {final_metrics['test_macro_f1']:.4f} (best epoch {state.best_epoch})")
     ray.train.report(final_metrics)
+
+
+def _make_advice(advice_config: dict[str, Any] | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str):
+    """The worker's advice agent, or None when the run trains without an advisor."""
+    if not advice_config:
+        return None
+    import ray
+
+    from workers.advice import WorkerAdvice
+
+    coordinator = ray.get_actor(advice_config["coordinator"], namespace=advice_config["namespace"]) if rank == 0 else None
+    return WorkerAdvice(engine=engine, rank=rank, world_size=world_size, run_id=advice_config["run_id"], model_kind=model_kind,
+                        total_epochs=train.epochs, batch_size=train.batch_size, rollback_dir=run_dir / ".rollback",
+                        coordinator=coordinator, verify_rollback=advice_config["verify_rollback"])
 
 
 def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype, gather: bool = False) -> EvalResult:
@@ -243,9 +295,7 @@ def _restore(engine, checkpoint) -> tuple[LoopState, dict[str, torch.Tensor] | N
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as directory:
-        path, _ = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory} (tag {CHECKPOINT_TAG!r})")
+        load_engine_checkpoint(engine, directory, CHECKPOINT_TAG)
         state = LoopState(**json.loads((Path(directory) / "loop_state.json").read_text()))
         best_file = Path(directory) / "best.safetensors"
         best = load_file(str(best_file)) if best_file.exists() else None

@@ -1,0 +1,95 @@
+"""How far to trust the advisor, per parameter group: multiplicative increase/decrease of alpha.
+
+Every group starts at `stability_alpha`. After a verdict on a proposal touching a group:
+`alpha <- min(alpha * alpha_up, alpha_max)` if accepted,
+`alpha <- max(alpha * alpha_down, alpha_min)` if rejected.
+A group at alpha 0 (stability_alpha = 0, "blending off") stays at 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class AlphaController:
+    """Per-group blend factors that grow with accepted proposals and shrink with rejected ones."""
+
+    def __init__(
+        self,
+        *,
+        stability_alpha: float,
+        alpha_min: float,
+        alpha_max: float,
+        alpha_up: float,
+        alpha_down: float,
+    ) -> None:
+        if not 0.0 <= alpha_min <= alpha_max <= 1.0:
+            raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1, got {alpha_min!r}, {alpha_max!r}")
+        if not (stability_alpha == 0.0 or alpha_min <= stability_alpha <= alpha_max):
+            raise ValueError(f"stability_alpha must be 0 or in [alpha_min, alpha_max], got {stability_alpha!r}")
+        if alpha_up < 1.0:
+            raise ValueError(f"alpha_up must be >= 1, got {alpha_up!r}")
+        if not 0.0 < alpha_down <= 1.0:
+            raise ValueError(f"alpha_down must be in (0, 1], got {alpha_down!r}")
+        self.stability_alpha = stability_alpha
+        self.alpha_min = alpha_min
+        self.alpha_max = alpha_max
+        self.alpha_up = alpha_up
+        self.alpha_down = alpha_down
+        self.alphas: dict[str, float] = {}
+
+    def current(self, group: str) -> float:
+        """The group's alpha now (`stability_alpha` for a group never judged)."""
+        return self.alphas.get(group, self.stability_alpha)
+
+    def alpha_for(self, groups: Iterable[str], suggested: float | None = None) -> dict[str, float]:
+        """The alpha to blend each group with.
+
+        A proposal's `suggested` alpha may lower a group's alpha (down to `alpha_min`) but never
+        raise it: `alpha = min(current, max(suggested, alpha_min))`; a group at 0 stays at 0.
+        """
+        result = {}
+        for group in groups:
+            current = self.current(group)
+            if suggested is None or current == 0.0:
+                result[group] = current
+            else:
+                result[group] = min(current, max(float(suggested), self.alpha_min))
+        return result
+
+    def update(self, groups: Iterable[str], accepted: bool) -> dict[str, float]:
+        """Adapt the alphas of `groups` to a verdict; returns their new values."""
+        for group in groups:
+            current = self.current(group)
+            if current == 0.0:
+                continue
+            if accepted:
+                self.alphas[group] = min(current * self.alpha_up, self.alpha_max)
+            else:
+                self.alphas[group] = max(current * self.alpha_down, self.alpha_min)
+        return {group: self.current(group) for group in groups}
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able state: settings and per-group alphas."""
+        return {
+            "stability_alpha": self.stability_alpha,
+            "alpha_min": self.alpha_min,
+            "alpha_max": self.alpha_max,
+            "alpha_up": self.alpha_up,
+            "alpha_down": self.alpha_down,
+            "alphas": dict(self.alphas),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> AlphaController:
+        """Rebuild from `to_state` output."""
+        controller = cls(
+            stability_alpha=state["stability_alpha"],
+            alpha_min=state["alpha_min"],
+            alpha_max=state["alpha_max"],
+            alpha_up=state["alpha_up"],
+            alpha_down=state["alpha_down"],
+        )
+        controller.alphas = {str(group): float(alpha) for group, alpha in state["alphas"].items()}
+        return controller

@@ -1,0 +1,218 @@
+"""A response cache: reuse an accepted proposal when the run looks like it did when it was made.
+
+Snapshots become fixed-length, quantised feature vectors (`snapshot_features`); a lookup is a
+nearest-neighbour search by Euclidean distance among entries of the same model signature
+(model kind and parameter-group names, so a cached proposal never names groups a model lacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serve_llm.schema import Proposal, TrainingSnapshot
+
+logger = logging.getLogger(__name__)
+
+FEATURE_NAMES = (
+    "log_loss",
+    "loss_trend",
+    "generalisation_gap",
+    "accuracy",
+    "log10_lr",
+    "log10_weight_decay",
+    "dropout",
+    "mean_log10_grad_norm",
+    "max_log10_grad_norm",
+    "mean_log10_update_ratio",
+    "mean_dead_fraction",
+    "max_dead_fraction",
+)
+_LOG_FLOOR = 1e-12  # keeps log() finite for zero losses, norms and ratios
+_WEIGHT_DECAY_FLOOR = 1e-6  # weight decay 0 and 1e-6 are treated alike
+_TREND_EPOCHS = 3  # loss trend is measured over this many most recent epochs
+
+
+def snapshot_features(snapshot: TrainingSnapshot, quantum: float) -> np.ndarray:
+    """The snapshot as a quantised feature vector of fixed length `len(FEATURE_NAMES)`.
+
+    Features (in `FEATURE_NAMES` order), each in units where ~1 is a large difference:
+    `ln L` (latest val loss, train loss if no val), the relative loss change over the last
+    `_TREND_EPOCHS` epochs `(L[-1] - L[-k]) / |L[-k]|`, `ln L_val - ln L_train`, the latest val
+    accuracy, `log10 lr`, `log10(weight_decay + 1e-6)`, dropout, and per-layer statistics
+    aggregated over layers (mean and max of `log10 grad_norm`, mean of `log10 update_ratio`,
+    mean and max of `dead_fraction`) so the length does not depend on the number of layers.
+    Missing or non-finite values become 0. Each feature is rounded to a multiple of `quantum`:
+    `q(x) = quantum * round(x / quantum)`.
+    """
+    if quantum <= 0:
+        raise ValueError(f"quantum must be > 0, got {quantum!r}")
+    loss_history = snapshot.val_loss or snapshot.train_loss
+    loss = _last(loss_history)
+    train_loss = _last(snapshot.train_loss)
+    val_loss = _last(snapshot.val_loss)
+    trend = 0.0
+    if len(loss_history) >= 2:
+        start = loss_history[-min(_TREND_EPOCHS, len(loss_history))]
+        if start is not None and math.isfinite(start) and start != 0:
+            trend = (loss_history[-1] - start) / abs(start)
+    gap = 0.0
+    if train_loss is not None and val_loss is not None:
+        gap = _safe_log(val_loss) - _safe_log(train_loss)
+
+    hyperparameters = snapshot.hyperparameters
+    layers = snapshot.layers
+    log_grad_norms = [math.log10(max(layer.grad_norm, _LOG_FLOOR)) for layer in layers]
+    log_update_ratios = [math.log10(max(layer.update_ratio, _LOG_FLOOR)) for layer in layers]
+    dead_fractions = [layer.dead_fraction for layer in layers]
+    raw = [
+        _safe_log(loss) if loss is not None else 0.0,
+        trend,
+        gap,
+        _last(snapshot.val_accuracy) or 0.0,
+        math.log10(max(hyperparameters.get("lr", 0.0), _LOG_FLOOR)) if "lr" in hyperparameters else 0.0,
+        math.log10(max(hyperparameters.get("weight_decay", 0.0), 0.0) + _WEIGHT_DECAY_FLOOR),
+        hyperparameters.get("dropout", 0.0),
+        _mean(log_grad_norms),
+        max(log_grad_norms, default=0.0),
+        _mean(log_update_ratios),
+        _mean(dead_fractions),
+        max(dead_fractions, default=0.0),
+    ]
+    features = np.nan_to_num(np.asarray(raw, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.round(features / quantum) * quantum
+
+
+def model_signature(snapshot: TrainingSnapshot) -> str:
+    """The model kind and its parameter-group names; a cached proposal only fits the same signature."""
+    return snapshot.model_kind + ":" + ",".join(layer.name for layer in snapshot.layers)
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    """One accepted proposal and the features of the snapshot it answered."""
+
+    signature: str
+    features: np.ndarray
+    proposal: Proposal
+    epoch: int
+
+
+class ResponseCache:
+    """Nearest-neighbour cache of accepted proposals, keyed by snapshot features.
+
+    A hit is the nearest entry with the same model signature at distance `<= similarity`.
+    Entries whose proposal is later rejected are evicted; beyond `max_entries` the oldest go.
+    """
+
+    def __init__(self, *, similarity: float, quantum: float, max_entries: int = 256) -> None:
+        if similarity < 0:
+            raise ValueError(f"similarity must be >= 0, got {similarity!r}")
+        if quantum <= 0:
+            raise ValueError(f"quantum must be > 0, got {quantum!r}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
+        self.similarity = similarity
+        self.quantum = quantum
+        self.max_entries = max_entries
+        self.entries: list[CacheEntry] = []
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, snapshot: TrainingSnapshot) -> tuple[Proposal | None, float]:
+        """The cached proposal for the nearest similar snapshot (or None) and its distance (inf if none)."""
+        signature = model_signature(snapshot)
+        features = snapshot_features(snapshot, self.quantum)
+        best: CacheEntry | None = None
+        best_distance = math.inf
+        for entry in self.entries:
+            if entry.signature != signature:
+                continue
+            distance = float(np.linalg.norm(entry.features - features))
+            if distance < best_distance:
+                best, best_distance = entry, distance
+        if best is None or best_distance > self.similarity:
+            self.misses += 1
+            logger.debug("cache miss at epoch %d, nearest distance %.3g", snapshot.epoch, best_distance)
+            return None, best_distance
+        self.hits += 1
+        logger.debug("cache hit at epoch %d, distance %.3g: %s", snapshot.epoch, best_distance, best.proposal.summary())
+        return Proposal.from_dict(best.proposal.to_dict()), best_distance
+
+    def store(self, snapshot: TrainingSnapshot, proposal: Proposal) -> None:
+        """Remember `proposal` as a good answer to `snapshot`, evicting the oldest entry when full."""
+        entry = CacheEntry(
+            signature=model_signature(snapshot),
+            features=snapshot_features(snapshot, self.quantum),
+            proposal=Proposal.from_dict(proposal.to_dict()),
+            epoch=snapshot.epoch,
+        )
+        self.entries.append(entry)
+        if len(self.entries) > self.max_entries:
+            self.entries = self.entries[-self.max_entries :]
+
+    def evict_proposal(self, proposal: Proposal) -> int:
+        """Drop every entry holding `proposal` (e.g. after it was rejected); returns how many went."""
+        rejected = proposal.to_dict()
+        kept = [entry for entry in self.entries if entry.proposal.to_dict() != rejected]
+        evicted = len(self.entries) - len(kept)
+        self.entries = kept
+        if evicted:
+            logger.info("evicted %d cache entries holding rejected proposal %s", evicted, proposal.summary())
+        return evicted
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able state: settings, counters and entries."""
+        return {
+            "similarity": self.similarity,
+            "quantum": self.quantum,
+            "max_entries": self.max_entries,
+            "hits": self.hits,
+            "misses": self.misses,
+            "entries": [
+                {
+                    "signature": entry.signature,
+                    "features": entry.features.tolist(),
+                    "proposal": entry.proposal.to_dict(),
+                    "epoch": entry.epoch,
+                }
+                for entry in self.entries
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ResponseCache:
+        """Rebuild from `to_state` output."""
+        cache = cls(similarity=state["similarity"], quantum=state["quantum"], max_entries=state["max_entries"])
+        cache.hits = state["hits"]
+        cache.misses = state["misses"]
+        cache.entries = [
+            CacheEntry(
+                signature=entry["signature"],
+                features=np.asarray(entry["features"], dtype=np.float64),
+                proposal=Proposal.from_dict(entry["proposal"]),
+                epoch=entry["epoch"],
+            )
+            for entry in state["entries"]
+        ]
+        return cache
+
+
+def _last(history: Sequence[float]) -> float | None:
+    return history[-1] if history else None
+
+
+def _safe_log(value: float) -> float:
+    return math.log(max(value, _LOG_FLOOR)) if math.isfinite(value) else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

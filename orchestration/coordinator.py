@@ -1,0 +1,592 @@
+"""The coordinator: decides when to ask the advisor, what to apply, and whether it helped.
+
+`Coordinator` is plain Python, unit-testable without Ray. The trainer (rank 0) talks to it at
+every epoch boundary:
+
+1. `on_epoch_end(snapshot, weight_drift)` returns a `Decision`: `Continue(reason)` or
+   `Apply(query_id, proposal, alphas, ...)`. Queries are asynchronous: the advisor's answer is
+   picked up at a later epoch boundary while training goes on; at most one query is in flight.
+2. After an `Apply`, the trainer blends the proposal in (`orchestration.blending`), trains
+   `probation_steps`, and calls `report_probation(query_id, candidate, reference)`, which returns
+   the `Verdict`; on rejection the trainer rolls back. If the proposal cannot be applied at all it
+   calls `report_apply_failed(query_id, problem)`. No new query starts until one of them is called.
+
+`CoordinatorActor` is the Ray actor around it, and only forwards calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import ray
+
+from orchestration.acceptance import ProbationMetrics, Verdict, judge
+from orchestration.alphas import AlphaController
+from orchestration.cache import ResponseCache
+from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
+from orchestration.policy import QueryPolicy
+from serve_llm.schema import HyperparameterChange, Proposal, ProposalOutcome, TrainingSnapshot
+
+logger = logging.getLogger(__name__)
+
+_PROMPT_REWARD_LIMIT = 10.0  # rewards shown to the advisor are clipped to +-this (keeps JSON finite)
+_USABLE_STATUSES = ("valid", "clamped")
+
+
+class AdvisorAnswer(Protocol):
+    """What the coordinator reads from an advisor answer (`serve_llm.validate.AdvisorResponse`)."""
+
+    proposal: Proposal | None
+    status: str  # valid | clamped | rejected | timeout | error
+    problems: list[str]
+    raw_text: str
+    latency_s: float
+
+
+class AdvisorPort(Protocol):
+    """Anything that answers snapshots asynchronously (`serve_llm.client` clients, test fakes).
+
+    `submit` never raises; timeouts and failures come back as answers with that status.
+    """
+
+    def submit(self, snapshot: TrainingSnapshot) -> Future[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Train on unchanged."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Blend `proposal` in now, with `alphas` per weight group, then report its probation."""
+
+    query_id: str
+    proposal: Proposal
+    alphas: dict[str, float]  # parameter-group name -> blend factor, for each group a weight op names
+    source: Literal["advisor", "cache"]
+    epoch_asked: int  # epoch of the snapshot the proposal answers
+    probation_steps: int  # optimizer steps to train before report_probation
+    reward_mode: str  # "counterfactual": reference = untouched branch; "baseline": pre-apply metrics
+    reset_optimizer_moments: bool  # zero optimizer moments of changed groups after applying
+    seed: int  # seed for the random weight ops (`apply_weight_ops(..., seed=seed)`)
+
+
+Decision = Continue | Apply
+
+
+@dataclass(slots=True)
+class _PendingQuery:
+    query_id: str
+    epoch: int
+    snapshot: TrainingSnapshot  # as sent to the advisor
+    future: Future[Any]
+
+
+@dataclass(slots=True)
+class _OnProbation:
+    query_id: str
+    epoch: int
+    snapshot: TrainingSnapshot  # the snapshot the proposal answers (cache key if accepted)
+    proposal: Proposal
+    groups: list[str] = field(default_factory=list)
+    source: Literal["advisor", "cache"] = "advisor"
+
+
+class Coordinator:
+    """Decides when to ask, what to apply and whether it helped; records every decision."""
+
+    def __init__(self, config: CoordinatorConfig, advisor: AdvisorPort | None, run_id: str = "run") -> None:
+        self.config = config
+        self.advisor = advisor
+        self.run_id = run_id
+        self.policy = QueryPolicy(config)
+        self.cache = ResponseCache(
+            similarity=config.cache_similarity, quantum=config.cache_quantum, max_entries=config.max_cache_entries
+        )
+        self.alphas = AlphaController(
+            stability_alpha=config.stability_alpha,
+            alpha_min=config.alpha_min,
+            alpha_max=config.alpha_max,
+            alpha_up=config.alpha_up,
+            alpha_down=config.alpha_down,
+        )
+        self.ledger = Ledger()
+        self.outcomes: list[ProposalOutcome] = []
+        self.last_query_epoch: int | None = None
+        self.query_count = 0
+        self._pending: _PendingQuery | None = None
+        self._on_probation: _OnProbation | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a query awaits its answer or a proposal awaits its verdict."""
+        return self._pending is not None or self._on_probation is not None
+
+    # --- the epoch-boundary protocol ------------------------------------------------------
+
+    def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
+        """What the trainer should do at this epoch boundary.
+
+        `weight_drift` is `||W - W_at_last_query|| / ||W_at_last_query||` over all parameters.
+        Picks up a finished answer first (dropping stale, invalid, timed-out or failed ones, each
+        recorded); otherwise asks the query policy and, on a query, tries the cache before the advisor.
+        """
+        if self.advisor is None:
+            logger.debug("epoch %d: advisor disabled", snapshot.epoch)
+            return Continue("advisor disabled")
+        if self._on_probation is not None:
+            # The trainer always reports a probation before its next epoch end; one that did not
+            # was lost with a worker (restart from a checkpoint taken before it). Close it, or no
+            # query would ever start again.
+            lost = self._on_probation
+            self._on_probation = None
+            self._record("error", epoch=snapshot.epoch, step=snapshot.step, query_id=lost.query_id, proposal=lost.proposal,
+                         reason="probation abandoned: the trainer restarted before reporting it")
+        if self._pending is not None:
+            decision = self._collect_answer(snapshot)
+            if decision is not None:
+                return decision
+        query = self.policy.decide(
+            snapshot, last_query_epoch=self.last_query_epoch, weight_drift=weight_drift, in_flight=self.in_flight
+        )
+        if query is None:
+            return Continue("waiting" if self.in_flight else "no query trigger")
+        return self._ask(snapshot, query.reason)
+
+    def report_probation(
+        self,
+        query_id: str,
+        candidate: ProbationMetrics,
+        reference: ProbationMetrics,
+        *,
+        epoch: int | None = None,
+        step: int = 0,
+    ) -> Verdict:
+        """Judge the proposal on probation, record the verdict (and the rollback if rejected),
+        adapt the alphas of the groups it touched, and update the cache and the track record."""
+        probation = self._take_probation(query_id)
+        verdict = judge(candidate, reference, self.config)
+        verdict_name = "accepted" if verdict.accepted else "rejected"
+        new_alphas = self.alphas.update(probation.groups, verdict.accepted)
+        record_epoch = probation.epoch if epoch is None else epoch
+        self._record(
+            "verdict",
+            epoch=record_epoch,
+            step=step,
+            reason=verdict.reason,
+            query_id=query_id,
+            proposal=probation.proposal,
+            alphas=new_alphas,
+            reward=verdict.reward,
+            verdict=verdict_name,
+        )
+        if verdict.accepted:
+            if self.config.cache_enabled and probation.source == "advisor":
+                self.cache.store(probation.snapshot, probation.proposal)
+        else:
+            self._record(
+                "rollback",
+                epoch=record_epoch,
+                step=step,
+                reason="restore the pre-apply weights, optimizer state and hyperparameters",
+                query_id=query_id,
+                proposal=probation.proposal,
+            )
+            self.cache.evict_proposal(probation.proposal)
+        summary = probation.proposal.summary()
+        self._remember_outcome(
+            probation.epoch,
+            f"(cached) {summary}" if probation.source == "cache" else summary,
+            verdict_name,
+            verdict.reward,
+        )
+        logger.info("proposal %s %s: %s", query_id, verdict_name, verdict.reason)
+        return verdict
+
+    def report_apply_failed(self, query_id: str, problem: str, *, epoch: int | None = None, step: int = 0) -> None:
+        """Record that the trainer could not apply the proposal at all; nothing to judge or roll back."""
+        probation = self._take_probation(query_id)
+        self._record(
+            "error",
+            epoch=probation.epoch if epoch is None else epoch,
+            step=step,
+            reason=f"could not apply: {problem}",
+            query_id=query_id,
+            proposal=probation.proposal,
+        )
+
+    # --- reporting and state ----------------------------------------------------------------
+
+    def summary_counts(self) -> dict[str, int]:
+        """Totals for metrics (queries, cache hits, accepted/rejected/invalid proposals, ...)."""
+        return self.ledger.counts()
+
+    def ledger_records(self) -> list[dict[str, Any]]:
+        """The ledger as JSON-able rows."""
+        return self.ledger.to_state()
+
+    def write_ledger(self, path: str | Path) -> str:
+        """Write the ledger as CSV; returns the path written."""
+        return str(self.ledger.write_csv(path))
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able state carried by a restart or a PBT exploit.
+
+        An unanswered query or a proposal still on probation is not carried: it belongs to the
+        weights it was made for.
+        """
+        return {
+            "run_id": self.run_id,
+            "query_count": self.query_count,
+            "last_query_epoch": self.last_query_epoch,
+            "outcomes": [dataclasses.asdict(outcome) for outcome in self.outcomes],
+            "alphas": self.alphas.to_state(),
+            "cache": self.cache.to_state(),
+            "ledger": self.ledger.to_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take over `to_state` output. The current config's settings win; learned values carry."""
+        self.query_count = int(state["query_count"])
+        self.last_query_epoch = state["last_query_epoch"]
+        self.outcomes = [ProposalOutcome(**outcome) for outcome in state["outcomes"]]
+        self.alphas.alphas = {
+            group: min(max(float(alpha), self.alphas.alpha_min), self.alphas.alpha_max) if alpha else 0.0
+            for group, alpha in state["alphas"]["alphas"].items()
+        }
+        cache = ResponseCache.from_state(state["cache"])
+        if cache.quantum == self.cache.quantum:
+            self.cache.entries = cache.entries[-self.cache.max_entries :]
+            self.cache.hits, self.cache.misses = cache.hits, cache.misses
+        else:
+            logger.warning("dropping %d cache entries built with another quantum (%g)", len(cache), cache.quantum)
+        self.ledger = Ledger.from_state(state["ledger"])
+        self._pending = None
+        self._on_probation = None
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], *, config: CoordinatorConfig, advisor: AdvisorPort | None, run_id: str | None = None
+    ) -> Coordinator:
+        """A coordinator built from `config` that carries `state` (see `load_state`)."""
+        coordinator = cls(config, advisor, run_id if run_id is not None else state["run_id"])
+        coordinator.load_state(state)
+        return coordinator
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _ask(self, snapshot: TrainingSnapshot, reason: str) -> Decision:
+        """Answer from the cache if a similar snapshot was answered well before, else submit."""
+        assert self.advisor is not None and not self.in_flight
+        self.query_count += 1
+        query_id = f"{self.run_id}:q{self.query_count}"
+        self.last_query_epoch = snapshot.epoch
+        prompt = self._prompt_snapshot(snapshot)
+        if self.config.cache_enabled:
+            cached, distance = self.cache.lookup(prompt)
+            if cached is not None:
+                self._record(
+                    "cache_hit",
+                    epoch=snapshot.epoch,
+                    step=snapshot.step,
+                    reason=f"{reason}; cache distance {distance:.3g}",
+                    query_id=query_id,
+                    proposal=cached,
+                )
+                return self._start_probation(query_id, cached, prompt, source="cache", at=snapshot)
+        self._record("query", epoch=snapshot.epoch, step=snapshot.step, reason=reason, query_id=query_id)
+        try:
+            future = self.advisor.submit(prompt)
+        except Exception as error:  # noqa: BLE001 - a broken client must not stop training
+            logger.exception("advisor submit failed for %s", query_id)
+            self._record(
+                "error", epoch=snapshot.epoch, step=snapshot.step, reason=f"submit failed: {error!r}", query_id=query_id
+            )
+            return Continue(f"advisor submit failed: {error!r}")
+        self._pending = _PendingQuery(query_id=query_id, epoch=snapshot.epoch, snapshot=prompt, future=future)
+        return Continue(f"asked advisor ({query_id}): {reason}")
+
+    def _collect_answer(self, snapshot: TrainingSnapshot) -> Decision | None:
+        """An `Apply` for a usable answer, `Continue` while waiting, None once an answer is dropped."""
+        pending = self._pending
+        assert pending is not None
+        age = snapshot.epoch - pending.epoch
+        if not pending.future.done():
+            if age <= self.config.max_answer_age_epochs:
+                logger.debug("epoch %d: still waiting for %s (%d epochs)", snapshot.epoch, pending.query_id, age)
+                return Continue(f"waiting for advisor answer {pending.query_id}")
+            pending.future.cancel()
+            self._pending = None
+            self._drop("stale", snapshot, pending, f"no answer after {age} epochs; abandoned", None)
+            return None
+        self._pending = None
+        try:
+            answer = pending.future.result()
+        except Exception as error:  # noqa: BLE001 - clients should not raise, but a fake or a bug may
+            self._drop("error", snapshot, pending, f"advisor future raised {error!r}", None)
+            return None
+        status = str(getattr(answer, "status", "error"))
+        proposal = getattr(answer, "proposal", None)
+        if age > self.config.max_answer_age_epochs:
+            self._drop("stale", snapshot, pending, f"answer arrived {age} epochs after the query", answer)
+            return None
+        if status == "timeout":
+            self._drop("timeout", snapshot, pending, "advisor timed out", answer)
+            return None
+        if status == "error":
+            self._drop("error", snapshot, pending, "advisor failed", answer)
+            return None
+        if status not in _USABLE_STATUSES or proposal is None:
+            self._drop("invalid", snapshot, pending, f"advisor answer unusable (status {status})", answer)
+            return None
+        usable = self._restrict_to_allowed(proposal)
+        if usable.is_noop():
+            self._record(
+                "proposal",
+                epoch=snapshot.epoch,
+                step=snapshot.step,
+                reason="no-op: nothing to apply" + ("" if proposal.is_noop() else " under apply_* settings"),
+                query_id=pending.query_id,
+                proposal=proposal,
+                answer=answer,
+            )
+            return None
+        return self._start_probation(
+            pending.query_id, usable, pending.snapshot, source="advisor", at=snapshot, answer=answer
+        )
+
+    def _start_probation(
+        self,
+        query_id: str,
+        proposal: Proposal,
+        answered_snapshot: TrainingSnapshot,
+        *,
+        source: Literal["advisor", "cache"],
+        at: TrainingSnapshot,
+        answer: Any = None,
+    ) -> Apply:
+        groups = list(dict.fromkeys(op.group for op in proposal.weights))
+        alphas = self.alphas.alpha_for(groups, proposal.alpha)
+        self._record(
+            "proposal",
+            epoch=at.epoch,
+            step=at.step,
+            reason=proposal.reason,
+            query_id=query_id,
+            proposal=proposal,
+            alphas=alphas,
+            answer=answer,
+        )
+        self._on_probation = _OnProbation(
+            query_id=query_id,
+            epoch=at.epoch,
+            snapshot=answered_snapshot,
+            proposal=proposal,
+            groups=groups,
+            source=source,
+        )
+        return Apply(
+            query_id=query_id,
+            proposal=proposal,
+            alphas=alphas,
+            source=source,
+            epoch_asked=answered_snapshot.epoch,
+            probation_steps=self.config.probation_steps,
+            reward_mode=self.config.reward_mode,
+            reset_optimizer_moments=self.config.reset_optimizer_moments,
+            seed=zlib.crc32(query_id.encode()),
+        )
+
+    def _take_probation(self, query_id: str) -> _OnProbation:
+        probation = self._on_probation
+        if probation is None or probation.query_id != query_id:
+            current = None if probation is None else probation.query_id
+            raise ValueError(f"no proposal {query_id!r} is on probation (on probation: {current!r})")
+        self._on_probation = None
+        return probation
+
+    def _restrict_to_allowed(self, proposal: Proposal) -> Proposal:
+        """The part of `proposal` the config lets through (`apply_weights`, `apply_hyperparameters`)."""
+        return Proposal(
+            hyperparameters=(
+                dataclasses.replace(proposal.hyperparameters)
+                if self.config.apply_hyperparameters
+                else HyperparameterChange()
+            ),
+            weights=list(proposal.weights) if self.config.apply_weights else [],
+            alpha=proposal.alpha,
+            reason=proposal.reason,
+        )
+
+    def _prompt_snapshot(self, snapshot: TrainingSnapshot) -> TrainingSnapshot:
+        """A copy trimmed to `history_window` epochs, carrying the coordinator's own track record."""
+        window = self.config.history_window
+        prompt = TrainingSnapshot.from_dict(snapshot.to_dict())
+        prompt.train_loss = prompt.train_loss[-window:]
+        prompt.val_loss = prompt.val_loss[-window:]
+        prompt.train_accuracy = prompt.train_accuracy[-window:]
+        prompt.val_accuracy = prompt.val_accuracy[-window:]
+        recent = self.config.max_recent_proposals
+        prompt.recent_proposals = [dataclasses.replace(o) for o in self.outcomes[-recent:]] if recent else []
+        return prompt
+
+    def _drop(
+        self, kind: RecordKind, snapshot: TrainingSnapshot, pending: _PendingQuery, reason: str, answer: Any
+    ) -> None:
+        """Record an answer that will not be applied; the advisor's own failures join its track record."""
+        proposal = getattr(answer, "proposal", None)
+        self._record(
+            kind,
+            epoch=snapshot.epoch,
+            step=snapshot.step,
+            reason=reason,
+            query_id=pending.query_id,
+            proposal=proposal,
+            answer=answer,
+        )
+        if kind in ("invalid", "stale", "timeout"):
+            problems = list(getattr(answer, "problems", []) or [])
+            summary = proposal.summary() if proposal is not None else "; ".join(problems[:2]) or reason
+            self._remember_outcome(pending.epoch, summary, kind, None)
+        logger.info("dropped advisor answer %s (%s): %s", pending.query_id, kind, reason)
+
+    def _remember_outcome(self, epoch: int, summary: str, verdict: str, reward: float | None) -> None:
+        if reward is not None:
+            reward = max(-_PROMPT_REWARD_LIMIT, min(_PROMPT_REWARD_LIMIT, reward))
+        self.outcomes.append(ProposalOutcome(epoch=epoch, summary=summary, verdict=verdict, reward=reward))
+        keep = max(self.config.max_recent_proposals, 1)
+        self.outcomes = self.outcomes[-keep:]
+
+    def _record(
+        self,
+        kind: RecordKind,
+        *,
+        epoch: int,
+        step: int,
+        reason: str,
+        query_id: str,
+        proposal: Proposal | None = None,
+        alphas: dict[str, float] | None = None,
+        reward: float | None = None,
+        verdict: str = "",
+        answer: Any = None,
+    ) -> InterventionRecord:
+        latency = getattr(answer, "latency_s", None) if answer is not None else None
+        return self.ledger.append(
+            InterventionRecord(
+                kind=kind,
+                epoch=epoch,
+                step=step,
+                reason=reason,
+                query_id=query_id,
+                proposal_summary=proposal.summary() if proposal is not None else "",
+                proposal_json=to_json(proposal.to_dict()) if proposal is not None else "",
+                alphas_json=to_json(alphas) if alphas is not None else "",
+                reward=reward,
+                verdict=verdict,
+                latency_s=float(latency) if latency is not None and math.isfinite(latency) else None,
+                status=str(getattr(answer, "status", "")) if answer is not None else "",
+                problems="; ".join(getattr(answer, "problems", []) or []) if answer is not None else "",
+            )
+        )
+
+
+def build_advisor(
+    advisor_factory: Callable[[], AdvisorPort] | None = None, advisor_config: Any = None
+) -> AdvisorPort | None:
+    """The advisor client: from a factory (tests, custom clients), else from an `AdvisorConfig`
+    via `serve_llm.client.make_client`, else None (advisor off)."""
+    if advisor_factory is not None:
+        return advisor_factory()
+    if advisor_config is not None:
+        from serve_llm.client import make_client  # imported here: the coordinator must not need Serve
+
+        return make_client(advisor_config)
+    return None
+
+
+@ray.remote(num_cpus=0)
+class CoordinatorActor:
+    """Ray actor around `Coordinator`; builds the advisor client inside the actor, forwards calls."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        run_id: str = "run",
+        advisor_factory: Callable[[], AdvisorPort] | None = None,
+        advisor_config: Any = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        advisor = build_advisor(advisor_factory, advisor_config)
+        if state is None:
+            self.coordinator = Coordinator(config, advisor, run_id)
+        else:
+            self.coordinator = Coordinator.from_state(state, config=config, advisor=advisor, run_id=run_id)
+
+    def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
+        return self.coordinator.on_epoch_end(snapshot, weight_drift)
+
+    def report_probation(
+        self,
+        query_id: str,
+        candidate: ProbationMetrics,
+        reference: ProbationMetrics,
+        *,
+        epoch: int | None = None,
+        step: int = 0,
+    ) -> Verdict:
+        return self.coordinator.report_probation(query_id, candidate, reference, epoch=epoch, step=step)
+
+    def report_apply_failed(self, query_id: str, problem: str, *, epoch: int | None = None, step: int = 0) -> None:
+        self.coordinator.report_apply_failed(query_id, problem, epoch=epoch, step=step)
+
+    def summary_counts(self) -> dict[str, int]:
+        return self.coordinator.summary_counts()
+
+    def ledger_records(self) -> list[dict[str, Any]]:
+        return self.coordinator.ledger_records()
+
+    def write_ledger(self, path: str) -> str:
+        return self.coordinator.write_ledger(path)
+
+    def to_state(self) -> dict[str, Any]:
+        return self.coordinator.to_state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.coordinator.load_state(state)
+
+
+def get_or_create_coordinator(
+    name: str,
+    namespace: str | None = None,
+    *,
+    config: CoordinatorConfig,
+    run_id: str = "run",
+    advisor_factory: Callable[[], AdvisorPort] | None = None,
+    advisor_config: Any = None,
+    state: dict[str, Any] | None = None,
+    detached: bool = False,
+) -> ray.actor.ActorHandle:
+    """The named coordinator actor, created on first call (`get_if_exists=True`).
+
+    Later calls return the existing actor and ignore the other arguments, so every worker of a
+    run (and a restarted driver, with `detached=True`) reaches the same coordinator.
+    """
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    if detached:
+        options["lifetime"] = "detached"
+    return CoordinatorActor.options(**options).remote(
+        config, run_id, advisor_factory=advisor_factory, advisor_config=advisor_config, state=state
+    )

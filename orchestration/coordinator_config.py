@@ -1,0 +1,92 @@
+"""Settings of the coordinator: when to ask the advisor, how hard to trust it, how to judge it.
+
+Units are in the comments; rules of thumb say where a value usually sits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+REWARD_MODES = ("counterfactual", "baseline")
+RewardMode = Literal["counterfactual", "baseline"]
+
+
+@dataclass(kw_only=True, slots=True)
+class CoordinatorConfig:
+    """Everything the coordinator decides by. Validated on construction, before Ray starts."""
+
+    # --- when to ask -------------------------------------------------------------------
+    query_interval: int = 5  # epochs between routine queries; 0 = ask only on a trigger
+    burn_in_epochs: int = 2  # epochs (0-based index < this) during which the advisor is never asked
+    plateau_window: int = 3  # epochs over which a plateau is measured (and the cooldown after a query)
+    plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
+    divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
+    drift_threshold: float = 0.5  # relative weight change ||W - W_at_last_query|| / ||W_at_last_query||
+    max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
+
+    # --- response cache ------------------------------------------------------------------
+    cache_enabled: bool = True
+    cache_similarity: float = 0.2  # max Euclidean distance between quantised snapshot features for a hit
+    cache_quantum: float = 0.1  # feature quantisation step; ~0.1 = a 10 % loss change is "different"
+    max_cache_entries: int = 256  # oldest entries are evicted first
+
+    # --- blending strength ---------------------------------------------------------------
+    stability_alpha: float = 0.1  # starting blend factor per parameter group; 0 = proposals never move weights
+    alpha_min: float = 0.01  # floor after repeated rejections
+    alpha_max: float = 0.5  # ceiling after repeated acceptances
+    alpha_up: float = 1.5  # alpha *= alpha_up after an accepted proposal (>= 1)
+    alpha_down: float = 0.5  # alpha *= alpha_down after a rejected one (in (0, 1])
+
+    # --- probation and acceptance --------------------------------------------------------
+    probation_steps: int = 10  # optimizer steps each probation branch trains before the candidate is judged
+    reward_mode: RewardMode = "counterfactual"  # reference = untouched branch | pre-apply metrics
+    accept_threshold: float = 0.0  # accept iff reward > this
+    reward_loss_weight: float = 1.0  # weight of the relative val-loss decrease
+    reward_accuracy_weight: float = 1.0  # weight of the val-accuracy gain (accuracy in [0, 1])
+    reward_gap_weight: float = 0.5  # weight of the penalty on a growing (val - train) loss gap
+
+    # --- what a proposal may touch -------------------------------------------------------
+    reset_optimizer_moments: bool = False  # zero Adam moments of changed groups after applying
+    verify_rollback: bool = False  # hash full weights + optimizer moments before/after each rollback (costly on big models)
+    apply_hyperparameters: bool = True
+    apply_weights: bool = True
+
+    # --- what the advisor is shown -------------------------------------------------------
+    history_window: int = 8  # epochs of loss/accuracy history kept in a snapshot sent to the advisor
+    max_recent_proposals: int = 5  # past proposals (with verdicts and rewards) shown to the advisor
+
+    def __post_init__(self) -> None:
+        for name in ("query_interval", "burn_in_epochs"):
+            _require(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
+        for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries"):
+            _require(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
+        _require("max_answer_age_epochs", self.max_answer_age_epochs, self.max_answer_age_epochs >= 0, "must be >= 0")
+        _require("max_recent_proposals", self.max_recent_proposals, self.max_recent_proposals >= 0, "must be >= 0")
+        _require("plateau_threshold", self.plateau_threshold, self.plateau_threshold >= 0, "must be >= 0")
+        _require("divergence_factor", self.divergence_factor, self.divergence_factor > 1, "must be > 1")
+        _require("drift_threshold", self.drift_threshold, self.drift_threshold > 0, "must be > 0")
+        _require("cache_similarity", self.cache_similarity, self.cache_similarity >= 0, "must be >= 0")
+        _require("cache_quantum", self.cache_quantum, self.cache_quantum > 0, "must be > 0")
+        for name in ("stability_alpha", "alpha_min", "alpha_max"):
+            value = getattr(self, name)
+            _require(name, value, 0.0 <= value <= 1.0, "must be in [0, 1]")
+        _require(
+            "alpha_max", self.alpha_max, self.alpha_min <= self.alpha_max, f"must be >= alpha_min ({self.alpha_min!r})"
+        )
+        _require(
+            "stability_alpha",
+            self.stability_alpha,
+            self.stability_alpha == 0.0 or self.alpha_min <= self.stability_alpha <= self.alpha_max,
+            f"must be 0 or in [alpha_min, alpha_max] = [{self.alpha_min!r}, {self.alpha_max!r}]",
+        )
+        _require("alpha_up", self.alpha_up, self.alpha_up >= 1.0, "must be >= 1")
+        _require("alpha_down", self.alpha_down, 0.0 < self.alpha_down <= 1.0, "must be in (0, 1]")
+        _require("reward_mode", self.reward_mode, self.reward_mode in REWARD_MODES, f"must be one of {REWARD_MODES}")
+        for name in ("reward_loss_weight", "reward_accuracy_weight", "reward_gap_weight"):
+            _require(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
+
+
+def _require(field_name: str, value: object, condition: bool, rule: str) -> None:
+    if not condition:
+        raise ValueError(f"CoordinatorConfig.{field_name} {rule}, got {value!r}")

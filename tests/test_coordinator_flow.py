@@ -1,0 +1,271 @@
+"""The Coordinator as a state machine, driven by a scripted advisor whose futures the test controls."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pytest
+
+from orchestration.acceptance import ProbationMetrics
+from orchestration.coordinator import Apply, Continue, Coordinator
+from orchestration.coordinator_config import CoordinatorConfig
+from serve_llm.schema import HyperparameterChange, LayerStats, Proposal, TrainingSnapshot, WeightOp
+
+
+@dataclass
+class FakeAnswer:
+    """Duck-typed `serve_llm.validate.AdvisorResponse`."""
+
+    proposal: Proposal | None
+    status: str = "valid"
+    problems: list[str] = field(default_factory=list)
+    raw_text: str = ""
+    latency_s: float = 0.25
+    backend: str = "fake"
+    model: str = "fake"
+
+
+class ScriptedAdvisor:
+    """Hands out futures and lets the test decide when and how each is answered."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[TrainingSnapshot, Future]] = []
+
+    def submit(self, snapshot: TrainingSnapshot) -> Future:
+        future: Future = Future()
+        self.submitted.append((snapshot, future))
+        return future
+
+    def answer(self, answer: FakeAnswer, index: int = -1) -> None:
+        self.submitted[index][1].set_result(answer)
+
+
+PROPOSAL = Proposal(
+    hyperparameters=HyperparameterChange(lr_scale=0.5),
+    weights=[WeightOp(op="shrink", group="features.0.weight", amount=0.1)],
+    reason="loss has flattened",
+)
+GOOD = ProbationMetrics(val_loss=0.7, val_accuracy=0.75, train_loss=0.6)
+REFERENCE = ProbationMetrics(val_loss=0.8, val_accuracy=0.7, train_loss=0.7)
+BAD = ProbationMetrics(val_loss=0.9, val_accuracy=0.65, train_loss=0.6)
+
+
+def snapshot_at(epoch: int, history: int = 20) -> TrainingSnapshot:
+    """A steadily improving run (no plateau, no divergence) at `epoch`."""
+    val_loss = [1.0 * 0.9**e for e in range(epoch + 1)][-history:]
+    return TrainingSnapshot(
+        run_id="r",
+        epoch=epoch,
+        step=10 * epoch,
+        train_loss=[v * 0.9 for v in val_loss],
+        val_loss=val_loss,
+        val_accuracy=[0.5] * len(val_loss),
+        hyperparameters={"lr": 0.01, "weight_decay": 1e-4, "dropout": 0.1},
+        layers=[LayerStats(name="features.0.weight", grad_norm=0.3, update_ratio=0.01)],
+    )
+
+
+def config(**overrides) -> CoordinatorConfig:
+    settings = {"query_interval": 2, "burn_in_epochs": 2, "plateau_window": 100, "history_window": 4}
+    return CoordinatorConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def advisor() -> ScriptedAdvisor:
+    return ScriptedAdvisor()
+
+
+def ask_and_apply(coordinator: Coordinator, advisor: ScriptedAdvisor, epoch: int) -> Apply:
+    """Drive one query at `epoch` and its answer at `epoch + 1`."""
+    assert isinstance(coordinator.on_epoch_end(snapshot_at(epoch)), Continue)
+    advisor.answer(FakeAnswer(PROPOSAL))
+    decision = coordinator.on_epoch_end(snapshot_at(epoch + 1))
+    assert isinstance(decision, Apply)
+    return decision
+
+
+def test_query_then_continue_then_apply_then_accept(advisor):
+    coordinator = Coordinator(config(history_window=2), advisor, run_id="r")
+    assert coordinator.on_epoch_end(snapshot_at(0)) == Continue("no query trigger")
+    decision = coordinator.on_epoch_end(snapshot_at(2))
+    assert isinstance(decision, Continue) and "asked advisor" in decision.reason
+    sent = advisor.submitted[0][0]
+    assert sent.val_loss == snapshot_at(2).val_loss[-2:]  # trimmed to history_window
+    assert coordinator.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r:q1")
+
+    advisor.answer(FakeAnswer(PROPOSAL))
+    decision = coordinator.on_epoch_end(snapshot_at(4))
+    assert decision == Apply(
+        query_id="r:q1",
+        proposal=PROPOSAL,
+        alphas={"features.0.weight": 0.1},
+        source="advisor",
+        epoch_asked=2,
+        probation_steps=50,
+        reward_mode="counterfactual",
+        reset_optimizer_moments=False,
+        seed=decision.seed,
+    )
+    assert coordinator.on_epoch_end(snapshot_at(5)) == Continue("waiting")  # no query during probation
+
+    verdict = coordinator.report_probation("r:q1", GOOD, REFERENCE)
+    assert verdict.accepted and verdict.reward > 0
+    assert coordinator.alphas.current("features.0.weight") == pytest.approx(0.15)
+    assert [record.kind for record in coordinator.ledger.records] == ["query", "proposal", "verdict"]
+    assert coordinator.summary_counts()["proposals_accepted"] == 1
+    assert len(coordinator.cache) == 1
+
+
+def test_rejection_records_rollback_lowers_alpha_and_feeds_track_record(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=2)
+    verdict = coordinator.report_probation(apply.query_id, BAD, REFERENCE, epoch=4, step=45)
+    assert not verdict.accepted
+    kinds = [record.kind for record in coordinator.ledger.records]
+    assert kinds[-2:] == ["verdict", "rollback"]
+    assert coordinator.alphas.current("features.0.weight") == pytest.approx(0.05)
+    assert len(coordinator.cache) == 0
+    assert coordinator.summary_counts()["proposals_rejected"] == 1
+
+    coordinator.on_epoch_end(snapshot_at(5))  # interval: 3 epochs since the query at epoch 2
+    shown = advisor.submitted[-1][0].recent_proposals
+    assert [(o.verdict, o.summary) for o in shown] == [("rejected", PROPOSAL.summary())]
+    assert shown[0].reward == pytest.approx(verdict.reward)
+
+
+def test_cache_hit_on_near_identical_snapshot_skips_the_advisor(advisor):
+    coordinator = Coordinator(config(query_interval=1, burn_in_epochs=0), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=1)
+    coordinator.report_probation(apply.query_id, GOOD, REFERENCE)
+
+    same_state = snapshot_at(1)
+    same_state.epoch = 5
+    decision = coordinator.on_epoch_end(same_state)
+    assert isinstance(decision, Apply) and decision.source == "cache"
+    assert decision.proposal == PROPOSAL
+    assert len(advisor.submitted) == 1
+    assert coordinator.summary_counts()["cache_hits"] == 1
+
+    coordinator.report_probation(decision.query_id, BAD, REFERENCE)
+    assert len(coordinator.cache) == 0  # rejected proposals leave the cache
+    assert coordinator.outcomes[-1].summary.startswith("(cached)")
+
+
+def test_stale_answer_is_dropped(advisor):
+    coordinator = Coordinator(config(max_answer_age_epochs=1, query_interval=10), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2), weight_drift=1.0)
+    coordinator.on_epoch_end(snapshot_at(3))
+    advisor.answer(FakeAnswer(PROPOSAL))
+    decision = coordinator.on_epoch_end(snapshot_at(4))
+    assert isinstance(decision, Continue)
+    assert coordinator.ledger.records[-1].kind == "stale"
+    assert coordinator.summary_counts()["answers_stale"] == 1
+    assert not coordinator.in_flight
+
+
+def test_unanswered_query_is_abandoned_after_max_age(advisor):
+    coordinator = Coordinator(config(max_answer_age_epochs=1, query_interval=3), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(3))
+    decision = coordinator.on_epoch_end(snapshot_at(6))  # abandoned, and the interval asks again
+    assert [record.kind for record in coordinator.ledger.records] == ["query", "stale", "query"]
+    assert advisor.submitted[0][1].cancelled()
+    assert "asked advisor" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "count_name"),
+    [
+        (FakeAnswer(None, status="rejected", problems=["not JSON"]), "invalid", "proposals_invalid"),
+        (FakeAnswer(None, status="valid"), "invalid", "proposals_invalid"),
+        (FakeAnswer(None, status="timeout"), "timeout", "answers_timeout"),
+        (FakeAnswer(None, status="error", problems=["replica died"]), "error", "errors"),
+    ],
+)
+def test_unusable_answers_are_recorded_and_dropped(advisor, answer, kind, count_name):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2))
+    advisor.answer(answer)
+    assert isinstance(coordinator.on_epoch_end(snapshot_at(3)), Continue)
+    record = coordinator.ledger.records[-1]
+    assert (record.kind, record.status) == (kind, answer.status)
+    assert record.problems == "; ".join(answer.problems)
+    assert coordinator.summary_counts()[count_name] == 1
+    assert not coordinator.in_flight
+
+
+def test_clamped_answer_is_applied_with_its_problems_recorded(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2))
+    advisor.answer(FakeAnswer(PROPOSAL, status="clamped", problems=["lr_scale clamped"]))
+    assert isinstance(coordinator.on_epoch_end(snapshot_at(3)), Apply)
+    assert coordinator.ledger.records[-1].problems == "lr_scale clamped"
+
+
+def test_suggested_alpha_lowers_and_apply_settings_filter(advisor):
+    coordinator = Coordinator(config(apply_hyperparameters=False), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2))
+    suggested = Proposal(hyperparameters=PROPOSAL.hyperparameters, weights=PROPOSAL.weights, alpha=0.05)
+    advisor.answer(FakeAnswer(suggested))
+    decision = coordinator.on_epoch_end(snapshot_at(3))
+    assert decision.alphas == {"features.0.weight": 0.05}
+    assert decision.proposal.hyperparameters.is_empty() and decision.proposal.weights == PROPOSAL.weights
+
+
+def test_proposal_with_nothing_allowed_is_recorded_as_noop(advisor):
+    coordinator = Coordinator(config(apply_weights=False), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2))
+    advisor.answer(FakeAnswer(Proposal(weights=PROPOSAL.weights)))
+    assert isinstance(coordinator.on_epoch_end(snapshot_at(3)), Continue)
+    assert coordinator.ledger.records[-1].reason.startswith("no-op")
+
+
+def test_apply_failure_is_recorded_and_unblocks_queries(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=2)
+    coordinator.report_apply_failed(apply.query_id, "group features.0.weight is not gathered")
+    assert coordinator.ledger.records[-1].kind == "error" and not coordinator.in_flight
+    with pytest.raises(ValueError, match="on probation"):
+        coordinator.report_probation(apply.query_id, GOOD, REFERENCE)
+
+
+def test_advisor_off_changes_nothing_and_records_nothing():
+    coordinator = Coordinator(config(burn_in_epochs=0, query_interval=1), None, run_id="r")
+    for epoch in range(5):
+        assert coordinator.on_epoch_end(snapshot_at(epoch), weight_drift=10.0) == Continue("advisor disabled")
+    assert len(coordinator.ledger) == 0
+
+
+def test_state_round_trip_carries_alphas_cache_ledger_and_track_record(advisor, tmp_path):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=2)
+    coordinator.report_probation(apply.query_id, GOOD, REFERENCE)
+    state = json.loads(json.dumps(coordinator.to_state(), allow_nan=False))
+
+    restored = Coordinator.from_state(state, config=config(), advisor=ScriptedAdvisor())
+    assert restored.to_state() == coordinator.to_state()
+    assert restored.alphas.current("features.0.weight") == coordinator.alphas.current("features.0.weight")
+    restored.on_epoch_end(snapshot_at(9))
+    assert restored.ledger.records[-1].query_id == "r:q2"  # query numbering carries on
+
+    frame = pd.read_csv(coordinator.write_ledger(tmp_path / "ledger.csv"))
+    assert list(frame["kind"]) == ["query", "proposal", "verdict"]
+
+
+def test_decisions_pickle(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=2)
+    assert pickle.loads(pickle.dumps(apply)) == apply
+
+
+def test_real_advisor_response_flows_through_when_available(advisor):
+    validate = pytest.importorskip("serve_llm.validate")
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    coordinator.on_epoch_end(snapshot_at(2))
+    advisor.answer(validate.AdvisorResponse(proposal=PROPOSAL, status="valid", latency_s=0.5))
+    decision = coordinator.on_epoch_end(snapshot_at(3))
+    assert isinstance(decision, Apply) and decision.proposal == PROPOSAL
+    assert coordinator.ledger.records[-1].latency_s == 0.5
