@@ -16,6 +16,8 @@ every epoch boundary:
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import dataclasses
 import logging
 import math
@@ -323,6 +325,9 @@ class Coordinator:
         pending = self._pending
         assert pending is not None
         age = snapshot.epoch - pending.epoch
+        if not pending.future.done() and self.config.wait_for_answer_s > 0:
+            # Opt-in synchronous mode: hold this epoch boundary until the answer comes (or the wait ends).
+            concurrent.futures.wait([pending.future], timeout=self.config.wait_for_answer_s)
         if not pending.future.done():
             if age <= self.config.max_answer_age_epochs:
                 logger.debug("epoch %d: still waiting for %s (%d epochs)", snapshot.epoch, pending.query_id, age)

@@ -24,6 +24,7 @@ class CoordinatorConfig:
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     drift_threshold: float = 0.5  # relative weight change ||W - W_at_last_query|| / ||W_at_last_query||
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
+    wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
 
     # --- response cache ------------------------------------------------------------------
     cache_enabled: bool = True
@@ -62,6 +63,7 @@ class CoordinatorConfig:
         for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries"):
             _require(name, getattr(self, name), getattr(self, name) >= 1, "must be >= 1")
         _require("max_answer_age_epochs", self.max_answer_age_epochs, self.max_answer_age_epochs >= 0, "must be >= 0")
+        _require("wait_for_answer_s", self.wait_for_answer_s, 0 <= self.wait_for_answer_s <= 3600, "must be in [0, 3600]")
         _require("max_recent_proposals", self.max_recent_proposals, self.max_recent_proposals >= 0, "must be >= 0")
         _require("plateau_threshold", self.plateau_threshold, self.plateau_threshold >= 0, "must be >= 0")
         _require("divergence_factor", self.divergence_factor, self.divergence_factor > 1, "must be > 1")

@@ -136,9 +136,6 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
     return summary
 
 
-SERVED_BACKENDS = ("smollm2", "hf", "openai")  # answered by the Ray Serve deployment; others run in the coordinator
-
-
 def _start_advice(config: ExperimentConfig, run_dir: Path, advisor_factory: Callable[[], Any] | None) -> tuple[Any, dict[str, Any] | None]:
     """Deploy the advisor (if it is a served LLM) and create this run's coordinator actor."""
     if config.advisor.backend == "none" and advisor_factory is None:
@@ -147,7 +144,7 @@ def _start_advice(config: ExperimentConfig, run_dir: Path, advisor_factory: Call
 
     from orchestration.coordinator import get_or_create_coordinator
 
-    if config.advisor.backend in SERVED_BACKENDS and advisor_factory is None:
+    if config.advisor.is_served and advisor_factory is None:
         from serve_llm.deployment import deploy_advisor
 
         print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
@@ -160,7 +157,8 @@ def _start_advice(config: ExperimentConfig, run_dir: Path, advisor_factory: Call
     coordinator = get_or_create_coordinator(name, namespace, config=config.coordinator, run_id=run_id,
                                             advisor_factory=advisor_factory, advisor_config=None if advisor_factory else config.advisor, state=state)
     ray.get(coordinator.summary_counts.remote())  # fail here, not in a worker, if the actor cannot start
-    return coordinator, {"coordinator": name, "namespace": namespace, "run_id": run_id, "verify_rollback": config.coordinator.verify_rollback}
+    return coordinator, {"coordinator": name, "namespace": namespace, "run_id": run_id, "verify_rollback": config.coordinator.verify_rollback,
+                         "call_timeout_s": config.coordinator.wait_for_answer_s + 120.0}
 
 
 def _close_advice(coordinator: Any, run_dir: Path) -> dict[str, Any]:

@@ -212,7 +212,7 @@ def _make_advice(advice_config: dict[str, Any] | None, engine, *, rank: int, wor
     coordinator = ray.get_actor(advice_config["coordinator"], namespace=advice_config["namespace"]) if rank == 0 else None
     return WorkerAdvice(engine=engine, rank=rank, world_size=world_size, run_id=advice_config["run_id"], model_kind=model_kind,
                         total_epochs=train.epochs, batch_size=train.batch_size, rollback_dir=run_dir / ".rollback",
-                        coordinator=coordinator, verify_rollback=advice_config["verify_rollback"])
+                        coordinator=coordinator, verify_rollback=advice_config["verify_rollback"], call_timeout_s=advice_config["call_timeout_s"])
 
 
 def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype, gather: bool = False) -> EvalResult:
