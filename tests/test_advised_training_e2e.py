@@ -80,3 +80,19 @@ def test_lowering_a_far_too_high_learning_rate_is_accepted(ray_local, tmp_path) 
     assert (accepted.reward > 0).all()
     lrs = pd.read_csv(run_dir / "metrics.csv").lr
     assert lrs.iloc[-1] < 0.05 * 0.1  # the lower learning rate stuck
+
+
+def test_real_llm_advisor_through_serve_advises_a_run(ray_local, tmp_path) -> None:
+    """The default advisor, SmolLM2 on Ray Serve, answering a real 2-worker ZeRO-2 run on digits."""
+    run_dir = tmp_path / "llm"
+    overrides = [*BASE, "advisor.backend=smollm2", "coordinator.query_interval=2", "coordinator.burn_in_epochs=1",
+                 "coordinator.probation_steps=4", "coordinator.wait_for_answer_s=300", "coordinator.max_answer_age_epochs=4"]
+    summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
+    ledger = pd.read_csv(run_dir / "interventions.csv")
+    assert summary["advisor_queries"] >= 1 and (ledger.kind == "query").sum() == summary["advisor_queries"]
+    answered = ledger[ledger.kind.isin(["verdict", "invalid", "proposal"])]
+    assert len(answered) >= 1, ledger.to_string()
+    verdicts = ledger[ledger.kind == "verdict"]
+    assert summary["proposals_accepted"] + summary["proposals_rejected"] == len(verdicts)
+    assert verdicts.reward.notna().all()
+    assert summary["test_accuracy"] >= 0.85

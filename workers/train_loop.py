@@ -35,7 +35,7 @@ from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
 FINAL_METRICS = "final_metrics.json"
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s"]
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    # DeepSpeed still calls a torch collective that torch marks deprecated; say it once, not every epoch.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed still calls torch collectives that torch marks deprecated, a warning at every ZeRO step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # DeepSpeed reads it
@@ -162,11 +162,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "wall_s": state.wall_s,
         }
         state.history.append(row)
+        row["probation_s"] = 0.0
         if advice is not None:
             # Decided at the epoch boundary, carried out before the checkpoint so it holds the outcome.
+            advice_start = time.perf_counter()
             event = advice.on_epoch_end(epoch=epoch, step=engine.global_steps, history=state.history, best_params=best_params, run_probation=run_probation,
                                         epoch_metrics=ProbationMetrics(val_loss=val.loss, val_accuracy=val.accuracy, train_loss=row["train_loss"]))
             state.probation_s += event.probation_s
+            state.wall_s += time.perf_counter() - advice_start  # asking and probation are part of the epoch's cost
+            row["wall_s"], row["probation_s"] = state.wall_s, event.probation_s
             if event.decision == "apply":
                 verdict = "accepted" if event.accepted else "rejected, rolled back" + ("" if event.rollback_exact is None else f" (exact: {event.rollback_exact})")
                 _log(rank, f"advisor proposal {event.query_id}: {verdict}, reward {event.reward:+.4f}, probation {event.probation_s:.1f}s")
