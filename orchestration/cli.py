@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from serve_llm.cli import register as register_advisor
+
 
 def _add_run(subparsers) -> None:
     run = subparsers.add_parser("run", help="train a model on Ray Train with DeepSpeed (embedded local Ray unless --address)")
@@ -28,12 +30,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.recipe or args.overrides or args.output:
             raise ValueError("--resume continues a run with its saved config.yaml; it takes no --config/--recipe/--set/--output")
-        from orchestration.config import read_config
-
-        config = read_config(Path(args.resume) / "config.yaml") if (Path(args.resume) / "config.yaml").is_file() else None
-        if config is not None and args.address:
-            config.cluster.address = args.address
-        run_experiment(config, args.resume, resume=True)  # type: ignore[arg-type]
+        if args.address:
+            os.environ["RAY_ADDRESS"] = args.address  # the saved config may name another cluster; this one wins
+        run_experiment(None, args.resume, resume=True)
         return 0
     overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
     config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides)
@@ -63,12 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     _add_predict(subparsers)
-    try:
-        from serve_llm.cli import register as register_advisor
-    except ImportError:
-        register_advisor = None
-    if register_advisor is not None:
-        register_advisor(subparsers)
+    register_advisor(subparsers)
     return parser
 
 

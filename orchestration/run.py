@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,9 +65,13 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
     if not resume and (Path(run_dir) / FINAL_METRICS).exists():
         raise ConfigError(f"{run_dir} already holds a finished run")
     run_dir = Path(run_dir).resolve()
+    prepare_run_dir(run_dir, resume=resume)
     if resume:
         config = read_config(run_dir / "config.yaml")
-    prepare_run_dir(run_dir, resume=resume)
+        if os.environ.get("RAY_ADDRESS"):
+            config.cluster.address = None  # resolve_address falls back to RAY_ADDRESS
+    if config is None:
+        raise ValueError("run_experiment needs a config unless it resumes a run directory")
     data_info = check_data(config)
     write_config(config, run_dir / "config.yaml")
     train = config.train

@@ -15,12 +15,12 @@ from workers.data import load_digits, stratified_split
 
 pytestmark = pytest.mark.e2e
 
-SMALL = ["train.epochs=4", "train.early_stopping_patience=0"]
+SMALL = ["train.epochs=4", "train.early_stopping_patience=0", "advisor.backend=none"]
 
 
 def test_two_workers_zero2_writes_a_complete_run(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "smoke"
-    summary = run_experiment(build_config(recipe="smoke"), run_dir)
+    summary = run_experiment(build_config(recipe="smoke", overrides=["advisor.backend=none"]), run_dir)
 
     assert summary["test_accuracy"] >= 0.95
     assert summary["zero_stage"] == 2 and summary["num_workers"] == 2 and summary["epochs"] == 8

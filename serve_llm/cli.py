@@ -1,0 +1,135 @@
+"""`hybridtrain advisor ...`: serve the advisor on Ray, or ask it about one snapshot file.
+
+    hybridtrain advisor serve [--address ADDR] [--set key=value ...]
+    hybridtrain advisor ask SNAPSHOT.json [--backend heuristic] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from serve_llm.config import AdvisorConfig
+from serve_llm.schema import TrainingSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _config_from_args(args: argparse.Namespace) -> AdvisorConfig:
+    overrides = _parse_sets(args.set or [])
+    if getattr(args, "backend", None):
+        overrides["backend"] = args.backend
+    return AdvisorConfig().with_overrides(overrides)
+
+
+def _connect(address: str | None) -> None:
+    """Connect to Ray at `address` (or RAY_ADDRESS), else start an embedded local Ray."""
+    from cluster.runtime import ClusterConfig, connect
+
+    # An advisor replica plus the Serve controller and proxy need a few logical CPUs.
+    connect(ClusterConfig(address=address), min_cpus=4)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serve_llm.deployment import deploy_advisor, http_url
+
+    try:
+        config = _config_from_args(args)
+    except ValueError as error:
+        print(f"bad advisor setting: {error}", file=sys.stderr)
+        return 2
+    if config.backend == "none":
+        print("advisor backend is 'none': nothing to serve", file=sys.stderr)
+        return 2
+    _connect(args.address)
+    deploy_advisor(config)
+    print(f"[hybridtrain] advisor ({config.backend}, {config.model_label()}) serving at {http_url(config)}"
+          " - POST a snapshot JSON, GET for health; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.delete(config.app_name)
+        print("[hybridtrain] advisor stopped", flush=True)
+    return 0
+
+
+def _load_snapshot(path: str) -> TrainingSnapshot:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    return TrainingSnapshot.from_dict(json.loads(text))
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from serve_llm.client import AdvisorClient, make_client
+
+    try:
+        config = _config_from_args(args)
+    except ValueError as error:
+        print(f"bad advisor setting: {error}", file=sys.stderr)
+        return 2
+    if config.backend == "none":
+        print("advisor backend is 'none': there is no advisor to ask", file=sys.stderr)
+        return 2
+    try:
+        snapshot = _load_snapshot(args.snapshot)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"cannot read snapshot {args.snapshot}: {error}", file=sys.stderr)
+        return 2
+    client: Any
+    if config.is_served:
+        from serve_llm.deployment import deploy_advisor, get_advisor_handle, is_deployed
+
+        _connect(args.address)
+        if is_deployed(config):
+            handle = get_advisor_handle(config)
+        else:
+            print(f"[hybridtrain] deploying the advisor ({config.backend}) ...", file=sys.stderr, flush=True)
+            handle = deploy_advisor(config)
+        client = AdvisorClient(config, handle)
+    else:
+        client = make_client(config)
+    response = client.ask(snapshot, timeout_s=args.timeout)
+    print(json.dumps(response.to_dict(), indent=2))
+    return 0 if response.usable else 1
+
+
+def register(subparsers: Any) -> None:
+    """Add the `advisor` command (with `serve` and `ask`) to an argparse subparsers object."""
+    advisor = subparsers.add_parser("advisor", help="serve or query the LLM training advisor")
+    commands = advisor.add_subparsers(dest="advisor_command", required=True)
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--address", default=None,
+                            help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override an AdvisorConfig field, e.g. --set max_batch_size=4 (repeatable)")
+
+    serve_parser = commands.add_parser("serve", help="deploy the advisor on Ray Serve and block until Ctrl-C")
+    common(serve_parser)
+    serve_parser.set_defaults(func=_serve)
+
+    ask_parser = commands.add_parser("ask", help="print the advisor's validated answer for one snapshot JSON")
+    ask_parser.add_argument("snapshot", help="snapshot JSON file (a partial snapshot is accepted; '-' = stdin)")
+    ask_parser.add_argument("--backend", default=None,
+                            help="advisor backend (smollm2, hf, openai, heuristic, scripted); "
+                                 "heuristic and scripted run here without Ray")
+    ask_parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for the answer")
+    common(ask_parser)
+    ask_parser.set_defaults(func=_ask)

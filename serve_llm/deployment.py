@@ -1,0 +1,196 @@
+"""The Ray Serve deployment: a thin shell that batches snapshots into one backend call.
+
+All advice logic lives in the backend (`backends.py`); this file only adds what serving needs:
+request batching (`@serve.batch`, so many runs share one replica and one `generate`), a
+per-request deadline that answers `status="timeout"` instead of hanging, health checks, an HTTP
+route, and sizing (replicas, autoscaling, CPUs/GPUs per replica) from `AdvisorConfig`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_llm.backends import make_backend
+from serve_llm.config import AdvisorConfig
+from serve_llm.schema import TrainingSnapshot
+from serve_llm.validate import AdvisorResponse
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "AdvisorDeployment"
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 60.0  # a replica busy in generate() answers health checks late, not never
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=HEALTH_CHECK_PERIOD_S,
+                  health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
+class AdvisorDeployment:
+    """Serve replica around one advisor backend.
+
+    Python callers use `propose(snapshot_dict) -> response_dict` through a DeploymentHandle;
+    HTTP callers POST a snapshot JSON to the route prefix (GET answers a health summary).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = AdvisorConfig.from_dict(config)
+        self._backend = make_backend(self._config)
+        self._propose_batched.set_max_batch_size(self._config.max_batch_size)
+        self._propose_batched.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
+        self._served = 0
+        self._timeouts = 0
+        self._run_lock = threading.Lock()  # one backend call at a time, even after a timed-out batch
+        logger.info("advisor replica ready: backend=%s model=%s", self._backend.name, self._backend.model)
+
+    def _run_backend(self, items: list[tuple[TrainingSnapshot, float]]) -> list[AdvisorResponse]:
+        """Runs in a worker thread. Requests whose deadline passed while queued are answered as
+        timeouts without being computed, so a backlog does not snowball."""
+        with self._run_lock:
+            now = time.monotonic()
+            live = [index for index, (_, deadline) in enumerate(items) if deadline > now]
+            responses: list[AdvisorResponse] = [
+                self._timeout_response(0.0, "deadline passed while queued") for _ in items
+            ]
+            if live:
+                answered = self._backend.propose_batch([items[index][0] for index in live])
+                for index, response in zip(live, answered):
+                    responses[index] = response
+            return responses
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _propose_batched(self, items: list[tuple[TrainingSnapshot, float]]) -> list[AdvisorResponse]:
+        # The backend is blocking CPU/GPU work: run it off the event loop so that health checks
+        # and deadlines keep being served while it generates.
+        return await asyncio.to_thread(self._run_backend, items)
+
+    def _timeout_response(self, latency_s: float, detail: str) -> AdvisorResponse:
+        return AdvisorResponse.failure(
+            "timeout", f"no answer within request_timeout_s={self._config.request_timeout_s}s ({detail})",
+            latency_s=latency_s, backend=self._backend.name, model=self._backend.model,
+        )
+
+    async def propose(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """Answer one snapshot (a possibly partial `TrainingSnapshot` dict) with a response dict."""
+        started = time.monotonic()
+        try:
+            parsed = TrainingSnapshot.from_dict(snapshot)
+        except (TypeError, ValueError) as error:
+            return AdvisorResponse.failure(
+                "error", f"bad snapshot: {error}", backend=self._backend.name, model=self._backend.model
+            ).to_dict()
+        deadline = started + self._config.request_timeout_s
+        try:
+            response = await asyncio.wait_for(
+                self._propose_batched((parsed, deadline)), timeout=self._config.request_timeout_s
+            )
+        except TimeoutError:
+            self._timeouts += 1
+            logger.warning("advisor request for run %s timed out", parsed.run_id)
+            response = self._timeout_response(time.monotonic() - started, "generation still running")
+        except Exception as error:  # noqa: BLE001 - the caller gets a recorded error, never an exception
+            logger.exception("advisor request for run %s failed", parsed.run_id)
+            response = AdvisorResponse.failure(
+                "error", f"backend failed: {type(error).__name__}: {error}",
+                latency_s=time.monotonic() - started, backend=self._backend.name, model=self._backend.model,
+            )
+        self._served += 1
+        return response.to_dict()
+
+    def health(self) -> dict[str, Any]:
+        """A small status summary (also served on GET)."""
+        return {
+            "status": "ok",
+            "backend": self._backend.name,
+            "model": self._backend.model,
+            "served": self._served,
+            "timeouts": self._timeouts,
+            "max_batch_size": self._config.max_batch_size,
+            "torch_threads": getattr(self._backend, "torch_threads", None),
+        }
+
+    def check_health(self) -> None:
+        """Serve's liveness probe: the backend object must exist (a failed load never gets here)."""
+        if self._backend is None:
+            raise RuntimeError("advisor backend is not loaded")
+
+    async def __call__(self, request: Any) -> Any:
+        """HTTP: GET -> health JSON; POST a snapshot JSON -> response JSON."""
+        from starlette.responses import JSONResponse
+
+        if request.method == "GET":
+            return JSONResponse(self.health())
+        if request.method != "POST":
+            return JSONResponse({"error": f"method {request.method} not allowed"}, status_code=405)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            return JSONResponse({"error": f"body is not JSON: {error}"}, status_code=400)
+        return JSONResponse(await self.propose(body))
+
+
+def deployment_options(config: AdvisorConfig) -> dict[str, Any]:
+    """`.options(...)` for the deployment, from the config.
+
+    Ray Serve 2.60 defaults `max_ongoing_requests` to 5, which would cap every batch at 5: it
+    is raised to twice the batch size, so one batch can queue while the previous one runs.
+    """
+    options: dict[str, Any] = {
+        "ray_actor_options": {
+            "num_cpus": config.num_cpus_per_replica,
+            "num_gpus": config.num_gpus_per_replica,
+        },
+        "max_ongoing_requests": 2 * config.max_batch_size,
+    }
+    if config.num_replicas == "auto":
+        options["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def http_url(config: AdvisorConfig) -> str:
+    """Where the HTTP route answers."""
+    return f"http://{config.http_host}:{config.http_port}{config.route_prefix}"
+
+
+def deploy_advisor(config: AdvisorConfig) -> DeploymentHandle:
+    """Deploy the advisor app on the current Ray cluster (ray.init already called) and return its
+    handle once every replica has loaded its backend.
+
+    Starts Serve with HTTP bound to `config.http_host` (127.0.0.1 by default: Serve's own
+    default host is configurable by environment and may differ); if Serve is already running,
+    its HTTP options are kept as they are and a mismatch is logged.
+    """
+    if config.backend == "none":
+        raise ValueError("AdvisorConfig.backend='none' means no advisor: there is nothing to deploy")
+    serve.start(http_options={"host": config.http_host, "port": config.http_port})
+    app = AdvisorDeployment.options(**deployment_options(config)).bind(config.to_dict())
+    started = time.perf_counter()
+    handle = serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    logger.info("advisor app %r (%s) up in %.1fs at %s", config.app_name, config.backend,
+                time.perf_counter() - started, http_url(config))
+    return handle
+
+
+def get_advisor_handle(config: AdvisorConfig) -> DeploymentHandle:
+    """The handle of an already deployed advisor app (raises if it is not deployed)."""
+    return serve.get_app_handle(config.app_name)
+
+
+def is_deployed(config: AdvisorConfig) -> bool:
+    """True when the advisor app is deployed and running on the connected cluster."""
+    from ray.serve.schema import ApplicationStatus
+
+    application = serve.status().applications.get(config.app_name)  # empty when Serve is not running
+    return application is not None and application.status == ApplicationStatus.RUNNING

@@ -1,0 +1,139 @@
+"""Render a `TrainingSnapshot` into a short chat prompt from a versioned template file.
+
+Templates live in `serve_llm/prompts/<name>.txt` (package data), with a `### system` and a
+`### user` section and `$name` placeholders (`string.Template`, so JSON braces need no escaping).
+The prompt is kept to a few hundred tokens: the default model has 135M parameters and prefill
+on 2 CPU cores costs about as much as generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+from dataclasses import dataclass
+from importlib import resources
+
+from serve_llm.decoding import GENERATION_MAX_OPS, generation_groups
+from serve_llm.schema import (
+    ALPHA_BOUNDS,
+    HYPERPARAMETER_BOUNDS,
+    WEIGHT_OP_AMOUNT_BOUNDS,
+    TrainingSnapshot,
+)
+from serve_llm.signals import diagnose
+
+HISTORY_EPOCHS = 5  # most recent epochs shown per curve
+MAX_LAYERS_SHOWN = 12  # groups beyond this are summarised by count
+MAX_RECENT_PROPOSALS = 3
+_HISTORY_NAMES = (
+    ("train_loss", "train loss"),
+    ("val_loss", "val loss"),
+    ("val_accuracy", "val acc"),
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class Prompt:
+    """A rendered prompt: the chat messages and the template version that produced them."""
+
+    system: str
+    user: str
+    template: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": self.user}]
+
+
+@functools.cache
+def load_template(name: str) -> tuple[string.Template, string.Template]:
+    """Read `prompts/<name>.txt` and split it into (system, user) templates."""
+    path = resources.files("serve_llm") / "prompts" / f"{name}.txt"
+    if not path.is_file():
+        raise ValueError(f"prompt template {name!r} not found in serve_llm/prompts")
+    text = path.read_text(encoding="utf-8")
+    head, separator, user = text.partition("### user\n")
+    if not separator or not head.startswith("### system\n"):
+        raise ValueError(f"prompt template {name!r} must hold a '### system' then a '### user' section")
+    return string.Template(head.removeprefix("### system\n").strip()), string.Template(user.strip())
+
+
+def _number(value: float) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "?"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}"
+
+
+def _short(value: float) -> str:
+    """Two significant digits: per-layer stats only need an order of magnitude."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return "?"
+    return f"{value:.2g}"
+
+
+def _bounds(bounds: tuple[float, float]) -> str:
+    return f"{bounds[0]:g}-{bounds[1]:g}"
+
+
+def _one_line(text: str, limit: int) -> str:
+    """Untrusted text (run ids, group names, past reasons) on one line, cut to `limit`."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in str(text)).split())[:limit]
+
+
+def _histories(snapshot: TrainingSnapshot) -> str:
+    lines = []
+    for attribute, label in _HISTORY_NAMES:
+        values = getattr(snapshot, attribute)[-HISTORY_EPOCHS:]
+        if values:
+            lines.append(f"{label}: {' '.join(_number(value) for value in values)}")
+    return "\n".join(lines) or "no history yet"
+
+
+def _hyperparameters(snapshot: TrainingSnapshot) -> str:
+    items = [f"{_one_line(name, 24)}={_number(value)}" for name, value in snapshot.hyperparameters.items()]
+    return " ".join(items) or "unknown"
+
+
+def _layers(snapshot: TrainingSnapshot) -> str:
+    shown = snapshot.layers[:MAX_LAYERS_SHOWN]
+    items = [
+        f"{_one_line(layer.name, 60)} {_short(layer.grad_norm)} {_short(layer.dead_fraction)}" for layer in shown
+    ]
+    if len(snapshot.layers) > len(shown):
+        items.append(f"+{len(snapshot.layers) - len(shown)} more")
+    return "; ".join(items) or "none reported"
+
+
+def _recent(snapshot: TrainingSnapshot) -> str:
+    items = []
+    for outcome in snapshot.recent_proposals[-MAX_RECENT_PROPOSALS:]:
+        reward = "" if outcome.reward is None else f", reward {outcome.reward:+.3g}"
+        items.append(f"epoch {outcome.epoch}: {_one_line(outcome.summary, 80)} -> {outcome.verdict}{reward}")
+    return "; ".join(items) or "none"
+
+
+def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> Prompt:
+    """The chat prompt for one snapshot, from template file `template`."""
+    system, user = load_template(template)
+    signals = diagnose(snapshot)
+    groups = generation_groups([layer.name for layer in snapshot.layers])
+    values = {
+        "model_kind": _one_line(snapshot.model_kind, 24),
+        "epoch": snapshot.epoch,
+        "total_epochs": snapshot.total_epochs or "?",
+        "histories": _histories(snapshot),
+        "hyperparameters": _hyperparameters(snapshot),
+        "layers": _layers(snapshot),
+        "findings": "; ".join(signals.notes),
+        "hints": "; ".join(signals.remedies()),
+        "recent": _recent(snapshot),
+        "max_ops": GENERATION_MAX_OPS,
+        "small_amount_bounds": _bounds(WEIGHT_OP_AMOUNT_BOUNDS["shrink"]),
+        "unit_amount_bounds": _bounds(WEIGHT_OP_AMOUNT_BOUNDS["toward_best"]),
+        "alpha_bounds": _bounds(ALPHA_BOUNDS),
+        "groups": ", ".join(groups) or "none (no weight ops possible)",
+    }
+    values.update({f"{name}_bounds": _bounds(bounds) for name, bounds in HYPERPARAMETER_BOUNDS.items()})
+    return Prompt(system=system.substitute(values), user=user.substitute(values), template=template)

@@ -1,0 +1,380 @@
+"""The gate every advisor answer passes through: untrusted text in, a bounded `Proposal` (or a
+recorded refusal) out.
+
+Nothing an advisor writes is trusted. Hard faults (unparseable text, wrong types, NaN/inf,
+too many operations, absurd nesting) reject the whole answer; soft faults (an unknown group,
+an out-of-bound number, an over-long reason) are repaired by dropping or clamping, and every
+repair is written to `problems` so the ledger can show what was changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from serve_llm.schema import (
+    ALPHA_BOUNDS,
+    HYPERPARAMETER_BOUNDS,
+    MAX_ABS_EXPLICIT_VALUE,
+    MAX_EXPLICIT_VALUES,
+    MAX_REASON_CHARS,
+    MAX_WEIGHT_OPS,
+    WEIGHT_OP_AMOUNT_BOUNDS,
+    WEIGHT_OPS,
+    HyperparameterChange,
+    Proposal,
+    TrainingSnapshot,
+    WeightOp,
+)
+
+ResponseStatus = Literal["valid", "clamped", "rejected", "timeout", "error"]
+RESPONSE_STATUSES = ("valid", "clamped", "rejected", "timeout", "error")
+USABLE_STATUSES = ("valid", "clamped")
+
+MAX_RAW_CHARS = 32_000  # the largest legal proposal (8 `values` ops of 64 numbers) is ~12k characters
+MAX_NESTING_DEPTH = 6  # proposal -> weights -> op -> values is depth 4
+_TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason")
+_OP_FIELDS = ("op", "group", "amount", "values")
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+@dataclass(kw_only=True, slots=True)
+class AdvisorResponse:
+    """One advisor answer as the coordinator sees it: the checked proposal (if any), what the
+    validator did to get it, and the raw text it came from."""
+
+    proposal: Proposal | None = None
+    status: ResponseStatus = "rejected"
+    problems: list[str] = field(default_factory=list)
+    raw_text: str = ""
+    latency_s: float = 0.0
+    backend: str = ""
+    model: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """True when `proposal` may be applied (after the coordinator's own gates)."""
+        return self.status in USABLE_STATUSES and self.proposal is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proposal": None if self.proposal is None else self.proposal.to_dict(),
+            "status": self.status,
+            "problems": list(self.problems),
+            "raw_text": self.raw_text,
+            "latency_s": self.latency_s,
+            "backend": self.backend,
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdvisorResponse:
+        """Rebuild from `to_dict` output (trusted: it was produced by this module)."""
+        proposal = data.get("proposal")
+        status = data.get("status", "error")
+        if status not in RESPONSE_STATUSES:
+            raise ValueError(f"AdvisorResponse.status must be one of {RESPONSE_STATUSES}, got {status!r}")
+        return cls(
+            proposal=None if proposal is None else Proposal.from_dict(proposal),
+            status=status,
+            problems=list(data.get("problems", [])),
+            raw_text=data.get("raw_text", ""),
+            latency_s=float(data.get("latency_s", 0.0)),
+            backend=data.get("backend", ""),
+            model=data.get("model", ""),
+        )
+
+    @classmethod
+    def failure(
+        cls,
+        status: Literal["rejected", "timeout", "error"],
+        problem: str,
+        *,
+        raw_text: str = "",
+        latency_s: float = 0.0,
+        backend: str = "",
+        model: str = "",
+    ) -> AdvisorResponse:
+        """A response carrying no proposal, with the one reason why."""
+        return cls(
+            proposal=None,
+            status=status,
+            problems=[problem],
+            raw_text=raw_text,
+            latency_s=latency_s,
+            backend=backend,
+            model=model,
+        )
+
+
+class _Rejected(Exception):
+    """A hard fault: the whole answer is refused."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _Rejected(f"non-finite number {name} in answer")
+
+
+def _check_structure(value: Any, depth: int = 0) -> None:
+    """Reject deep nesting and non-finite numbers anywhere, before any field is read."""
+    if depth > MAX_NESTING_DEPTH:
+        raise _Rejected(f"answer nested deeper than {MAX_NESTING_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Rejected(f"non-finite number {value!r} in answer")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Rejected(f"non-string key {key!r}")
+            _check_structure(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_structure(item, depth + 1)
+
+
+def _parse(raw: str | dict, problems: list[str]) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        data: Any = raw
+    else:
+        text = raw.strip()
+        if len(text) > MAX_RAW_CHARS:
+            raise _Rejected(f"answer is {len(text)} characters, more than {MAX_RAW_CHARS}")
+        fenced = _FENCE.match(text)
+        if fenced:
+            problems.append("removed a markdown code fence around the JSON")
+            text = fenced.group(1)
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError as error:
+            raise _Rejected("answer nested too deeply to parse") from error
+        except ValueError as error:
+            raise _Rejected(f"malformed JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise _Rejected(f"answer must be a JSON object, got {type(data).__name__}")
+    _check_structure(data)
+    return data
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Rejected(f"{where} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError as error:
+        raise _Rejected(f"{where} is too large to be a float") from error
+    if not math.isfinite(number):
+        raise _Rejected(f"{where} is not finite: {value!r}")
+    return number
+
+
+def _clamp(value: float, bounds: tuple[float, float], where: str, problems: list[str]) -> float:
+    low, high = bounds
+    clamped = min(max(value, low), high)
+    if clamped != value:
+        problems.append(f"clamped {where} from {value:g} to {clamped:g} (bounds [{low:g}, {high:g}])")
+    return clamped
+
+
+def sanitize_reason(text: str, problems: list[str]) -> str:
+    """Strip control and format characters (newlines, bidi overrides, zero-width), squeeze
+    whitespace, and cut to `MAX_REASON_CHARS`: the reason lands in prompts and ledgers."""
+    cleaned = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+    cleaned = " ".join(cleaned.split())
+    if cleaned != text.strip():
+        problems.append("removed control characters or extra whitespace from reason")
+    if len(cleaned) > MAX_REASON_CHARS:
+        problems.append(f"truncated reason from {len(cleaned)} to {MAX_REASON_CHARS} characters")
+        cleaned = cleaned[:MAX_REASON_CHARS]
+    return cleaned
+
+
+def _hyperparameters(value: Any, problems: list[str]) -> HyperparameterChange:
+    if value is None:
+        return HyperparameterChange()
+    if not isinstance(value, dict):
+        raise _Rejected(f"hyperparameters must be an object, got {type(value).__name__}")
+    changes: dict[str, float] = {}
+    for name, item in value.items():
+        if name not in HYPERPARAMETER_BOUNDS:
+            problems.append(f"ignored unknown hyperparameter {name[:40]!r}")
+            continue
+        if item is None:
+            continue
+        changes[name] = _clamp(_number(item, f"hyperparameters.{name}"), HYPERPARAMETER_BOUNDS[name], name, problems)
+    return HyperparameterChange(**changes)
+
+
+def _weight_op(index: int, value: Any, group_sizes: dict[str, int], problems: list[str]) -> WeightOp | None:
+    """One checked op, or None when it is dropped (the reason is recorded)."""
+    where = f"weights[{index}]"
+    if not isinstance(value, dict):
+        raise _Rejected(f"{where} must be an object, got {type(value).__name__}")
+    extra = sorted(set(value) - set(_OP_FIELDS))
+    if extra:
+        problems.append(f"ignored unknown fields {[key[:40] for key in extra]} in {where}")
+    op, group = value.get("op"), value.get("group")
+    if not isinstance(op, str) or not isinstance(group, str):
+        raise _Rejected(f"{where}.op and {where}.group must be strings")
+    if op not in WEIGHT_OPS:
+        problems.append(f"dropped {where}: unknown op {op[:40]!r}")
+        return None
+    if group not in group_sizes:
+        problems.append(f"dropped {where}: unknown parameter group {group[:80]!r}")
+        return None
+    amount = _number(value.get("amount", 0.0), f"{where}.amount")
+    amount = _clamp(amount, WEIGHT_OP_AMOUNT_BOUNDS[op], f"{where}.amount ({op})", problems)
+    values = value.get("values")
+    if op != "values":
+        if values is not None:
+            problems.append(f"ignored {where}.values: only the 'values' op takes explicit numbers")
+        return WeightOp(op=op, group=group, amount=amount)
+    if not isinstance(values, list):
+        raise _Rejected(f"{where}.values must be a list of numbers, got {type(values).__name__}")
+    numbers = [_number(item, f"{where}.values") for item in values]
+    size = group_sizes[group]
+    if size > MAX_EXPLICIT_VALUES:
+        problems.append(f"dropped {where}: group {group!r} has {size} numbers, more than {MAX_EXPLICIT_VALUES}")
+        return None
+    if len(numbers) != size:
+        problems.append(f"dropped {where}: {len(numbers)} values for group {group!r} of {size} numbers")
+        return None
+    bounds = (-MAX_ABS_EXPLICIT_VALUE, MAX_ABS_EXPLICIT_VALUE)
+    clamped = [min(max(number, bounds[0]), bounds[1]) for number in numbers]
+    if clamped != numbers:
+        problems.append(f"clamped {where}.values to [{bounds[0]:g}, {bounds[1]:g}]")
+    return WeightOp(op=op, group=group, amount=amount, values=clamped)
+
+
+def _weights(value: Any, group_sizes: dict[str, int], problems: list[str]) -> list[WeightOp]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Rejected(f"weights must be a list, got {type(value).__name__}")
+    if len(value) > MAX_WEIGHT_OPS:
+        raise _Rejected(f"{len(value)} weight ops, more than {MAX_WEIGHT_OPS}")
+    ops = [_weight_op(index, item, group_sizes, problems) for index, item in enumerate(value)]
+    return [op for op in ops if op is not None]
+
+
+def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]) -> Proposal:
+    extra = sorted(set(data) - set(_TOP_LEVEL_FIELDS))
+    if extra:
+        problems.append(f"ignored unknown fields {[key[:40] for key in extra]}")
+    group_sizes = {layer.name: int(layer.num_params) for layer in snapshot.layers}
+    hyperparameters = _hyperparameters(data.get("hyperparameters"), problems)
+    weights = _weights(data.get("weights"), group_sizes, problems)
+    alpha = data.get("alpha")
+    if alpha is not None:
+        alpha = _clamp(_number(alpha, "alpha"), ALPHA_BOUNDS, "alpha", problems)
+    reason = data.get("reason", "")
+    if reason is None:
+        reason = ""
+    if not isinstance(reason, str):
+        raise _Rejected(f"reason must be a string, got {type(reason).__name__}")
+    return Proposal(
+        hyperparameters=hyperparameters,
+        weights=weights,
+        alpha=alpha,
+        reason=sanitize_reason(reason, problems),
+    )
+
+
+def validate_proposal(
+    raw: str | dict,
+    snapshot: TrainingSnapshot,
+    *,
+    backend: str = "",
+    model: str = "",
+    latency_s: float = 0.0,
+) -> AdvisorResponse:
+    """Check an advisor's raw answer against the bounds in `schema.py` and the snapshot's groups.
+
+    Returns status "valid" (taken as is), "clamped" (taken after recorded repairs) or
+    "rejected" (no proposal). Never raises on bad input: a hostile answer is a rejection.
+    """
+    raw_text = raw if isinstance(raw, str) else _dump(raw)
+    problems: list[str] = []
+    if len(raw_text) > MAX_RAW_CHARS:
+        problems.append(f"raw text cut to its first {MAX_RAW_CHARS} of {len(raw_text)} characters")
+        raw_text = raw_text[:MAX_RAW_CHARS]
+    try:
+        if not isinstance(raw, (str, dict)):
+            raise _Rejected(f"answer must be text or a JSON object, got {type(raw).__name__}")
+        proposal = _build(_parse(raw, problems), snapshot, problems)
+    except _Rejected as error:
+        problems.append(str(error))
+        return AdvisorResponse(
+            proposal=None,
+            status="rejected",
+            problems=problems,
+            raw_text=raw_text,
+            latency_s=latency_s,
+            backend=backend,
+            model=model,
+        )
+    return AdvisorResponse(
+        proposal=proposal,
+        status="clamped" if problems else "valid",
+        problems=problems,
+        raw_text=raw_text,
+        latency_s=latency_s,
+        backend=backend,
+        model=model,
+    )
+
+
+def _dump(raw: Any) -> str:
+    try:
+        return json.dumps(raw)
+    except (TypeError, ValueError, RecursionError):
+        return repr(raw)[:MAX_RAW_CHARS]
+
+
+def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[str]:
+    """Every way `proposal` breaks a bound or names a group the snapshot lacks (empty if none).
+
+    An independent re-check of the validator's output, for tests and for the coordinator to
+    assert on proposals it got from a cache or a file.
+    """
+    violations: list[str] = []
+    group_sizes = {layer.name: layer.num_params for layer in snapshot.layers}
+
+    def check(value: Any, bounds: tuple[float, float], where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            violations.append(f"{where} is not a finite number: {value!r}")
+        elif not bounds[0] <= value <= bounds[1]:
+            violations.append(f"{where}={value!r} outside {bounds}")
+
+    for name, bounds in HYPERPARAMETER_BOUNDS.items():
+        value = getattr(proposal.hyperparameters, name)
+        if value is not None:
+            check(value, bounds, name)
+    if proposal.alpha is not None:
+        check(proposal.alpha, ALPHA_BOUNDS, "alpha")
+    if len(proposal.weights) > MAX_WEIGHT_OPS:
+        violations.append(f"{len(proposal.weights)} weight ops, more than {MAX_WEIGHT_OPS}")
+    for index, op in enumerate(proposal.weights):
+        if op.op not in WEIGHT_OPS:
+            violations.append(f"weights[{index}].op {op.op!r} unknown")
+            continue
+        if op.group not in group_sizes:
+            violations.append(f"weights[{index}].group {op.group!r} unknown")
+            continue
+        check(op.amount, WEIGHT_OP_AMOUNT_BOUNDS[op.op], f"weights[{index}].amount")
+        if op.op == "values":
+            size = group_sizes[op.group]
+            if op.values is None or len(op.values) != size or size > MAX_EXPLICIT_VALUES:
+                violations.append(f"weights[{index}].values does not fit group {op.group!r}")
+            else:
+                for value in op.values:
+                    check(value, (-MAX_ABS_EXPLICIT_VALUE, MAX_ABS_EXPLICIT_VALUE), f"weights[{index}].values")
+        elif op.values is not None:
+            violations.append(f"weights[{index}].values set on op {op.op!r}")
+    if not isinstance(proposal.reason, str) or len(proposal.reason) > MAX_REASON_CHARS:
+        violations.append("reason is not a string of at most MAX_REASON_CHARS characters")
+    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in proposal.reason):
+        violations.append("reason holds control characters")
+    return violations
