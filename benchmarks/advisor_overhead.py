@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="hybridtrain-overhead-")))
     args = parser.parse_args()
     connect(ClusterConfig(dashboard=False), min_cpus=4)
-    common = [f"train.epochs={args.epochs}", "train.early_stopping_patience=0"]
+    # Fully asynchronous, as on a real workload: training never waits for the advisor; an answer is
+    # applied at the first epoch boundary after it arrives (however many epochs that takes here).
+    common = [f"train.epochs={args.epochs}", "train.early_stopping_patience=0", "coordinator.wait_for_answer_s=0",
+              f"coordinator.max_answer_age_epochs={args.epochs}"]
     unadvised = run_experiment(build_config(recipe="smoke", overrides=[*common, "advisor.backend=none"]), args.out / "unadvised")
     advised = run_experiment(build_config(recipe="smoke", overrides=[*common, f"advisor.backend={args.backend}"]), args.out / "advised")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -75,7 +76,9 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
     data_info = check_data(config)
     write_config(config, run_dir / "config.yaml")
     train = config.train
-    cluster = cluster or connect(config.cluster, min_cpus=int(train.num_workers * train.cpus_per_worker) + 1)
+    advisor_cpus = config.advisor.num_cpus_per_replica * (config.advisor.num_replicas if isinstance(config.advisor.num_replicas, int) else 1)
+    needed_cpus = train.num_workers * train.cpus_per_worker + (advisor_cpus if config.advisor.is_served else 0)
+    cluster = cluster or connect(config.cluster, min_cpus=math.ceil(needed_cpus))
     use_gpu = cluster.use_gpu if train.use_gpu is None else train.use_gpu
     if use_gpu and not cluster.use_gpu:
         raise ConfigError("train.use_gpu is true but the cluster has no GPUs")
