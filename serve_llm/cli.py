@@ -45,16 +45,24 @@ def _connect(address: str | None) -> None:
     connect(ClusterConfig(address=address), min_cpus=4)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from serve_llm.deployment import deploy_advisor, http_url
-
+def _usable_config(args: argparse.Namespace) -> AdvisorConfig | None:
+    """The advisor config from the command line, or None after saying why it cannot be used."""
     try:
         config = _config_from_args(args)
     except ValueError as error:
         print(f"bad advisor setting: {error}", file=sys.stderr)
-        return 2
+        return None
     if config.backend == "none":
-        print("advisor backend is 'none': nothing to serve", file=sys.stderr)
+        print("advisor backend is 'none': there is no advisor to serve or ask", file=sys.stderr)
+        return None
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serve_llm.deployment import deploy_advisor, http_url
+
+    config = _usable_config(args)
+    if config is None:
         return 2
     _connect(args.address)
     deploy_advisor(config)
@@ -79,13 +87,8 @@ def _load_snapshot(path: str) -> TrainingSnapshot:
 def _ask(args: argparse.Namespace) -> int:
     from serve_llm.client import AdvisorClient, make_client
 
-    try:
-        config = _config_from_args(args)
-    except ValueError as error:
-        print(f"bad advisor setting: {error}", file=sys.stderr)
-        return 2
-    if config.backend == "none":
-        print("advisor backend is 'none': there is no advisor to ask", file=sys.stderr)
+    config = _usable_config(args)
+    if config is None:
         return 2
     try:
         snapshot = _load_snapshot(args.snapshot)

@@ -15,6 +15,15 @@ from workers.data import load_digits, stratified_split
 
 pytestmark = pytest.mark.e2e
 
+def _reloaded_test_accuracy(run_dir) -> float:
+    """Test accuracy of the saved model.safetensors, loaded strictly (full shapes) without Ray or DeepSpeed."""
+    model, meta = load_model(run_dir)
+    digits = load_digits()
+    test = stratified_split(digits.y, val_fraction=0.1, test_fraction=0.1, seed=0).test
+    predicted, _ = predict_arrays(model, meta, digits.x[test])
+    return float(np.mean(predicted == digits.y[test]))
+
+
 SMALL = ["train.epochs=4", "train.early_stopping_patience=0", "advisor.backend=none"]
 
 
@@ -35,11 +44,7 @@ def test_two_workers_zero2_writes_a_complete_run(ray_local, tmp_path) -> None:
     assert np.array(summary["test_confusion_matrix"]).sum() == summary["data"]["test"]
 
     # The consolidated fp32 model reproduces the reported test accuracy without Ray or DeepSpeed.
-    model, meta = load_model(run_dir)
-    digits = load_digits()
-    test = stratified_split(digits.y, val_fraction=0.1, test_fraction=0.1, seed=0).test
-    predicted, _ = predict_arrays(model, meta, digits.x[test])
-    assert np.mean(predicted == digits.y[test]) == pytest.approx(summary["test_accuracy"])
+    assert _reloaded_test_accuracy(run_dir) == pytest.approx(summary["test_accuracy"])
 
 
 def test_zero3_consolidates_partitioned_weights(ray_local, tmp_path) -> None:
@@ -47,11 +52,7 @@ def test_zero3_consolidates_partitioned_weights(ray_local, tmp_path) -> None:
     summary = run_experiment(build_config(recipe="smoke", overrides=["train.zero_stage=3", *SMALL]), run_dir)
     assert summary["zero_stage"] == 3
     assert summary["test_accuracy"] >= 0.85
-    model, meta = load_model(run_dir)  # strict load: every parameter gathered at full shape
-    digits = load_digits()
-    test = stratified_split(digits.y, val_fraction=0.1, test_fraction=0.1, seed=0).test
-    predicted, _ = predict_arrays(model, meta, digits.x[test])
-    assert np.mean(predicted == digits.y[test]) == pytest.approx(summary["test_accuracy"])
+    assert _reloaded_test_accuracy(run_dir) == pytest.approx(summary["test_accuracy"])  # every shard gathered
 
 
 def test_run_survives_a_killed_worker_process(ray_local, tmp_path) -> None:
