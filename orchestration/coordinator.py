@@ -148,14 +148,17 @@ class Coordinator:
         if self.advisor is None:
             logger.debug("epoch %d: advisor disabled", snapshot.epoch)
             return Continue("advisor disabled")
-        if self._on_probation is not None:
-            # The trainer always reports a probation before its next epoch end; one that did not
-            # was lost with a worker (restart from a checkpoint taken before it). Close it, or no
+        probation = self._on_probation
+        if probation is not None:
+            # A probation the trainer replays its epoch over (it restarted from an earlier
+            # checkpoint) or leaves unreported too long was lost with a worker: close it, or no
             # query would ever start again.
-            lost = self._on_probation
-            self._on_probation = None
-            self._record("error", epoch=snapshot.epoch, step=snapshot.step, query_id=lost.query_id, proposal=lost.proposal,
-                         reason="probation abandoned: the trainer restarted before reporting it")
+            replayed = snapshot.epoch <= probation.epoch
+            if replayed or snapshot.epoch - probation.epoch > self.config.max_answer_age_epochs:
+                self._on_probation = None
+                why = "the trainer restarted before reporting it" if replayed else f"unreported after {snapshot.epoch - probation.epoch} epochs"
+                self._record("error", epoch=snapshot.epoch, step=snapshot.step, query_id=probation.query_id, proposal=probation.proposal,
+                             reason=f"probation abandoned: {why}")
         if self._pending is not None:
             decision = self._collect_answer(snapshot)
             if decision is not None:

@@ -89,7 +89,8 @@ def ask_and_apply(coordinator: Coordinator, advisor: ScriptedAdvisor, epoch: int
 
 
 def test_query_then_continue_then_apply_then_accept(advisor):
-    coordinator = Coordinator(config(history_window=2), advisor, run_id="r")
+    settings = config(history_window=2)
+    coordinator = Coordinator(settings, advisor, run_id="r")
     assert coordinator.on_epoch_end(snapshot_at(0)) == Continue("no query trigger")
     decision = coordinator.on_epoch_end(snapshot_at(2))
     assert isinstance(decision, Continue) and "asked advisor" in decision.reason
@@ -105,7 +106,7 @@ def test_query_then_continue_then_apply_then_accept(advisor):
         alphas={"features.0.weight": 0.1},
         source="advisor",
         epoch_asked=2,
-        probation_steps=50,
+        probation_steps=settings.probation_steps,
         reward_mode="counterfactual",
         reset_optimizer_moments=False,
         seed=decision.seed,
@@ -269,3 +270,16 @@ def test_real_advisor_response_flows_through_when_available(advisor):
     decision = coordinator.on_epoch_end(snapshot_at(3))
     assert isinstance(decision, Apply) and decision.proposal == PROPOSAL
     assert coordinator.ledger.records[-1].latency_s == 0.5
+
+
+def test_a_probation_lost_to_a_restart_is_closed_and_querying_resumes(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    apply = ask_and_apply(coordinator, advisor, epoch=2)
+    applied_at = apply.epoch_asked + 1
+    # The worker died during the probation; training replays the same epoch from the previous checkpoint.
+    decision = coordinator.on_epoch_end(snapshot_at(applied_at))
+    assert not coordinator.in_flight or isinstance(decision, Continue) and "asked advisor" in decision.reason
+    errors = [record for record in coordinator.ledger.records if record.kind == "error"]
+    assert len(errors) == 1 and "restarted" in errors[0].reason and errors[0].query_id == apply.query_id
+    with pytest.raises(ValueError, match="no proposal"):
+        coordinator.report_probation(apply.query_id, GOOD, REFERENCE)  # the lost probation cannot be judged late
