@@ -115,9 +115,12 @@ def full_fp32_params(engine) -> dict[str, torch.Tensor]:
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    # Under ZeRO 0-2 in fp32 every rank's module holds full parameters that the optimizer step
+    # copies bit for bit from the fp32 master: read them without a collective per parameter.
+    module_is_master = engine.zero_optimization_stage() < 3 and not engine.bfloat16_enabled() and not engine.fp16_enabled()
     full: dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        value = safe_get_full_fp32_param(param) if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() else None
+        value = None if module_is_master else safe_get_full_fp32_param(param)
         if value is None:
             value = param.detach()
         full[name] = value.detach().float().cpu().clone().reshape(_full_shape(param))
