@@ -133,9 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             inputs = features[index].to(device, dtype)
             targets = labels[index].to(device)
             loss = F.cross_entropy(engine(inputs).float(), targets)
-            engine.backward(loss)
-            if advice is not None and step == len(batches) - 1:
-                advice.capture_grad_norms()  # grads exist only between backward and step
+            with advice.watch_grad_norms() if advice is not None and step == len(batches) - 1 else contextlib.nullcontext():
+                engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double().cpu() * len(batch)
             seen += len(batch)
