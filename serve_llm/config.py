@@ -57,6 +57,7 @@ class AdvisorConfig:
     route_prefix: str = "/advisor"
     app_name: str = "hybridtrain-advisor"
     prompt_template: str = "advisor_v1"
+    nice: int = 10  # CPU priority of the replica process (0-19): advice must not slow training on shared cores
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -71,6 +72,8 @@ class AdvisorConfig:
             raise ValueError(f"AdvisorConfig.model must be a non-empty string or None, got {self.model!r}")
         if self.script is not None and (not isinstance(self.script, str) or not self.script.strip()):
             raise ValueError(f"AdvisorConfig.script must be a file path or None, got {self.script!r}")
+        if not isinstance(self.nice, int) or isinstance(self.nice, bool) or not 0 <= self.nice <= 19:
+            raise ValueError(f"AdvisorConfig.nice must be an integer in [0, 19], got {self.nice!r}")
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_number("temperature", self.temperature, allow_zero=True)
         _positive_number("request_timeout_s", self.request_timeout_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -41,6 +42,10 @@ class AdvisorDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = AdvisorConfig.from_dict(config)
+        if self._config.nice:
+            # Advice is worth less than the training it advises: where they share CPU cores, the
+            # replica takes what training leaves idle (e.g. while an epoch boundary waits for it).
+            os.nice(self._config.nice)
         self._backend = make_backend(self._config)
         self._propose_batched.set_max_batch_size(self._config.max_batch_size)
         self._propose_batched.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
