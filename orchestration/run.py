@@ -37,6 +37,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool) -> None:
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {str(run_dir)!r}: not a run directory (no config.yaml)")
+        if (run_dir / "summary.json").is_file():
+            raise ConfigError(f"--resume {str(run_dir)!r}: the run already finished (summary.json is there)")
         return
     if (run_dir / "config.yaml").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; use --resume to continue it or choose another --output")
@@ -63,8 +65,6 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
     from workers.train_loop import train_loop_per_worker
 
-    if not resume and (Path(run_dir) / FINAL_METRICS).exists():
-        raise ConfigError(f"{run_dir} already holds a finished run")
     run_dir = Path(run_dir).resolve()
     prepare_run_dir(run_dir, resume=resume)
     if resume:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestration.config import build_config
+from orchestration.config import ConfigError, build_config
 from orchestration.predict import load_model, predict_arrays
 from orchestration.run import RunError, run_experiment
 from workers.data import load_digits, stratified_split
@@ -77,3 +77,5 @@ def test_resume_continues_a_stopped_run(ray_local, tmp_path) -> None:
     assert summary["epochs"] == 4 and summary["restarts"] == 1
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2, 3, 4]
     assert summary["test_accuracy"] >= 0.85
+    with pytest.raises(ConfigError, match="already finished"):
+        run_experiment(None, run_dir, resume=True)  # a finished run is not trained again
