@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestration.acceptance import ProbationMetrics
+from orchestration.acceptance import ProbationMetrics, Verdict
 from orchestration.blending import apply_hyperparameter_change, apply_weight_ops
 from orchestration.coordinator import Apply, Continue
 from serve_llm.schema import LayerStats, TrainingSnapshot
@@ -169,8 +170,6 @@ class WorkerAdvice:
     def on_epoch_end(self, *, epoch: int, step: int, history: list[dict[str, float]], best_params: dict[str, torch.Tensor] | None,
                      run_probation: Callable[[int], ProbationMetrics], epoch_metrics: ProbationMetrics) -> AdviceEvent:
         """Ask (rank 0), broadcast the decision, and carry it out on every rank. Collective."""
-        import time
-
         params = full_fp32_params(self.engine)  # collective under ZeRO
         self.ema_params = params if self.ema_params is None else {n: EMA_DECAY * self.ema_params[n] + (1 - EMA_DECAY) * params[n] for n in params}
         decision: Any = Continue("not asked")
@@ -207,34 +206,35 @@ class WorkerAdvice:
                            rollback_exact=exact, probation_s=time.perf_counter() - started)
 
     def _ask(self, *, epoch: int, step: int, history, params) -> Any:
-        import ray
-
         if self.coordinator is None:
             return Continue(self.disabled_reason or "advisor off")
         snapshot, drift = self.snapshot(epoch=epoch, step=step, history=history, params=params, hyperparameters=self.hyperparameters())
+        reached, decision = self._call_coordinator("on_epoch_end", snapshot, drift)
+        return decision if reached else Continue(self.disabled_reason)
+
+    def _report(self, decision: Apply, candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None, *, epoch: int, step: int):
+        if problem is not None:
+            reached, _ = self._call_coordinator("report_apply_failed", decision.query_id, problem, epoch=epoch, step=step)
+            verdict = Verdict(accepted=False, reward=float("-inf"), reason=problem)
+        else:
+            reached, verdict = self._call_coordinator("report_probation", decision.query_id, candidate, reference, epoch=epoch, step=step)
+        if not reached:
+            logger.warning("proposal %s rolled back", decision.query_id)
+            return Verdict(accepted=False, reward=float("nan"), reason=self.disabled_reason)
+        return verdict
+
+    def _call_coordinator(self, method: str, *args, **kwargs) -> tuple[bool, Any]:
+        """`(True, result)` of a coordinator call, or `(False, None)` once it is unreachable: a dead or
+        stuck coordinator must not take training down with it, so advice stops and training goes on."""
+        import ray
+
         try:
-            return ray.get(self.coordinator.on_epoch_end.remote(snapshot, drift), timeout=self.call_timeout_s)
-        except Exception as error:  # a dead or stuck coordinator must not take training down with it
+            return True, ray.get(getattr(self.coordinator, method).remote(*args, **kwargs), timeout=self.call_timeout_s)
+        except Exception as error:
             self.disabled_reason = f"coordinator unreachable: {type(error).__name__}: {error}"
             logger.warning("%s; training goes on without advice", self.disabled_reason)
             self.coordinator = None
-            return Continue(self.disabled_reason)
-
-    def _report(self, decision: Apply, candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None, *, epoch: int, step: int):
-        import ray
-
-        from orchestration.acceptance import Verdict
-
-        try:
-            if problem is not None:
-                ray.get(self.coordinator.report_apply_failed.remote(decision.query_id, problem, epoch=epoch, step=step), timeout=self.call_timeout_s)
-                return Verdict(accepted=False, reward=float("-inf"), reason=problem)
-            return ray.get(self.coordinator.report_probation.remote(decision.query_id, candidate, reference, epoch=epoch, step=step), timeout=self.call_timeout_s)
-        except Exception as error:
-            self.disabled_reason = f"coordinator unreachable: {type(error).__name__}: {error}"
-            logger.warning("%s; proposal %s rolled back, training goes on without advice", self.disabled_reason, decision.query_id)
-            self.coordinator = None
-            return Verdict(accepted=False, reward=float("nan"), reason=self.disabled_reason)
+            return False, None
 
     # ---- acting ------------------------------------------------------------------------------------
 

@@ -92,19 +92,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     advice = _make_advice(loop_config.get("advice"), engine, rank=rank, world_size=world_size, run_dir=run_dir, train=train,
                           model_kind=resolve_kind(model_config.kind, dataset.sample_shape))
 
+    def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+        """One micro-step on `batch` (indices into the train split); returns the detached loss.
+        `watch_backward` wraps the backward pass (the advisor's gradient-norm hooks)."""
+        index = torch.from_numpy(split.train[batch])
+        loss = F.cross_entropy(engine(features[index].to(device, dtype)).float(), labels[index].to(device))
+        with watch_backward or contextlib.nullcontext():
+            engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    def validate() -> EvalResult:
+        return evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+
     def run_probation(micro_steps: int) -> ProbationMetrics:
         """Train `micro_steps` on this epoch's probation batches, then validate (both branches alike)."""
         torch.manual_seed(hash((train.seed, state.epoch, rank, "probation")) % 2**31)
         engine.train()
-        losses = []
-        for batch in probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps):
-            index = torch.from_numpy(split.train[batch])
-            loss = F.cross_entropy(engine(features[index].to(device, dtype)).float(), labels[index].to(device))
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss))
+        batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
+        losses = [float(train_step(batch)) for batch in batches]
         train_loss, count = _all_reduce_sums(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
-        probe = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+        probe = validate()
         return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1))
 
     state = LoopState()
@@ -129,19 +137,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for step, batch in enumerate(batches):
             if train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
                 _chaos_kill_once(run_dir)
-            index = torch.from_numpy(split.train[batch])
-            inputs = features[index].to(device, dtype)
-            targets = labels[index].to(device)
-            loss = F.cross_entropy(engine(inputs).float(), targets)
-            with advice.watch_grad_norms() if advice is not None and step == len(batches) - 1 else contextlib.nullcontext():
-                engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().double().cpu() * len(batch)
+            last_step = advice is not None and step == len(batches) - 1
+            loss = train_step(batch, advice.watch_grad_norms() if last_step else None)
+            loss_sum += loss.double().cpu() * len(batch)
             seen += len(batch)
         train_seconds = time.perf_counter() - epoch_start
         train_loss, total_seen = _all_reduce_sums(loss_sum, seen)
         with advice.watch_dead_units() if advice is not None else contextlib.nullcontext():
-            val = evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+            val = validate()
 
         improved = val.loss < state.best_val_loss - train.early_stopping_min_delta
         if improved:
