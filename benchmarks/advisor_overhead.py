@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from cluster.runtime import ClusterConfig, connect
-from orchestration.config import build_config
-from orchestration.run import run_experiment
+from cluster.experiment import build_config
+from cluster.launch import run_experiment
 
 
 def per_epoch(run_dir: Path) -> tuple[list[float], list[float]]:

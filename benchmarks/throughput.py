@@ -83,8 +83,8 @@ def ray_plain_rate(epochs: int, storage: Path) -> float:
 
 
 def deepspeed_run(workers: int, stage: int, epochs: int, out: Path) -> tuple[float, float]:
-    from orchestration.config import build_config
-    from orchestration.run import run_experiment
+    from cluster.experiment import build_config
+    from cluster.launch import run_experiment
 
     run_dir = out / f"ds-{workers}w-z{stage}"
     config = build_config(recipe="smoke", overrides=[f"train.num_workers={workers}", f"train.zero_stage={stage}", f"train.epochs={epochs}", f"train.batch_size={BATCH}", "advisor.backend=none"])

@@ -11,6 +11,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from orchestration.settings import require
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,10 +27,8 @@ class ClusterConfig:
     namespace: str = "hybridtrain"
 
     def __post_init__(self) -> None:
-        if self.num_cpus is not None and self.num_cpus < 1:
-            raise ValueError(f"cluster.num_cpus must be >= 1, got {self.num_cpus!r}")
-        if self.address is not None and not str(self.address).strip():
-            raise ValueError(f"cluster.address must be a Ray address or unset, got {self.address!r}")
+        require(self.num_cpus is None or self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, "must be >= 1")
+        require(self.address is None or bool(str(self.address).strip()), "cluster.address", self.address, "must be a Ray address or unset")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,1 +1,1 @@
-"""Experiments: config, the `hybridtrain` command, running and predicting (and, with the advisor, the coordinator)."""
+"""The coordinator: the advice protocol every part speaks, its pure decisions (policy, diagnostics, triage, cache, alphas, acceptance, ledger) under a thin Ray actor, and the config checks every section uses."""

@@ -9,29 +9,11 @@ in reward mode "counterfactual" an untouched branch trained for the same steps, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.config import CoordinatorConfig
+from orchestration.protocol import ProbationMetrics, Verdict
 
 _LOSS_FLOOR = 1e-8  # keeps the relative loss change finite when the reference loss is ~0
-
-
-@dataclass(frozen=True, slots=True)
-class ProbationMetrics:
-    """Metrics measured at the end of a probation (or on the reference branch)."""
-
-    val_loss: float
-    val_accuracy: float | None = None  # in [0, 1]; None for tasks without accuracy
-    train_loss: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """Whether a proposal is kept, the reward that decided it, and why."""
-
-    accepted: bool
-    reward: float
-    reason: str
 
 
 def compute_reward(candidate: ProbationMetrics, reference: ProbationMetrics, config: CoordinatorConfig) -> float:

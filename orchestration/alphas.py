@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from orchestration.config import CoordinatorConfig
+
 
 class AlphaController:
     """Per-group blend factors that grow with accepted proposals and shrink with rejected ones."""
@@ -24,20 +26,18 @@ class AlphaController:
         alpha_up: float,
         alpha_down: float,
     ) -> None:
-        if not 0.0 <= alpha_min <= alpha_max <= 1.0:
-            raise ValueError(f"need 0 <= alpha_min <= alpha_max <= 1, got {alpha_min!r}, {alpha_max!r}")
-        if not (stability_alpha == 0.0 or alpha_min <= stability_alpha <= alpha_max):
-            raise ValueError(f"stability_alpha must be 0 or in [alpha_min, alpha_max], got {stability_alpha!r}")
-        if alpha_up < 1.0:
-            raise ValueError(f"alpha_up must be >= 1, got {alpha_up!r}")
-        if not 0.0 < alpha_down <= 1.0:
-            raise ValueError(f"alpha_down must be in (0, 1], got {alpha_down!r}")
+        """Values as `CoordinatorConfig` checked them (build with `from_config`)."""
         self.stability_alpha = stability_alpha
         self.alpha_min = alpha_min
         self.alpha_max = alpha_max
         self.alpha_up = alpha_up
         self.alpha_down = alpha_down
         self.alphas: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig) -> AlphaController:
+        return cls(stability_alpha=config.stability_alpha, alpha_min=config.alpha_min, alpha_max=config.alpha_max,
+                   alpha_up=config.alpha_up, alpha_down=config.alpha_down)
 
     def current(self, group: str) -> float:
         """The group's alpha now (`stability_alpha` for a group never judged)."""

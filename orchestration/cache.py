@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from serve_llm.schema import Proposal, TrainingSnapshot
+from orchestration.config import CoordinatorConfig
+from orchestration.protocol import Proposal, TrainingSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def snapshot_features(snapshot: TrainingSnapshot, quantum: float) -> np.ndarray:
     Missing or non-finite values become 0. Each feature is rounded to a multiple of `quantum`:
     `q(x) = quantum * round(x / quantum)`.
     """
-    if quantum <= 0:
-        raise ValueError(f"quantum must be > 0, got {quantum!r}")
+    assert quantum > 0, quantum  # CoordinatorConfig.cache_quantum is checked > 0
     loss_history = snapshot.val_loss or snapshot.train_loss
     loss = _last(loss_history)
     train_loss = _last(snapshot.train_loss)
@@ -111,18 +111,17 @@ class ResponseCache:
     """
 
     def __init__(self, *, similarity: float, quantum: float, max_entries: int = 256) -> None:
-        if similarity < 0:
-            raise ValueError(f"similarity must be >= 0, got {similarity!r}")
-        if quantum <= 0:
-            raise ValueError(f"quantum must be > 0, got {quantum!r}")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
+        """Values as `CoordinatorConfig` checked them (build with `from_config`)."""
         self.similarity = similarity
         self.quantum = quantum
         self.max_entries = max_entries
         self.entries: list[CacheEntry] = []
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig) -> ResponseCache:
+        return cls(similarity=config.cache_similarity, quantum=config.cache_quantum, max_entries=config.max_cache_entries)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,189 +1,89 @@
-"""`ExperimentConfig`: the one config a run is made of, composed of each package's own config.
+"""Settings of the coordinator: when to ask the advisor, how hard to trust it, how to judge it.
 
-It loads from YAML, takes dotted `--set key=value` overrides and named recipes, and is validated
-before Ray starts: a bad value raises `ConfigError` naming the field.
+Units are in the comments; rules of thumb say where a value usually sits.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
+from orchestration.settings import require
 
-from cluster.runtime import ClusterConfig
-from orchestration.coordinator_config import CoordinatorConfig
-from serve_llm.config import AdvisorConfig
-from workers.config import DataConfig, ModelConfig, TrainConfig
-
-
-class ConfigError(ValueError):
-    """A config value, key or file that cannot be used; the message names the field."""
+REWARD_MODES = ("counterfactual", "baseline")
+RewardMode = Literal["counterfactual", "baseline"]
 
 
 @dataclass(kw_only=True, slots=True)
-class ExperimentConfig:
-    name: str = "run"
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
-    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+class CoordinatorConfig:
+    """Everything the coordinator decides by. Validated on construction, before Ray starts."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    # --- when to ask -------------------------------------------------------------------
+    query_interval: int = 5  # epochs between routine queries; 0 = ask only on a trigger
+    burn_in_epochs: int = 2  # epochs (0-based index < this) during which the advisor is never asked
+    plateau_window: int = 3  # epochs over which a plateau is measured (and the cooldown after a query)
+    plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
+    divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
+    overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over plateau_window = overfitting
+    dead_fraction: float = 0.3  # a layer with this fraction of units never active counts as having dead units
+    drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
+    max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
+    wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
 
+    # --- response cache ------------------------------------------------------------------
+    cache_enabled: bool = True
+    cache_similarity: float = 0.2  # max Euclidean distance between quantised snapshot features for a hit
+    cache_quantum: float = 0.1  # feature quantisation step; ~0.1 = a 10 % loss change is "different"
+    max_cache_entries: int = 256  # oldest entries are evicted first
 
+    # --- blending strength ---------------------------------------------------------------
+    stability_alpha: float = 0.1  # starting blend factor per parameter group; 0 = proposals never move weights
+    alpha_min: float = 0.01  # floor after repeated rejections
+    alpha_max: float = 0.5  # ceiling after repeated acceptances
+    alpha_up: float = 1.5  # alpha *= alpha_up after an accepted proposal (>= 1)
+    alpha_down: float = 0.5  # alpha *= alpha_down after a rejected one (in (0, 1])
 
+    # --- probation and acceptance --------------------------------------------------------
+    probation_steps: int = 10  # optimizer steps each probation branch trains before the candidate is judged
+    reward_mode: RewardMode = "counterfactual"  # reference = untouched branch | pre-apply metrics
+    accept_threshold: float = 0.0  # accept iff reward > this
+    reward_loss_weight: float = 1.0  # weight of the relative val-loss decrease
+    reward_accuracy_weight: float = 1.0  # weight of the val-accuracy gain (accuracy in [0, 1])
+    reward_gap_weight: float = 0.5  # weight of the penalty on a growing (val - train) loss gap
 
-# Named recipes: overrides on top of the dataclass defaults. Every run starts from "default"; the
-# others derive from it.
-RECIPES: dict[str, dict[str, Any]] = {
-    # Digits epochs take seconds while a CPU-hosted LLM answers in 10-20 s: let an epoch boundary
-    # wait for an answer already asked for, so the run is really advised. On real workloads
-    # (minutes per epoch) the dataclass defaults, fully asynchronous, are the right ones.
-    "default": {"coordinator": {"wait_for_answer_s": 60.0, "max_answer_age_epochs": 4}},
-    # The tiniest real run: 2 workers, ZeRO-2, digits; about a minute on a 2-core laptop.
-    "smoke": {"name": "smoke", "train": {"num_workers": 2, "zero_stage": 2, "epochs": 8, "early_stopping_patience": 0, "lr": 3e-3}},
-    "zero3": {"name": "zero3", "train": {"zero_stage": 3}},
-    "mlp": {"name": "mlp", "model": {"kind": "mlp"}},
-    "resnet": {"name": "resnet", "model": {"kind": "resnet", "width": 16}},
-}
+    # --- what a proposal may touch -------------------------------------------------------
+    reset_optimizer_moments: bool = False  # zero Adam moments of changed groups after applying
+    verify_rollback: bool = False  # hash full weights + optimizer moments before/after each rollback (costly on big models)
+    apply_hyperparameters: bool = True
+    apply_weights: bool = True
 
+    # --- what the advisor is shown -------------------------------------------------------
+    history_window: int = 8  # epochs of loss/accuracy history kept in a snapshot sent to the advisor
+    max_recent_proposals: int = 5  # past proposals (with verdicts and rewards) shown to the advisor
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(path: str, annotation: Any, value: Any) -> Any:
-    """Check `value` against a field's annotation (int, float, str, bool and their `| None`)."""
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping of {sorted(f.name for f in dataclasses.fields(annotation))}, got {value!r}")
-        return _build(annotation, value, path)
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(path, option, value)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path} must be a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = _field_types(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys under {prefix or 'the top level'}: {known}")
-    kwargs = {name: _coerce(f"{prefix}.{name}" if prefix else name, hints[name], value) for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        message = str(error)
-        raise ConfigError(message if prefix and message.startswith(prefix) else f"{message}") from error
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """`train.epochs=10` -> {"train": {"epochs": 10}}; the value is parsed as YAML (10, 0.5, true, null)."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set expects a dotted key such as train.epochs, got {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({error})") from error
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string; a user means the number
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    nested: dict[str, Any] = {}
-    cursor = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return nested
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def build_config(*, recipe: str | None = None, config_file: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Dataclass defaults, the `default` recipe, the named recipe, the config file, then each `--set`;
-    validated at the end."""
-    values: dict[str, Any] = dict(RECIPES["default"])
-    if recipe is not None:
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}; recipes are {sorted(RECIPES)}")
-        values = _merge(values, RECIPES[recipe])
-    if config_file is not None:
-        values = _merge(values, load_config_file(config_file))
-    for text in overrides:
-        values = _merge(values, parse_override(text))
-    return config_from_dict(values)
-
-
-def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
-    return _build(ExperimentConfig, values, "")
-
-
-def write_config(config: ExperimentConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def read_config(path: Path) -> ExperimentConfig:
-    return config_from_dict(load_config_file(path))
+    def __post_init__(self) -> None:
+        for name in ("query_interval", "burn_in_epochs"):
+            require(getattr(self, name) >= 0, f"coordinator.{name}", getattr(self, name), "must be >= 0")
+        for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries"):
+            require(getattr(self, name) >= 1, f"coordinator.{name}", getattr(self, name), "must be >= 1")
+        require(self.max_answer_age_epochs >= 0, "coordinator.max_answer_age_epochs", self.max_answer_age_epochs, "must be >= 0")
+        require(0 <= self.wait_for_answer_s <= 3600, "coordinator.wait_for_answer_s", self.wait_for_answer_s, "must be in [0, 3600]")
+        require(self.max_recent_proposals >= 0, "coordinator.max_recent_proposals", self.max_recent_proposals, "must be >= 0")
+        require(self.plateau_threshold >= 0, "coordinator.plateau_threshold", self.plateau_threshold, "must be >= 0")
+        require(self.divergence_factor > 1, "coordinator.divergence_factor", self.divergence_factor, "must be > 1")
+        require(self.overfit_gap_growth > 0, "coordinator.overfit_gap_growth", self.overfit_gap_growth, "must be > 0")
+        require(0 < self.dead_fraction <= 1, "coordinator.dead_fraction", self.dead_fraction, "must be in (0, 1]")
+        require(self.drift_threshold > 0, "coordinator.drift_threshold", self.drift_threshold, "must be > 0")
+        require(self.cache_similarity >= 0, "coordinator.cache_similarity", self.cache_similarity, "must be >= 0")
+        require(self.cache_quantum > 0, "coordinator.cache_quantum", self.cache_quantum, "must be > 0")
+        for name in ("stability_alpha", "alpha_min", "alpha_max"):
+            value = getattr(self, name)
+            require(0.0 <= value <= 1.0, f"coordinator.{name}", value, "must be in [0, 1]")
+        require(self.alpha_min <= self.alpha_max, "coordinator.alpha_max", self.alpha_max, f"must be >= alpha_min ({self.alpha_min!r})")
+        require(self.stability_alpha == 0.0 or self.alpha_min <= self.stability_alpha <= self.alpha_max, "coordinator.stability_alpha",
+                self.stability_alpha, f"must be 0 or in [alpha_min, alpha_max] = [{self.alpha_min!r}, {self.alpha_max!r}]")
+        require(self.alpha_up >= 1.0, "coordinator.alpha_up", self.alpha_up, "must be >= 1")
+        require(0.0 < self.alpha_down <= 1.0, "coordinator.alpha_down", self.alpha_down, "must be in (0, 1]")
+        require(self.reward_mode in REWARD_MODES, "coordinator.reward_mode", self.reward_mode, f"must be one of {REWARD_MODES}")
+        for name in ("reward_loss_weight", "reward_accuracy_weight", "reward_gap_weight"):
+            require(getattr(self, name) >= 0, f"coordinator.{name}", getattr(self, name), "must be >= 0")

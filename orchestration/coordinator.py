@@ -6,42 +6,51 @@ every epoch boundary:
 1. `on_epoch_end(snapshot, weight_drift)` returns a `Decision`: `Continue(reason)` or
    `Apply(query_id, proposal, alphas, ...)`. Queries are asynchronous: the advisor's answer is
    picked up at a later epoch boundary while training goes on; at most one query is in flight.
-2. After an `Apply`, the trainer blends the proposal in (`orchestration.blending`), trains
+2. After an `Apply`, the trainer blends the proposal in (`workers.blending`), trains
    `probation_steps`, and calls `report_probation(query_id, candidate, reference)`, which returns
    the `Verdict`; on rejection the trainer rolls back. If the proposal cannot be applied at all it
    calls `report_apply_failed(query_id, problem)`. No new query starts until one of them is called.
 
-`CoordinatorActor` is the Ray actor around it, and only forwards calls.
+`orchestration.actor.CoordinatorActor` is the Ray actor around it, and only forwards calls. The
+messages (`TrainingSnapshot`, `Decision`, `ProbationMetrics`, `Verdict`) live in
+`orchestration.protocol`; the advisor is anything with `submit(snapshot) -> Future`, handed in by
+whoever builds the coordinator, so this module imports neither Ray nor the advisor's package.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-
 import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import ray
-
-from orchestration.acceptance import ProbationMetrics, Verdict, judge
+from orchestration.acceptance import judge
 from orchestration.alphas import AlphaController
 from orchestration.cache import ResponseCache
-from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.config import CoordinatorConfig
+from orchestration.diagnostics import DiagnosticThresholds, diagnose
 from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
 from orchestration.policy import QueryPolicy
-from serve_llm.schema import HyperparameterChange, Proposal, ProposalOutcome, TrainingSnapshot
+from orchestration.protocol import (
+    Apply,
+    Continue,
+    Decision,
+    ProbationMetrics,
+    Proposal,
+    ProposalOutcome,
+    TrainingSnapshot,
+    Verdict,
+)
+from orchestration.triage import triage
 
 logger = logging.getLogger(__name__)
 
 _PROMPT_REWARD_LIMIT = 10.0  # rewards shown to the advisor are clipped to +-this (keeps JSON finite)
-_USABLE_STATUSES = ("valid", "clamped")
 
 
 class AdvisorAnswer(Protocol):
@@ -61,31 +70,6 @@ class AdvisorPort(Protocol):
     """
 
     def submit(self, snapshot: TrainingSnapshot) -> Future[Any]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Continue:
-    """Train on unchanged."""
-
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Apply:
-    """Blend `proposal` in now, with `alphas` per weight group, then report its probation."""
-
-    query_id: str
-    proposal: Proposal
-    alphas: dict[str, float]  # parameter-group name -> blend factor, for each group a weight op names
-    source: Literal["advisor", "cache"]
-    epoch_asked: int  # epoch of the snapshot the proposal answers
-    probation_steps: int  # optimizer steps to train before report_probation
-    reward_mode: str  # "counterfactual": reference = untouched branch; "baseline": pre-apply metrics
-    reset_optimizer_moments: bool  # zero optimizer moments of changed groups after applying
-    seed: int  # seed for the random weight ops (`apply_weight_ops(..., seed=seed)`)
-
-
-Decision = Continue | Apply
 
 
 @dataclass(slots=True)
@@ -114,16 +98,9 @@ class Coordinator:
         self.advisor = advisor
         self.run_id = run_id
         self.policy = QueryPolicy(config)
-        self.cache = ResponseCache(
-            similarity=config.cache_similarity, quantum=config.cache_quantum, max_entries=config.max_cache_entries
-        )
-        self.alphas = AlphaController(
-            stability_alpha=config.stability_alpha,
-            alpha_min=config.alpha_min,
-            alpha_max=config.alpha_max,
-            alpha_up=config.alpha_up,
-            alpha_down=config.alpha_down,
-        )
+        self.cache = ResponseCache.from_config(config)
+        self.alphas = AlphaController.from_config(config)
+        self.thresholds = DiagnosticThresholds.from_config(config)
         self.ledger = Ledger()
         self.outcomes: list[ProposalOutcome] = []
         self.last_query_epoch: int | None = None
@@ -141,7 +118,9 @@ class Coordinator:
     def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
         """What the trainer should do at this epoch boundary.
 
-        `weight_drift` is `||W - W_at_last_query|| / ||W_at_last_query||` over all parameters.
+        `weight_drift` is `||W - W_q|| / ||W_q||` over all parameters, where `W_q` are the weights at
+        the epoch the coordinator last asked (a decision with `asked_now` tells the workers to take
+        a new `W_q`; before the first query, the weights of the first advised epoch).
         Picks up a finished answer first (dropping stale, invalid, timed-out or failed ones, each
         recorded); otherwise asks the query policy and, on a query, tries the cache before the advisor.
         """
@@ -163,12 +142,13 @@ class Coordinator:
             decision = self._collect_answer(snapshot)
             if decision is not None:
                 return decision
+        diagnosis = diagnose(snapshot, self.thresholds)
         query = self.policy.decide(
-            snapshot, last_query_epoch=self.last_query_epoch, weight_drift=weight_drift, in_flight=self.in_flight
+            snapshot, last_query_epoch=self.last_query_epoch, weight_drift=weight_drift, in_flight=self.in_flight, diagnosis=diagnosis
         )
         if query is None:
             return Continue("waiting" if self.in_flight else "no query trigger")
-        return self._ask(snapshot, query.reason)
+        return self._ask(dataclasses.replace(snapshot, diagnosis=diagnosis), query.reason)
 
     def report_probation(
         self,
@@ -232,6 +212,11 @@ class Coordinator:
             proposal=probation.proposal,
         )
 
+    def report_incident(self, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> None:
+        """Record a problem the workers met on the advice path (a change they could not make, an
+        error that stopped advice); it lands in the ledger and the summary's `errors` count."""
+        self._record("error", epoch=epoch, step=step, reason=problem, query_id=query_id)
+
     # --- reporting and state ----------------------------------------------------------------
 
     def summary_counts(self) -> dict[str, int]:
@@ -250,9 +235,10 @@ class Coordinator:
         """JSON-able state carried by a restart or a PBT exploit.
 
         An unanswered query or a proposal still on probation is not carried: it belongs to the
-        weights it was made for.
+        weights it was made for. Their ids are, so that `load_state` can record that they were dropped.
         """
         return {
+            "in_flight": [item.query_id for item in (self._pending, self._on_probation) if item is not None],
             "run_id": self.run_id,
             "query_count": self.query_count,
             "last_query_epoch": self.last_query_epoch,
@@ -280,6 +266,9 @@ class Coordinator:
         self.ledger = Ledger.from_state(state["ledger"])
         self._pending = None
         self._on_probation = None
+        for query_id in state.get("in_flight", []):
+            self._record("stale", epoch=self.last_query_epoch or 0, query_id=query_id, step=0,
+                         reason="abandoned: the run continued from a checkpoint taken while this was in flight")
 
     @classmethod
     def from_state(
@@ -321,7 +310,7 @@ class Coordinator:
             )
             return Continue(f"advisor submit failed: {error!r}")
         self._pending = _PendingQuery(query_id=query_id, epoch=snapshot.epoch, snapshot=prompt, future=future)
-        return Continue(f"asked advisor ({query_id}): {reason}")
+        return Continue(f"asked advisor ({query_id}): {reason}", asked_now=True)
 
     def _collect_answer(self, snapshot: TrainingSnapshot) -> Decision | None:
         """An `Apply` for a usable answer, `Continue` while waiting, None once an answer is dropped."""
@@ -345,35 +334,15 @@ class Coordinator:
         except Exception as error:  # noqa: BLE001 - clients should not raise, but a fake or a bug may
             self._drop("error", snapshot, pending, f"advisor future raised {error!r}", None)
             return None
-        status = str(getattr(answer, "status", "error"))
-        proposal = getattr(answer, "proposal", None)
-        if age > self.config.max_answer_age_epochs:
-            self._drop("stale", snapshot, pending, f"answer arrived {age} epochs after the query", answer)
+        outcome = triage(answer, age_epochs=age, config=self.config)
+        if outcome.kind == "noop":
+            self._record("proposal", epoch=snapshot.epoch, step=snapshot.step, reason=outcome.reason, query_id=pending.query_id,
+                         proposal=outcome.proposal, answer=answer)
             return None
-        if status == "timeout":
-            self._drop("timeout", snapshot, pending, "advisor timed out", answer)
+        if outcome.kind != "usable":
+            self._drop(outcome.kind, snapshot, pending, outcome.reason, answer)
             return None
-        if status == "error":
-            self._drop("error", snapshot, pending, "advisor failed", answer)
-            return None
-        if status not in _USABLE_STATUSES or proposal is None:
-            self._drop("invalid", snapshot, pending, f"advisor answer unusable (status {status})", answer)
-            return None
-        usable = self._restrict_to_allowed(proposal)
-        if usable.is_noop():
-            self._record(
-                "proposal",
-                epoch=snapshot.epoch,
-                step=snapshot.step,
-                reason="no-op: nothing to apply" + ("" if proposal.is_noop() else " under apply_* settings"),
-                query_id=pending.query_id,
-                proposal=proposal,
-                answer=answer,
-            )
-            return None
-        return self._start_probation(
-            pending.query_id, usable, pending.snapshot, source="advisor", at=snapshot, answer=answer
-        )
+        return self._start_probation(pending.query_id, outcome.proposal, pending.snapshot, source="advisor", at=snapshot, answer=answer)
 
     def _start_probation(
         self,
@@ -424,19 +393,6 @@ class Coordinator:
             raise ValueError(f"no proposal {query_id!r} is on probation (on probation: {current!r})")
         self._on_probation = None
         return probation
-
-    def _restrict_to_allowed(self, proposal: Proposal) -> Proposal:
-        """The part of `proposal` the config lets through (`apply_weights`, `apply_hyperparameters`)."""
-        return Proposal(
-            hyperparameters=(
-                dataclasses.replace(proposal.hyperparameters)
-                if self.config.apply_hyperparameters
-                else HyperparameterChange()
-            ),
-            weights=list(proposal.weights) if self.config.apply_weights else [],
-            alpha=proposal.alpha,
-            reason=proposal.reason,
-        )
 
     def _prompt_snapshot(self, snapshot: TrainingSnapshot) -> TrainingSnapshot:
         """A copy trimmed to `history_window` epochs, carrying the coordinator's own track record."""
@@ -509,92 +465,3 @@ class Coordinator:
                 problems="; ".join(getattr(answer, "problems", []) or []) if answer is not None else "",
             )
         )
-
-
-def build_advisor(
-    advisor_factory: Callable[[], AdvisorPort] | None = None, advisor_config: Any = None
-) -> AdvisorPort | None:
-    """The advisor client: from a factory (tests, custom clients), else from an `AdvisorConfig`
-    via `serve_llm.client.make_client`, else None (advisor off)."""
-    if advisor_factory is not None:
-        return advisor_factory()
-    if advisor_config is not None:
-        from serve_llm.client import make_client  # imported here: the coordinator must not need Serve
-
-        return make_client(advisor_config)
-    return None
-
-
-@ray.remote(num_cpus=0)
-class CoordinatorActor:
-    """Ray actor around `Coordinator`; builds the advisor client inside the actor, forwards calls."""
-
-    def __init__(
-        self,
-        config: CoordinatorConfig,
-        run_id: str = "run",
-        advisor_factory: Callable[[], AdvisorPort] | None = None,
-        advisor_config: Any = None,
-        state: dict[str, Any] | None = None,
-    ) -> None:
-        advisor = build_advisor(advisor_factory, advisor_config)
-        if state is None:
-            self.coordinator = Coordinator(config, advisor, run_id)
-        else:
-            self.coordinator = Coordinator.from_state(state, config=config, advisor=advisor, run_id=run_id)
-
-    def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
-        return self.coordinator.on_epoch_end(snapshot, weight_drift)
-
-    def report_probation(
-        self,
-        query_id: str,
-        candidate: ProbationMetrics,
-        reference: ProbationMetrics,
-        *,
-        epoch: int | None = None,
-        step: int = 0,
-    ) -> Verdict:
-        return self.coordinator.report_probation(query_id, candidate, reference, epoch=epoch, step=step)
-
-    def report_apply_failed(self, query_id: str, problem: str, *, epoch: int | None = None, step: int = 0) -> None:
-        self.coordinator.report_apply_failed(query_id, problem, epoch=epoch, step=step)
-
-    def summary_counts(self) -> dict[str, int]:
-        return self.coordinator.summary_counts()
-
-    def ledger_records(self) -> list[dict[str, Any]]:
-        return self.coordinator.ledger_records()
-
-    def write_ledger(self, path: str) -> str:
-        return self.coordinator.write_ledger(path)
-
-    def to_state(self) -> dict[str, Any]:
-        return self.coordinator.to_state()
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.coordinator.load_state(state)
-
-
-def get_or_create_coordinator(
-    name: str,
-    namespace: str | None = None,
-    *,
-    config: CoordinatorConfig,
-    run_id: str = "run",
-    advisor_factory: Callable[[], AdvisorPort] | None = None,
-    advisor_config: Any = None,
-    state: dict[str, Any] | None = None,
-    detached: bool = False,
-) -> ray.actor.ActorHandle:
-    """The named coordinator actor, created on first call (`get_if_exists=True`).
-
-    Later calls return the existing actor and ignore the other arguments, so every worker of a
-    run (and a restarted driver, with `detached=True`) reaches the same coordinator.
-    """
-    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
-    if detached:
-        options["lifetime"] = "detached"
-    return CoordinatorActor.options(**options).remote(
-        config, run_id, advisor_factory=advisor_factory, advisor_config=advisor_config, state=state
-    )

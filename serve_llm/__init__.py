@@ -5,7 +5,7 @@ and the clients import their heavy dependencies when used.
 """
 
 from serve_llm.config import AdvisorConfig
-from serve_llm.schema import (
+from orchestration.protocol import (
     HyperparameterChange,
     LayerStats,
     Proposal,

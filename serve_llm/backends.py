@@ -23,8 +23,8 @@ from typing import Any, Protocol
 from serve_llm.config import AdvisorConfig
 from serve_llm.decoding import RegexLogitsConstraint, generation_json_schema, generation_regex
 from serve_llm.prompt import render_prompt
-from serve_llm.schema import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
-from serve_llm.signals import diagnose
+from orchestration.protocol import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
+from orchestration.diagnostics import diagnose
 from serve_llm.validate import AdvisorResponse, validate_proposal
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class HeuristicBackend:
 
     def proposal_dict(self, snapshot: TrainingSnapshot) -> dict[str, Any]:
         """The rule-made proposal as a raw dict (it is validated like any other answer)."""
-        signals = diagnose(snapshot)
+        signals = snapshot.diagnosis or diagnose(snapshot)
         hyperparameters: dict[str, float] = {}
         weights: list[dict[str, Any]] = []
         reasons: list[str] = []

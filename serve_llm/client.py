@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from serve_llm.config import AdvisorConfig
-from serve_llm.schema import TrainingSnapshot
+from orchestration.protocol import TrainingSnapshot
 from serve_llm.validate import AdvisorResponse
 
 logger = logging.getLogger(__name__)

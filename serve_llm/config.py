@@ -6,9 +6,10 @@ Validated on construction so that a bad value fails before Ray starts, with the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from orchestration.settings import build_section, is_int, is_number, require
 
 BACKENDS = ("smollm2", "hf", "openai", "heuristic", "scripted", "none")
 # Backends that load or call a language model: they run behind Ray Serve, never in-process.
@@ -16,16 +17,12 @@ SERVED_BACKENDS = ("smollm2", "hf", "openai")
 
 
 def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"AdvisorConfig.{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"AdvisorConfig.{name} must be {bound}, got {value!r}")
+    require(is_number(value), f"advisor.{name}", value, "must be a finite number")
+    require(value > 0 or (allow_zero and value == 0), f"advisor.{name}", value, "must be >= 0" if allow_zero else "must be > 0")
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"AdvisorConfig.{name} must be an integer >= 1, got {value!r}")
+    require(is_int(value) and value >= 1, f"advisor.{name}", value, "must be an integer >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,20 +57,15 @@ class AdvisorConfig:
     nice: int = 10  # CPU priority of the replica process (0-19): advice must not slow training on shared cores
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"AdvisorConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "hf" and not self.model:
-            raise ValueError(f"AdvisorConfig.model must name a model id or directory for backend 'hf', got {self.model!r}")
-        if self.backend == "openai" and not (
-            isinstance(self.endpoint, str) and self.endpoint.startswith(("http://", "https://"))
-        ):
-            raise ValueError(f"AdvisorConfig.endpoint must be an http(s) URL for backend 'openai', got {self.endpoint!r}")
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ValueError(f"AdvisorConfig.model must be a non-empty string or None, got {self.model!r}")
-        if self.script is not None and (not isinstance(self.script, str) or not self.script.strip()):
-            raise ValueError(f"AdvisorConfig.script must be a file path or None, got {self.script!r}")
-        if not isinstance(self.nice, int) or isinstance(self.nice, bool) or not 0 <= self.nice <= 19:
-            raise ValueError(f"AdvisorConfig.nice must be an integer in [0, 19], got {self.nice!r}")
+        require(self.backend in BACKENDS, "advisor.backend", self.backend, f"must be one of {BACKENDS}")
+        require(self.backend != "hf" or bool(self.model), "advisor.model", self.model, "must name a model id or directory for backend 'hf'")
+        require(self.backend != "openai" or (isinstance(self.endpoint, str) and self.endpoint.startswith(("http://", "https://"))),
+                "advisor.endpoint", self.endpoint, "must be an http(s) URL for backend 'openai'")
+        require(self.model is None or (isinstance(self.model, str) and bool(self.model.strip())), "advisor.model", self.model,
+                "must be a non-empty string or None")
+        require(self.script is None or (isinstance(self.script, str) and bool(self.script.strip())), "advisor.script", self.script,
+                "must be a file path or None")
+        require(is_int(self.nice) and 0 <= self.nice <= 19, "advisor.nice", self.nice, "must be an integer in [0, 19]")
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_number("temperature", self.temperature, allow_zero=True)
         _positive_number("request_timeout_s", self.request_timeout_s)
@@ -84,18 +76,13 @@ class AdvisorConfig:
         _positive_number("num_gpus_per_replica", self.num_gpus_per_replica, allow_zero=True)
         _positive_int("max_batch_size", self.max_batch_size)
         _positive_number("batch_wait_timeout_s", self.batch_wait_timeout_s, allow_zero=True)
-        if not isinstance(self.http_host, str) or not self.http_host:
-            raise ValueError(f"AdvisorConfig.http_host must be a host name or IP, got {self.http_host!r}")
-        if isinstance(self.http_port, bool) or not isinstance(self.http_port, int) or not 0 < self.http_port < 65536:
-            raise ValueError(f"AdvisorConfig.http_port must be an integer in 1..65535, got {self.http_port!r}")
-        if not isinstance(self.route_prefix, str) or not self.route_prefix.startswith("/"):
-            raise ValueError(f"AdvisorConfig.route_prefix must start with '/', got {self.route_prefix!r}")
-        if not isinstance(self.app_name, str) or not self.app_name:
-            raise ValueError(f"AdvisorConfig.app_name must be a non-empty string, got {self.app_name!r}")
-        if not isinstance(self.prompt_template, str) or not self.prompt_template.replace("_", "").isalnum():
-            raise ValueError(
-                f"AdvisorConfig.prompt_template must name a template in serve_llm/prompts, got {self.prompt_template!r}"
-            )
+        require(isinstance(self.http_host, str) and bool(self.http_host), "advisor.http_host", self.http_host, "must be a host name or IP")
+        require(is_int(self.http_port) and 0 < self.http_port < 65536, "advisor.http_port", self.http_port, "must be an integer in 1..65535")
+        require(isinstance(self.route_prefix, str) and self.route_prefix.startswith("/"), "advisor.route_prefix", self.route_prefix,
+                "must start with '/'")
+        require(isinstance(self.app_name, str) and bool(self.app_name), "advisor.app_name", self.app_name, "must be a non-empty string")
+        require(isinstance(self.prompt_template, str) and self.prompt_template.replace("_", "").isalnum(), "advisor.prompt_template",
+                self.prompt_template, "must name a template in serve_llm/prompts")
 
     @property
     def is_served(self) -> bool:
@@ -111,38 +98,12 @@ class AdvisorConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def replicas_upper_bound(self) -> int:
+        """The most replicas this config can run at once ("auto" scales up to `max_replicas`)."""
+        return self.max_replicas if self.num_replicas == "auto" else int(self.num_replicas)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdvisorConfig:
-        """Build from a dict (a YAML/TOML section); unknown keys raise with the known ones listed."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"AdvisorConfig has no fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def with_overrides(self, overrides: dict[str, str]) -> AdvisorConfig:
-        """A copy with `key=value` strings from the CLI applied, each parsed to its field's type."""
-        values = self.to_dict()
-        known = {f.name: f for f in dataclasses.fields(self)}
-        for key, text in overrides.items():
-            if key not in known:
-                raise ValueError(f"AdvisorConfig has no field {key!r}; known fields are {sorted(known)}")
-            values[key] = _parse_override(key, text, values[key], known[key].type)
-        return AdvisorConfig(**values)
-
-
-def _parse_override(key: str, text: str, current: Any, annotation: Any) -> Any:
-    """Parse a CLI string for `key`, guided by its annotation (dataclass annotations are strings here)."""
-    annotation = str(annotation)
-    if text.lower() in ("none", "null") and "None" in annotation:
-        return None
-    if key == "num_replicas" and text == "auto":
-        return "auto"
-    try:
-        if annotation.startswith("int"):
-            return int(text)
-        if annotation.startswith("float"):
-            return float(text)
-    except ValueError as error:
-        raise ValueError(f"AdvisorConfig.{key} expects a {annotation.split(' ')[0]}, got {text!r}") from error
-    return text
+        """Build from a mapping (a YAML section); unknown keys raise with the valid ones listed."""
+        return build_section(cls, data, "advisor")

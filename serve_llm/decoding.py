@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from serve_llm.schema import (
+from orchestration.protocol import (
     ALPHA_BOUNDS,
     HYPERPARAMETER_BOUNDS,
     MAX_REASON_CHARS,

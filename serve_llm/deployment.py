@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_llm.backends import make_backend
 from serve_llm.config import AdvisorConfig
-from serve_llm.schema import TrainingSnapshot
+from orchestration.protocol import TrainingSnapshot
 from serve_llm.validate import AdvisorResponse
 
 logger = logging.getLogger(__name__)

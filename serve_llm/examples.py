@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from serve_llm.schema import LayerStats, ProposalOutcome, TrainingSnapshot
+from orchestration.protocol import LayerStats, ProposalOutcome, TrainingSnapshot
 
 SITUATIONS = ("healthy", "plateau", "diverging", "overfitting", "dead_units", "early", "plateau_dead")
 _LAYERS = (("conv1.weight", 288), ("conv1.bias", 32), ("conv2.weight", 18432), ("conv2.bias", 64),

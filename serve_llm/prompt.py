@@ -14,18 +14,11 @@ import string
 from dataclasses import dataclass
 from importlib import resources
 
+from orchestration.diagnostics import diagnose
+from orchestration.protocol import ALPHA_BOUNDS, HYPERPARAMETER_BOUNDS, WEIGHT_OP_AMOUNT_BOUNDS, TrainingSnapshot
 from serve_llm.decoding import GENERATION_MAX_OPS, generation_groups
-from serve_llm.schema import (
-    ALPHA_BOUNDS,
-    HYPERPARAMETER_BOUNDS,
-    WEIGHT_OP_AMOUNT_BOUNDS,
-    TrainingSnapshot,
-)
-from serve_llm.signals import diagnose
 
-HISTORY_EPOCHS = 5  # most recent epochs shown per curve
 MAX_LAYERS_SHOWN = 12  # groups beyond this are summarised by count
-MAX_RECENT_PROPOSALS = 3
 _HISTORY_NAMES = (
     ("train_loss", "train loss"),
     ("val_loss", "val loss"),
@@ -85,7 +78,7 @@ def _one_line(text: str, limit: int) -> str:
 def _histories(snapshot: TrainingSnapshot) -> str:
     lines = []
     for attribute, label in _HISTORY_NAMES:
-        values = getattr(snapshot, attribute)[-HISTORY_EPOCHS:]
+        values = getattr(snapshot, attribute)  # the coordinator trimmed them to coordinator.history_window
         if values:
             lines.append(f"{label}: {' '.join(_number(value) for value in values)}")
     return "\n".join(lines) or "no history yet"
@@ -108,7 +101,7 @@ def _layers(snapshot: TrainingSnapshot) -> str:
 
 def _recent(snapshot: TrainingSnapshot) -> str:
     items = []
-    for outcome in snapshot.recent_proposals[-MAX_RECENT_PROPOSALS:]:
+    for outcome in snapshot.recent_proposals:  # at most coordinator.max_recent_proposals
         reward = "" if outcome.reward is None else f", reward {outcome.reward:+.3g}"
         items.append(f"epoch {outcome.epoch}: {_one_line(outcome.summary, 80)} -> {outcome.verdict}{reward}")
     return "; ".join(items) or "none"
@@ -117,7 +110,7 @@ def _recent(snapshot: TrainingSnapshot) -> str:
 def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> Prompt:
     """The chat prompt for one snapshot, from template file `template`."""
     system, user = load_template(template)
-    signals = diagnose(snapshot)
+    signals = snapshot.diagnosis or diagnose(snapshot)  # the coordinator's own reading when it sent one
     groups = generation_groups([layer.name for layer in snapshot.layers])
     values = {
         "model_kind": _one_line(snapshot.model_kind, 24),

@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from serve_llm.schema import (
+from orchestration.protocol import (
     ALPHA_BOUNDS,
     HYPERPARAMETER_BOUNDS,
     MAX_ABS_EXPLICIT_VALUE,

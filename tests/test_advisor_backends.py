@@ -21,7 +21,7 @@ from serve_llm.backends import (
     locate_smollm2_gguf,
     make_backend,
 )
-from serve_llm.cli import register
+from cluster.advisor_cli import register
 from serve_llm.client import AdvisorClient, LocalAdvisorClient, make_client
 from serve_llm.config import AdvisorConfig
 from serve_llm.examples import example_snapshot

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from serve_llm.decoding import generation_json_schema, generation_regex
 from serve_llm.examples import SITUATIONS, example_snapshot, example_snapshots
 from serve_llm.prompt import load_template, render_prompt
-from serve_llm.schema import LayerStats, ProposalOutcome, TrainingSnapshot
-from serve_llm.signals import diagnose
+from orchestration.protocol import LayerStats, ProposalOutcome, TrainingSnapshot
+from orchestration.diagnostics import diagnose
 from serve_llm.validate import proposal_violations, validate_proposal
 
 SNAPSHOT = example_snapshot("diverging", seed=1)
@@ -30,7 +30,7 @@ def test_prompt_holds_the_run_state_bounds_and_groups() -> None:
     for token in ("lr_scale 0.1-10", "weight_decay 0-0.1", "dropout 0-0.8", "shrink", "reinit_dead", "alpha 0-1"):
         assert token in text
     assert "lr_scale=0.5 -> accepted, reward +0.012" in text  # the track record
-    assert "Finding: training loss" in text and "toward_best" in text
+    assert "Finding: diverging" in text and "toward_best" in text  # the one diagnostics function's wording
     assert [message["role"] for message in prompt.messages()] == ["system", "user"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_llm.schema import (
+from orchestration.protocol import (
     HYPERPARAMETER_BOUNDS,
     MAX_EXPLICIT_VALUES,
     MAX_REASON_CHARS,
@@ -221,7 +221,7 @@ def test_property_deep_nesting_never_crashes(depth: int, opener: str) -> None:
 
 def test_violations_detects_bad_proposals() -> None:
     """The independent re-check used above must itself catch violations."""
-    from serve_llm.schema import HyperparameterChange, Proposal, WeightOp
+    from orchestration.protocol import HyperparameterChange, Proposal, WeightOp
 
     bad = Proposal(hyperparameters=HyperparameterChange(lr_scale=math.inf, dropout=0.95),
                    weights=[WeightOp(op="shrink", group="nope", amount=0.1),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestration.cli import main
-from orchestration.config import ConfigError, build_config, parse_override, read_config, write_config
+from cluster.cli import main
+from cluster.experiment import ConfigError, build_config, parse_override, read_config, write_config
 
 
 @pytest.mark.parametrize(

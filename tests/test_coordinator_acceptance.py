@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from orchestration.acceptance import ProbationMetrics, Verdict, compute_reward, judge
-from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.acceptance import compute_reward, judge
+from orchestration.protocol import ProbationMetrics, Verdict
+from orchestration.config import CoordinatorConfig
 
 CONFIG = CoordinatorConfig(reward_loss_weight=1.0, reward_accuracy_weight=2.0, reward_gap_weight=0.5)
 REFERENCE = ProbationMetrics(val_loss=1.0, val_accuracy=0.6, train_loss=0.8)

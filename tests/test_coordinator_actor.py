@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pytest
 
-from orchestration.acceptance import ProbationMetrics
-from orchestration.coordinator import Apply, Continue, get_or_create_coordinator
-from orchestration.coordinator_config import CoordinatorConfig
-from serve_llm.schema import LayerStats, Proposal, TrainingSnapshot, WeightOp
+from orchestration.protocol import ProbationMetrics
+from orchestration.actor import get_or_create_coordinator
+from orchestration.protocol import Apply, Continue
+from orchestration.config import CoordinatorConfig
+from orchestration.protocol import LayerStats, Proposal, TrainingSnapshot, WeightOp
 
 PROPOSAL = Proposal(weights=[WeightOp(op="shrink", group="fc.weight", amount=0.2)], reason="overfitting")
 

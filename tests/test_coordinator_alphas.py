@@ -9,11 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestration.alphas import AlphaController
+from orchestration.config import CoordinatorConfig
 
 
 def controller(**overrides) -> AlphaController:
+    """Built the way the coordinator builds it: from a CoordinatorConfig, which checks the values once."""
     settings = {"stability_alpha": 0.1, "alpha_min": 0.01, "alpha_max": 0.5, "alpha_up": 2.0, "alpha_down": 0.5}
-    return AlphaController(**{**settings, **overrides})
+    return AlphaController.from_config(CoordinatorConfig(**{**settings, **overrides}))
 
 
 def test_starts_at_stability_alpha_and_adapts_per_group():

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestration.blending import apply_hyperparameter_change, apply_weight_ops, blend, propose_tensor
-from serve_llm.schema import HyperparameterChange, WeightOp
+from workers.blending import apply_hyperparameter_change, apply_weight_ops, blend, propose_tensor
+from orchestration.protocol import HyperparameterChange, WeightOp
 
 
 def generator(seed: int = 0) -> torch.Generator:

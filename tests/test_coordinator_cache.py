@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from orchestration.cache import FEATURE_NAMES, ResponseCache, snapshot_features
-from serve_llm.schema import HyperparameterChange, LayerStats, Proposal, TrainingSnapshot, WeightOp
+from orchestration.protocol import HyperparameterChange, LayerStats, Proposal, TrainingSnapshot, WeightOp
 
 
 def run_snapshot(val_loss=0.8, lr=0.01, layer_count=2, epoch=5, model_kind="cnn2d") -> TrainingSnapshot:

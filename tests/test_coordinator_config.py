@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.config import CoordinatorConfig
 
 
 def test_defaults_are_valid_and_documented_values():
@@ -35,7 +35,7 @@ def test_defaults_are_valid_and_documented_values():
 def test_bad_value_names_field_and_quotes_value(field_name, value):
     with pytest.raises(ValueError) as error:
         CoordinatorConfig(**{field_name: value})
-    assert f"CoordinatorConfig.{field_name}" in str(error.value)
+    assert f"coordinator.{field_name}" in str(error.value)
     assert repr(value) in str(error.value)
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from orchestration.ledger import COLUMNS, InterventionRecord, Ledger, to_json
-from serve_llm.schema import HyperparameterChange, Proposal
+from orchestration.protocol import HyperparameterChange, Proposal
 
 PROPOSAL = Proposal(hyperparameters=HyperparameterChange(lr_scale=0.5), reason="plateau")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from orchestration.coordinator_config import CoordinatorConfig
+from orchestration.config import CoordinatorConfig
 from orchestration.policy import Query, QueryPolicy, is_diverging, relative_improvement
-from serve_llm.schema import TrainingSnapshot
+from orchestration.protocol import TrainingSnapshot
 
 
 def snapshot_with(val_loss, train_loss=None) -> TrainingSnapshot:

@@ -46,3 +46,9 @@ def test_warmup_then_cosine() -> None:
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_mlp_width_sets_its_hidden_units() -> None:
+    model = build_model(ModelConfig(kind="mlp", width=48, depth=2), (20,), 3)
+    hidden = [module.out_features for module in model.modules() if isinstance(module, torch.nn.Linear)][:-1]
+    assert hidden == [48, 48]

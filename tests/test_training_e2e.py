@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestration.config import ConfigError, build_config
-from orchestration.predict import load_model, predict_arrays
-from orchestration.run import RunError, run_experiment
+from cluster.experiment import ConfigError, build_config
+from cluster.predict import load_model, predict_arrays
+from cluster.launch import RunError, run_experiment
 from workers.data import load_digits, stratified_split
 
 pytestmark = pytest.mark.e2e

@@ -4,17 +4,16 @@ are right under every ZeRO stage."""
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from workers.advice import WorkerAdvice
 from workers.config import ModelConfig, TrainConfig
 from workers.engine import build_engine, full_fp32_params, write_full_fp32_params
 from workers.models import build_model
+from workers.observer import AdviceObserver
 
 pytestmark = pytest.mark.e2e
 STAGES = [0, 1, 2, 3]
@@ -75,7 +74,7 @@ def test_hooked_gradient_norms_match_autograd(single_process_group, stage) -> No
     F.cross_entropy(reference(x), y).backward()
     expected = {name: float(param.grad.norm()) for name, param in reference.named_parameters()}
     engine = _engine(stage)
-    advice = WorkerAdvice(engine=engine, rank=0, world_size=1, run_id="t", model_kind="cnn2d", total_epochs=1, batch_size=32, rollback_dir=Path("unused"))
+    advice = AdviceObserver(engine=engine, world_size=1)
     loss = F.cross_entropy(engine(x), y)
     with advice.watch_grad_norms():
         engine.backward(loss)
@@ -83,3 +82,76 @@ def test_hooked_gradient_norms_match_autograd(single_process_group, stage) -> No
     assert set(advice.grad_norms) == set(expected)
     for name, norm in expected.items():
         assert advice.grad_norms[name] == pytest.approx(norm, rel=1e-4)
+
+
+def test_a_zero_learning_rate_refuses_an_lr_scale_instead_of_ignoring_it(single_process_group, tmp_path) -> None:
+    from orchestration.protocol import Apply, HyperparameterChange, Proposal
+    from workers.engine import read_hyperparameters, write_hyperparameters
+    from workers.probation import ProbationRunner, WeightReferences
+
+    engine = _engine(2)
+    for group in engine.lr_scheduler.optimizer.param_groups:
+        group["lr"] = 0.0  # e.g. the end of a cosine schedule with min_lr_ratio 0
+    engine.lr_scheduler.base_lrs = [0.0 for _ in engine.lr_scheduler.base_lrs]
+    current = read_hyperparameters(engine, batch_size=32)
+    with pytest.raises(ValueError, match="learning rate is 0"):
+        write_hyperparameters(engine, {**current, "lr": 1e-3}, batch_size=32)
+    write_hyperparameters(engine, {**current, "dropout": 0.2}, batch_size=32)  # lr unchanged at 0: allowed
+
+    runner = ProbationRunner(engine=engine, rank=0, batch_size=32, rollback_dir=tmp_path / "rollback")
+    decision = Apply(query_id="q1", proposal=Proposal(hyperparameters=HyperparameterChange(lr_scale=0.5)), alphas={}, source="advisor",
+                     epoch_asked=1, probation_steps=1, reward_mode="baseline", reset_optimizer_moments=False, seed=0)
+    problem = runner.apply(decision, WeightReferences(params=full_fp32_params(engine)))
+    assert problem is not None and "learning rate that is 0" in problem  # reported to the coordinator, which records it
+
+
+class ScriptedLink:
+    """Stands in for rank 0's `CoordinatorLink`: answers `on_epoch_end` from a list, records what it was sent."""
+
+    def __init__(self, decisions) -> None:
+        self.decisions = list(decisions)
+        self.drifts: list[float] = []
+        self.disabled_reason = ""
+        self.incidents: list = []
+        self.reachable = True
+
+    def call(self, method, *args, epoch, **kwargs):
+        assert method == "on_epoch_end"
+        self.drifts.append(args[1])
+        return True, self.decisions.pop(0)
+
+
+def test_weight_drift_is_measured_from_the_last_query(single_process_group, tmp_path) -> None:
+    """The coordinator documents drift as `||W - W_q|| / ||W_q||` with `W_q` the weights when it last
+    asked; the worker must measure exactly that (it used to measure from the last applied proposal)."""
+    from orchestration.protocol import Continue, ProbationMetrics
+    from workers.advice import AdviceSettings, WorkerAdvice
+
+    engine = _engine(0)
+    settings = AdviceSettings(coordinator="unused", namespace="unused", run_id="t", history_window=8)
+    link = ScriptedLink([Continue("no query trigger"), Continue("asked advisor (t:q1)", asked_now=True), Continue("waiting"), Continue("waiting")])
+    advice = WorkerAdvice(settings=settings, engine=engine, rank=0, model_kind="cnn2d", total_epochs=4, batch_size=32,
+                          observer=AdviceObserver(engine=engine, world_size=1), link=link,
+                          probation=__import__("workers.probation", fromlist=["ProbationRunner"]).ProbationRunner(
+                              engine=engine, rank=0, batch_size=32, rollback_dir=tmp_path / "rb"))
+    history: list[dict[str, float]] = []
+    weights = []
+
+    def epoch_end(epoch: int, scale: float) -> None:
+        write_full_fp32_params(engine, {name: value * scale for name, value in full_fp32_params(engine).items()})
+        weights.append(full_fp32_params(engine))
+        history.append({"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5})
+        advice.on_epoch_end(epoch=epoch, step=epoch, history=history, best_params=None, run_probation=None,
+                            epoch_metrics=ProbationMetrics(val_loss=1.0))
+
+    def drift(now, reference) -> float:
+        delta = sum(float((now[n] - reference[n]).norm() ** 2) for n in now)
+        return (delta / sum(float(reference[n].norm() ** 2) for n in now)) ** 0.5
+
+    for epoch, scale in enumerate((1.0, 1.1, 1.2, 1.3), start=1):
+        epoch_end(epoch, scale)
+    assert link.drifts[0] == 0.0  # the first advised epoch is the reference before any query
+    assert link.drifts[1] == pytest.approx(drift(weights[1], weights[0]), rel=1e-5)
+    # Asked at epoch 2: from then on drift is measured from epoch 2's weights, not from the last epoch's.
+    assert link.drifts[2] == pytest.approx(drift(weights[2], weights[1]), rel=1e-5)
+    assert link.drifts[3] == pytest.approx(drift(weights[3], weights[1]), rel=1e-5)

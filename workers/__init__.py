@@ -1,1 +1,1 @@
-"""What runs on the training workers: plain models, data loading, and the per-worker loop."""
+"""Everything that runs on a Ray Train worker: data, plain models, the DeepSpeed engine, the per-worker loop, and the worker side of advice (observe, link to the coordinator, probation, blending)."""

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestration.settings import require
+
 MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 INITS = ("default", "zero", "normal", "xavier", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _require(condition: bool, field: str, value: object, rule: str) -> None:
-    if not condition:
-        raise ValueError(f"{field} {rule}, got {value!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,9 +29,9 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
-        _require(0.0 < self.test_fraction < 0.5, "data.test_fraction", self.test_fraction, "must be in (0, 0.5)")
-        _require(self.image_size is None or self.image_size >= 4, "data.image_size", self.image_size, "must be >= 4")
+        require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        require(0.0 < self.test_fraction < 0.5, "data.test_fraction", self.test_fraction, "must be in (0, 0.5)")
+        require(self.image_size is None or self.image_size >= 4, "data.image_size", self.image_size, "must be >= 4")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,12 +46,12 @@ class ModelConfig:
     init: str = "default"  # weight init: default (PyTorch's), zero, normal, xavier, kaiming
 
     def __post_init__(self) -> None:
-        _require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
-        _require(self.init in INITS, "model.init", self.init, f"must be one of {INITS}")
-        _require(1 <= self.width <= 4096, "model.width", self.width, "must be in [1, 4096]")
-        _require(1 <= self.hidden <= 65536, "model.hidden", self.hidden, "must be in [1, 65536]")
-        _require(1 <= self.depth <= 16, "model.depth", self.depth, "must be in [1, 16]")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
+        require(self.init in INITS, "model.init", self.init, f"must be one of {INITS}")
+        require(1 <= self.width <= 4096, "model.width", self.width, "must be in [1, 4096]")
+        require(1 <= self.hidden <= 65536, "model.hidden", self.hidden, "must be in [1, 65536]")
+        require(1 <= self.depth <= 16, "model.depth", self.depth, "must be in [1, 16]")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,24 +81,24 @@ class TrainConfig:
     chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
-        _require(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
-        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"must be one of {PRECISIONS}")
-        _require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
-        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
-        _require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
-        _require(0 < self.lr <= 10, "train.lr", self.lr, "must be in (0, 10]")
-        _require(0 <= self.weight_decay <= 1, "train.weight_decay", self.weight_decay, "must be in [0, 1]")
-        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
-        _require(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
-        _require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
-        _require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
-        _require(
+        require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
+        require(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        require(self.precision in PRECISIONS, "train.precision", self.precision, f"must be one of {PRECISIONS}")
+        require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
+        require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        require(0 < self.lr <= 10, "train.lr", self.lr, "must be in (0, 10]")
+        require(0 <= self.weight_decay <= 1, "train.weight_decay", self.weight_decay, "must be in [0, 1]")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        require(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
+        require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
+        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
+        require(
             self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,
             "train.chaos_kill_epoch", self.chaos_kill_epoch, f"must be unset or in [1, {self.epochs}]",
         )

@@ -220,3 +220,21 @@ def shard_batches(num_samples: int, *, rank: int, world_size: int, batch_size: i
     shard = order[rank::world_size]
     steps = steps_per_epoch(num_samples, world_size=world_size, batch_size=batch_size, grad_accum_steps=grad_accum_steps)
     return [batch for batch in np.array_split(shard, steps)]
+
+
+def probation_batches(num_samples: int, *, rank: int, world_size: int, batch_size: int, epoch: int, seed: int, micro_steps: int) -> list[np.ndarray]:
+    """The batches a probation trains on: a seeded draw of the train split, the same for both branches."""
+    order = np.random.default_rng([seed, epoch, 7919]).permutation(num_samples)
+    shard = order[rank::world_size]
+    batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    return [batches[i % len(batches)] for i in range(micro_steps)]
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed in [0, 2**31) from `parts`, the same in every process and on every machine.
+
+    Python's `hash()` of a string is salted per process (PYTHONHASHSEED), so it must never make seeds.
+    """
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") % 2**31

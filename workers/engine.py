@@ -1,7 +1,9 @@
 """Everything DeepSpeed: the engine's config, optimizer and schedule, and full-parameter access.
 
 This is the one place that knows about ZeRO. Models stay plain `nn.Module`s; the training loop
-talks to the engine only through `build_engine`, `full_fp32_params` and `write_full_fp32_params`.
+and the advice path talk to the engine only through the functions here: building it, reading and
+writing full fp32 parameters, hyperparameters and optimizer state, checkpoint loading, and a
+digest of the whole training state (for exact-rollback checks).
 """
 
 from __future__ import annotations
@@ -182,3 +184,118 @@ def load_engine_checkpoint(engine, directory: str, tag: str) -> None:
     if getattr(optimizer, "_hp_optimizer_states_linked", False) and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# --- collectives every rank takes part in ------------------------------------------------------
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object); the value itself without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- hyperparameters and optimizer state, read and written in place --------------------------
+
+
+def read_hyperparameters(engine, *, batch_size: int) -> dict[str, float]:
+    """The hyperparameters an advisor may change, as the optimizer and the model hold them now."""
+    group = engine.lr_scheduler.optimizer.param_groups[0]
+    momentum = group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
+    dropout = next((m.p for m in engine.module.modules() if isinstance(m, nn.Dropout)), 0.0)
+    return {"lr": float(engine.get_lr()[0]), "weight_decay": float(group.get("weight_decay", 0.0)), "momentum": float(momentum),
+            "dropout": float(dropout), "batch_size": float(batch_size)}
+
+
+def write_hyperparameters(engine, values: dict[str, float], *, batch_size: int) -> None:
+    """Set lr (by rescaling the schedule, so warm-up and decay keep their shape), weight decay,
+    momentum (SGD/RMSprop momentum or Adam beta1) and dropout.
+
+    A learning rate of 0 cannot be rescaled; asking to change it raises `ValueError` rather than
+    being ignored, so the caller can record it.
+    """
+    from workers.models import set_dropout
+
+    scheduler = engine.lr_scheduler
+    current = read_hyperparameters(engine, batch_size=batch_size)
+    if current["lr"] > 0:
+        scale = values["lr"] / current["lr"]
+    elif values["lr"] == current["lr"]:
+        scale = 1.0
+    else:
+        raise ValueError(f"cannot set lr to {values['lr']:g}: the schedule's learning rate is 0 now, and a scale of 0 stays 0")
+    scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] *= scale
+        group["weight_decay"] = values["weight_decay"]
+        if "betas" in group:
+            group["betas"] = (values["momentum"], group["betas"][1])
+        elif "momentum" in group:
+            group["momentum"] = values["momentum"]
+    set_dropout(engine.module, values["dropout"])
+
+
+def optimizer_state_keys(engine) -> list[str]:
+    """The per-parameter tensors the optimizer keeps (exp_avg, momentum_buffer, ...), the same on
+    every rank. Collective: a rank whose ZeRO partition is empty must still ask for the same keys."""
+    keys: set[str] = set()
+    for per_param in engine.lr_scheduler.optimizer.state.values():
+        keys.update(k for k, v in per_param.items() if torch.is_tensor(v) and v.dim() > 0)
+    return broadcast_from_rank0(sorted(keys))
+
+
+def full_optimizer_state(engine, param: torch.Tensor, key: str) -> torch.Tensor | None:
+    """The full fp32 optimizer tensor `key` of `param` (collective under ZeRO 1-3)."""
+    if engine.zero_optimization_stage() == 0:
+        return engine.lr_scheduler.optimizer.state.get(param, {}).get(key)
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return safe_get_full_optimizer_state(param, key)
+
+
+def reset_optimizer_moments(engine, names: list[str]) -> None:
+    """Zero every optimizer moment of the named parameters (collective under ZeRO 1-3)."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    named = dict(engine.module.named_parameters())
+    keys = optimizer_state_keys(engine)
+    for name in names:
+        for key in keys:
+            state = safe_get_full_optimizer_state(named[name], key)
+            if state is not None:
+                safe_set_full_optimizer_state(named[name], torch.zeros_like(state), key)
+
+
+def state_digest(engine, hyperparameters: dict[str, float]) -> str:
+    """A SHA-256 of the full fp32 weights, every optimizer moment, the buffers and `hyperparameters`,
+    identical on every rank (collective under ZeRO 1-3). Equal digests = bit-identical training state."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in full_fp32_params(engine).items():
+        digest.update(name.encode())
+        digest.update(value.numpy().tobytes())
+    keys = optimizer_state_keys(engine)
+    for name, param in engine.module.named_parameters():
+        for key in keys:
+            state = full_optimizer_state(engine, param, key)
+            if state is not None:
+                digest.update(f"{name}/{key}".encode())
+                digest.update(state.detach().float().cpu().numpy().tobytes())
+    for name, buffer in engine.module.named_buffers():
+        digest.update(name.encode())
+        digest.update(buffer.detach().cpu().numpy().tobytes())
+    digest.update(repr(sorted(hyperparameters.items())).encode())
+    return digest.hexdigest()

@@ -138,7 +138,7 @@ def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes:
         in_channels = sample_shape[0] if len(sample_shape) == 2 else 1
         model = CNN1d(in_channels, num_classes, width=config.width, depth=config.depth, hidden=config.hidden, dropout=config.dropout)
     else:
-        model = MLP(math.prod(sample_shape), num_classes, width=config.hidden, depth=config.depth, dropout=config.dropout)
+        model = MLP(math.prod(sample_shape), num_classes, width=config.width, depth=config.depth, dropout=config.dropout)
     initialize_weights(model, config.init)
     return model
 

@@ -26,14 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestration.acceptance import ProbationMetrics
-from workers.advice import probation_batches
+from orchestration.protocol import ProbationMetrics
 from workers.config import DataConfig, ModelConfig, TrainConfig
-from workers.data import Normalizer, load_dataset, shard_batches, stratified_split
+from workers.data import Normalizer, load_dataset, probation_batches, shard_batches, stable_seed, stratified_split
 from workers.engine import build_engine, full_buffers, full_fp32_params, input_dtype, load_engine_checkpoint, write_full_fp32_params
+from workers.advice import AdviceSettings, WorkerAdvice
 from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
+ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
+ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
 
@@ -107,7 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def run_probation(micro_steps: int) -> ProbationMetrics:
         """Train `micro_steps` on this epoch's probation batches, then validate (both branches alike)."""
-        torch.manual_seed(hash((train.seed, state.epoch, rank, "probation")) % 2**31)
+        torch.manual_seed(stable_seed(train.seed, state.epoch, rank, "probation"))
         engine.train()
         batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
         losses = [float(train_step(batch)) for batch in batches]
@@ -119,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     best_params: dict[str, torch.Tensor] | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state, best_params = _restore(engine, checkpoint)
+        state, best_params = _restore(engine, checkpoint, advice)
         state.restarts += 1
         _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})")
     else:
@@ -129,7 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(state.epoch + 1, train.epochs + 1):
         epoch_start = time.perf_counter()
         # Dropout masks depend only on (seed, epoch, rank): a resumed run replays the same randomness.
-        torch.manual_seed(hash((train.seed, epoch, rank)) % 2**31)
+        torch.manual_seed(stable_seed(train.seed, epoch, rank))
         batches = shard_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=epoch, seed=train.seed, grad_accum_steps=train.grad_accum_steps)
         engine.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -138,12 +140,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
                 _chaos_kill_once(run_dir)
             last_step = advice is not None and step == len(batches) - 1
-            loss = train_step(batch, advice.watch_grad_norms() if last_step else None)
+            loss = train_step(batch, advice.observer.watch_grad_norms() if last_step else None)
             loss_sum += loss.double().cpu() * len(batch)
             seen += len(batch)
         train_seconds = time.perf_counter() - epoch_start
         train_loss, total_seen = _all_reduce_sums(loss_sum, seen)
-        with advice.watch_dead_units() if advice is not None else contextlib.nullcontext():
+        with advice.observer.watch_dead_units() if advice is not None else contextlib.nullcontext():
             val = validate()
 
         improved = val.loss < state.best_val_loss - train.early_stopping_min_delta
@@ -180,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
         stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
-        _checkpoint_and_report(engine, state, best_params, row, rank=rank)
+        _checkpoint_and_report(engine, state, best_params, row, rank=rank, advice=advice)
         if rank == 0:
             _write_metrics_csv(run_dir, state.history)
             _log(rank, f"epoch {epoch:3d}/{train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val.loss:.4f}  "
@@ -196,7 +198,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     final_params = full_fp32_params(engine)
     final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
                                      "wall_s": state.wall_s, "restarts": state.restarts,
-                                     "probation_s": state.probation_s, "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision}
+                                     "probation_s": state.probation_s, "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision,
+                                     "advice_incidents": advice.all_incidents() if advice is not None else []}
     if rank == 0:
         final_metrics.update(test_metrics(test.predictions, test.labels, len(dataset.classes)))
         final_metrics["test_loss"] = test.loss
@@ -207,18 +210,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report(final_metrics)
 
 
-def _make_advice(advice_config: dict[str, Any] | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str):
+def _make_advice(settings: AdviceSettings | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str):
     """The worker's advice agent, or None when the run trains without an advisor."""
-    if not advice_config:
+    if settings is None:
         return None
-    import ray
-
-    from workers.advice import WorkerAdvice
-
-    coordinator = ray.get_actor(advice_config["coordinator"], namespace=advice_config["namespace"]) if rank == 0 else None
-    return WorkerAdvice(engine=engine, rank=rank, world_size=world_size, run_id=advice_config["run_id"], model_kind=model_kind,
-                        total_epochs=train.epochs, batch_size=train.batch_size, rollback_dir=run_dir / ".rollback",
-                        coordinator=coordinator, verify_rollback=advice_config["verify_rollback"], call_timeout_s=advice_config["call_timeout_s"])
+    return WorkerAdvice.create(settings, engine, rank=rank, world_size=world_size, model_kind=model_kind, total_epochs=train.epochs,
+                               batch_size=train.batch_size, rollback_dir=run_dir / ".rollback")
 
 
 def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype, gather: bool = False) -> EvalResult:
@@ -281,8 +278,14 @@ def _all_reduce_sums(loss_sum: torch.Tensor, count: int) -> tuple[float, int]:
     return float(totals[0]), int(totals[1])
 
 
-def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int) -> None:
-    """Every rank saves its shard, barrier, one report (saving from rank 0 alone loses ZeRO shards, ray#33369)."""
+def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int,
+                           advice=None) -> None:
+    """Every rank saves its shard, barrier, one report (saving from rank 0 alone loses ZeRO shards, ray#33369).
+
+    Rank 0 adds what is the same on every rank: the loop state, the best weights, and the advice
+    state (the coordinator's alphas, cache, track record and ledger; the observer's reference
+    weights), so a restart, a `--resume` or a PBT exploit carries all of it.
+    """
     import ray.train
     from safetensors.torch import save_file
 
@@ -292,12 +295,17 @@ def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torc
             (Path(directory) / "loop_state.json").write_text(json.dumps(asdict(state)))
             if best_params is not None:
                 save_file({k: v.contiguous() for k, v in best_params.items()}, str(Path(directory) / "best.safetensors"))
+            if advice is not None:
+                (Path(directory) / ADVICE_STATE).write_text(json.dumps(advice.checkpoint_state()))
+                tensors = advice.state_tensors()
+                if tensors:
+                    save_file(tensors, str(Path(directory) / ADVICE_TENSORS))
         if dist.is_initialized():
             dist.barrier()
         ray.train.report(dict(row), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _restore(engine, checkpoint) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+def _restore(engine, checkpoint, advice=None) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as directory:
@@ -305,6 +313,10 @@ def _restore(engine, checkpoint) -> tuple[LoopState, dict[str, torch.Tensor] | N
         state = LoopState(**json.loads((Path(directory) / "loop_state.json").read_text()))
         best_file = Path(directory) / "best.safetensors"
         best = load_file(str(best_file)) if best_file.exists() else None
+        if advice is not None:
+            state_file, tensor_file = Path(directory) / ADVICE_STATE, Path(directory) / ADVICE_TENSORS
+            advice.restore(json.loads(state_file.read_text()) if state_file.is_file() else None,
+                           load_file(str(tensor_file)) if tensor_file.is_file() else None)
     return state, best
 
 

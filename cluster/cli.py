@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from serve_llm.cli import register as register_advisor
+from cluster.advisor_cli import register as register_advisor
 
 
 def _add_run(subparsers) -> None:
@@ -24,20 +24,20 @@ def _add_run(subparsers) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestration.config import build_config
-    from orchestration.run import run_experiment
+    from cluster.experiment import build_config
+    from cluster.launch import execute_run, plan_run
 
     if args.resume:
         if args.config or args.recipe or args.overrides or args.output:
             raise ValueError("--resume continues a run with its saved config.yaml; it takes no --config/--recipe/--set/--output")
-        if args.address:
-            os.environ["RAY_ADDRESS"] = args.address  # the saved config may name another cluster; this one wins
-        run_experiment(None, args.resume, resume=True)
+        # The saved config may name a cluster that is gone: --address, else RAY_ADDRESS, wins over it.
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        execute_run(plan_run(None, args.resume, resume=True, address=address))
         return 0
     overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
     config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides)
     run_dir = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_experiment(config, run_dir)
+    execute_run(plan_run(config, run_dir))
     return 0
 
 
@@ -50,7 +50,7 @@ def _add_predict(subparsers) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from orchestration.predict import predict_file
+    from cluster.predict import predict_file
 
     predict_file(args.run_dir, args.input, args.output)
     return 0
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from orchestration.config import ConfigError
-    from orchestration.run import RunError
+    from cluster.launch import RunError
+    from orchestration.settings import ConfigError
     from workers.data import DataError
 
     try:

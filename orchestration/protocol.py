@@ -1,8 +1,19 @@
-"""The advisor's contract: what it reads (`TrainingSnapshot`) and what it may answer (`Proposal`).
+"""The advice protocol: every message the workers, the coordinator and the advisor exchange.
 
-Both sides are plain dataclasses that round-trip through JSON. The bounds below are the
-single source of truth for what a proposal may ask for; the validator, the constrained
-decoder and the coordinator all read them from here.
+One epoch boundary, in the order the messages flow:
+
+1. rank 0 sends a `TrainingSnapshot` (curves, hyperparameters, per-layer `LayerStats`) to the
+   coordinator, which may forward a trimmed copy, with its `Diagnosis` and track record
+   (`ProposalOutcome`s), to the advisor;
+2. the advisor answers a `Proposal` (a `HyperparameterChange` plus bounded `WeightOp`s);
+3. the coordinator answers the workers with a `Decision`: `Continue(reason)` or `Apply(...)`;
+4. after an `Apply`, the workers measure `ProbationMetrics` for the candidate and a reference
+   branch, and the coordinator answers a `Verdict` (keep or roll back).
+
+Everything here is a plain dataclass that round-trips through JSON or pickle, with no Ray,
+torch or transformers import, so every package can read it. The bounds below are the single
+source of truth for what a proposal may ask for; the validator, the constrained decoder, the
+coordinator and the workers' blending all read them from here.
 """
 
 from __future__ import annotations
@@ -67,6 +78,34 @@ class ProposalOutcome:
 
 
 @dataclass(kw_only=True, slots=True)
+class Diagnosis:
+    """What the numbers say (see `orchestration.diagnostics.diagnose`), as flags plus one line per finding.
+
+    The coordinator computes it with the run's own thresholds and ships it inside the snapshot,
+    so the prompt states exactly what made the coordinator ask.
+    """
+
+    plateau: bool = False
+    diverging: bool = False
+    overfitting: bool = False
+    dead_groups: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def remedies(self) -> list[str]:
+        """The textbook response to each finding, as short hints for the prompt."""
+        hints = []
+        if self.diverging:
+            hints.append("cut lr (lr_scale 0.3) and move weights toward_best")
+        elif self.plateau:
+            hints.append("lower lr (lr_scale 0.5)")
+        if self.dead_groups:
+            hints.append(f"reinit_dead on {self.dead_groups[0]}")
+        if self.overfitting:
+            hints.append("raise weight_decay or dropout")
+        return hints or ["keep everything: null values and no weight ops"]
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainingSnapshot:
     """A compact, JSON-able summary of a run's state at an epoch boundary.
 
@@ -85,6 +124,7 @@ class TrainingSnapshot:
     hyperparameters: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, dropout, momentum, batch_size
     layers: list[LayerStats] = field(default_factory=list)
     recent_proposals: list[ProposalOutcome] = field(default_factory=list)
+    diagnosis: Diagnosis | None = None  # set by the coordinator on the copy it sends to the advisor
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +141,8 @@ class TrainingSnapshot:
         values = dict(data)
         values["layers"] = [LayerStats(**layer) for layer in values.get("layers", [])]
         values["recent_proposals"] = [ProposalOutcome(**p) for p in values.get("recent_proposals", [])]
+        if values.get("diagnosis") is not None:
+            values["diagnosis"] = Diagnosis(**values["diagnosis"])
         return cls(**values)
 
 
@@ -163,3 +205,59 @@ class Proposal:
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha:g}")
         return "; ".join(parts) or "no-op"
+
+
+# --- coordinator -> workers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Train on unchanged. `asked_now`: the coordinator asked the advisor at this epoch, so the
+    workers take today's weights as the reference that weight drift is measured from."""
+
+    reason: str = ""
+    asked_now: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Blend `proposal` in now, with `alphas` per weight group, then report its probation."""
+
+    query_id: str
+    proposal: Proposal
+    alphas: dict[str, float]  # parameter-group name -> blend factor, for each group a weight op names
+    source: Literal["advisor", "cache"]
+    epoch_asked: int  # epoch of the snapshot the proposal answers
+    probation_steps: int  # optimizer steps to train before report_probation
+    reward_mode: str  # "counterfactual": reference = untouched branch; "baseline": pre-apply metrics
+    reset_optimizer_moments: bool  # zero optimizer moments of changed groups after applying
+    seed: int  # seed for the random weight ops (`apply_weight_ops(..., seed=seed)`)
+
+    @property
+    def asked_now(self) -> bool:
+        """A cache hit answers a query made at this very epoch."""
+        return self.source == "cache"
+
+
+Decision = Continue | Apply
+
+
+# --- workers -> coordinator -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProbationMetrics:
+    """Metrics measured at the end of a probation (or on the reference branch)."""
+
+    val_loss: float
+    val_accuracy: float | None = None  # in [0, 1]; None for tasks without accuracy
+    train_loss: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a proposal is kept, the reward that decided it, and why."""
+
+    accepted: bool
+    reward: float
+    reason: str

@@ -14,27 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.experiment import build_config
+from orchestration.protocol import TrainingSnapshot
 from serve_llm.config import AdvisorConfig
-from serve_llm.schema import TrainingSnapshot
 
 logger = logging.getLogger(__name__)
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
 def _config_from_args(args: argparse.Namespace) -> AdvisorConfig:
-    overrides = _parse_sets(args.set or [])
+    """The `advisor` section after `--set` (`advisor.KEY=VALUE`, or `KEY=VALUE` for short) and `--backend`,
+    through the same parser and checks as `hybridtrain run --set`."""
+    overrides = [text if text.startswith("advisor.") else f"advisor.{text}" for text in args.set or []]
     if getattr(args, "backend", None):
-        overrides["backend"] = args.backend
-    return AdvisorConfig().with_overrides(overrides)
+        overrides.append(f"advisor.backend={args.backend}")
+    return build_config(overrides=overrides).advisor
 
 
 def _connect(address: str | None) -> None:
@@ -122,7 +115,7 @@ def register(subparsers: Any) -> None:
         parser.add_argument("--address", default=None,
                             help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override an AdvisorConfig field, e.g. --set max_batch_size=4 (repeatable)")
+                            help="override an advisor setting, e.g. --set advisor.max_batch_size=4 (repeatable)")
 
     serve_parser = commands.add_parser("serve", help="deploy the advisor on Ray Serve and block until Ctrl-C")
     common(serve_parser)

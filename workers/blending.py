@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from serve_llm.schema import HyperparameterChange, WeightOp
+from orchestration.protocol import HyperparameterChange, WeightOp
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def apply_hyperparameter_change(
     `lr_new = lr * lr_scale ** alpha` (geometric, so alpha blends on the log scale);
     any other field `h_new = (1 - alpha) * h + alpha * h_proposed`, or `h_proposed` when `h` is
     not in `current`. `alpha = 1` applies the change as asked. Fields left `None` are untouched.
+    An `lr_scale` other than 1 on a learning rate of 0 raises `ValueError`: it cannot do what it asks.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -162,6 +163,8 @@ def apply_hyperparameter_change(
     if change.lr_scale is not None:
         if "lr" not in current:
             operations.append("skipped lr_scale: no current lr")
+        elif current["lr"] == 0 and change.lr_scale != 1:
+            raise ValueError(f"lr_scale {change.lr_scale:g} cannot change a learning rate that is 0 now (a scaled 0 stays 0)")
         else:
             new["lr"] = current["lr"] * change.lr_scale**alpha
             operations.append(f"lr {current['lr']:g} -> {new['lr']:g}")

@@ -1,0 +1,103 @@
+"""One reading of a training snapshot: plateau, divergence, overfitting, dead units. Pure.
+
+The query policy asks the advisor on what `diagnose` finds, and the prompt tells the advisor the
+same findings (the coordinator ships its `Diagnosis` inside the snapshot), so the two can never
+disagree. Thresholds come from the coordinator's config (`DiagnosticThresholds.from_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestration.config import CoordinatorConfig
+from orchestration.protocol import Diagnosis, TrainingSnapshot
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DiagnosticThresholds:
+    """What counts as a finding. The defaults are `CoordinatorConfig`'s defaults."""
+
+    plateau_window: int = 3  # epochs over which a plateau (and a widening gap) is measured
+    plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
+    divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
+    overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over the window = overfitting
+    dead_fraction: float = 0.3  # a layer with this fraction of its units never active is worth a re-draw
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig) -> DiagnosticThresholds:
+        return cls(plateau_window=config.plateau_window, plateau_threshold=config.plateau_threshold,
+                   divergence_factor=config.divergence_factor, overfit_gap_growth=config.overfit_gap_growth,
+                   dead_fraction=config.dead_fraction)
+
+
+def is_diverging(train_loss: Sequence[float], val_loss: Sequence[float], divergence_factor: float) -> str | None:
+    """Why the run looks divergent, or None.
+
+    Diverging iff the latest loss is not finite, or
+    `val_loss[-1] > divergence_factor * min(val_loss[:-1])`, or
+    `train_loss[-1] > divergence_factor * train_loss[-2]`.
+    """
+    for name, history in (("val_loss", val_loss), ("train_loss", train_loss)):
+        if history and not math.isfinite(history[-1]):
+            return f"{name} is {history[-1]}"
+    finite_previous_val = [value for value in val_loss[:-1] if math.isfinite(value)]
+    if val_loss and finite_previous_val:
+        best = min(finite_previous_val)
+        if best > 0 and val_loss[-1] > divergence_factor * best:
+            return f"val_loss {val_loss[-1]:.4g} > {divergence_factor:g} x best {best:.4g}"
+    if len(train_loss) >= 2 and math.isfinite(train_loss[-2]) and train_loss[-2] > 0:
+        if train_loss[-1] > divergence_factor * train_loss[-2]:
+            return f"train_loss {train_loss[-1]:.4g} > {divergence_factor:g} x previous {train_loss[-2]:.4g}"
+    return None
+
+
+def relative_improvement(val_loss: Sequence[float], window: int) -> float | None:
+    """Relative val-loss improvement over the last `window` epochs, or None if history is too short.
+
+    `improvement = (L[-1 - window] - min(L[-window:])) / |L[-1 - window]|`; positive = getting better.
+    """
+    if len(val_loss) < window + 1:
+        return None
+    start = val_loss[-1 - window]
+    if not math.isfinite(start) or start == 0:
+        return None
+    return (start - min(val_loss[-window:])) / abs(start)
+
+
+def gap_growth(train_loss: Sequence[float], val_loss: Sequence[float], window: int) -> float | None:
+    """How much the (val - train) loss gap widened over the last `window` epochs, or None if too short."""
+    if len(train_loss) < window + 1 or len(val_loss) < window + 1:
+        return None
+    values = [train_loss[-1 - window], val_loss[-1 - window], train_loss[-1], val_loss[-1]]
+    if not all(math.isfinite(value) for value in values):
+        return None
+    return (val_loss[-1] - train_loss[-1]) - (val_loss[-1 - window] - train_loss[-1 - window])
+
+
+def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None = None) -> Diagnosis:
+    """Read trends from the snapshot's loss curves and per-layer statistics."""
+    thresholds = thresholds or DiagnosticThresholds()
+    window = thresholds.plateau_window
+    diagnosis = Diagnosis()
+    divergence = is_diverging(snapshot.train_loss, snapshot.val_loss, thresholds.divergence_factor)
+    if divergence is not None:
+        diagnosis.diverging = True
+        diagnosis.notes.append(f"diverging: {divergence}")
+    else:
+        improvement = relative_improvement(snapshot.val_loss, window)
+        if improvement is not None and improvement < thresholds.plateau_threshold:
+            diagnosis.plateau = True
+            diagnosis.notes.append(f"plateau: validation loss improved {improvement:.2%} over {window} epochs")
+    growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
+    finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
+    if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):
+        diagnosis.overfitting = True
+        diagnosis.notes.append(f"overfitting: val-train loss gap grew by {growth:.3g} over {window} epochs")
+    diagnosis.dead_groups = [layer.name for layer in snapshot.layers if layer.dead_fraction >= thresholds.dead_fraction]
+    if diagnosis.dead_groups:
+        diagnosis.notes.append(f"many dead units in {', '.join(diagnosis.dead_groups[:3])}")
+    if not diagnosis.notes:
+        diagnosis.notes.append("no problem detected")
+    return diagnosis

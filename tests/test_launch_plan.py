@@ -1,0 +1,58 @@
+"""`plan_run`: a run resolved without side effects, with an id and seeds that do not depend on the process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.experiment import build_config
+from cluster.launch import plan_run, run_id
+from orchestration.settings import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_writes_nothing_and_resolves_the_run(tmp_path) -> None:
+    config = build_config(recipe="smoke", overrides=["advisor.backend=heuristic"])
+    plan = plan_run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert plan.run_id == run_id(config) and plan.run_id.startswith("smoke-")
+    assert plan.data["classes"] == 10 and plan.data["train"] > plan.data["val"] > 0
+    assert plan.needed_cpus == 2  # two workers; the heuristic advisor runs inside the coordinator
+    assert plan.resume_from is None and not plan.resume
+
+
+def test_autoscaled_advisor_replicas_are_counted_at_their_maximum(tmp_path) -> None:
+    config = build_config(overrides=["advisor.num_replicas=auto", "advisor.max_replicas=3", "advisor.num_cpus_per_replica=1",
+                                     "train.num_workers=2"])
+    assert plan_run(config, tmp_path / "run").needed_cpus == 2 + 3
+
+
+def test_plan_refuses_bad_run_directories(tmp_path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        plan_run(build_config(), tmp_path / "taken")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        plan_run(None, tmp_path / "nothing", resume=True)
+
+
+def _in_fresh_process(code: str, hash_seed: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_run_ids_and_seeds_are_the_same_in_every_process() -> None:
+    """Python salts `hash()` of strings per process; ids and seeds must not depend on it."""
+    code = ("from cluster.experiment import build_config; from cluster.launch import run_id; from workers.data import stable_seed; "
+            "print(run_id(build_config(recipe='smoke')), stable_seed(0, 3, 1, 'probation'))")
+    assert _in_fresh_process(code, "1") == _in_fresh_process(code, "2")
+
+
+def test_the_cluster_section_does_not_change_the_run_id() -> None:
+    assert run_id(build_config(overrides=["cluster.address=auto"])) == run_id(build_config())
+    assert run_id(build_config(overrides=["train.seed=1"])) != run_id(build_config())
