@@ -56,3 +56,58 @@ def test_run_ids_and_seeds_are_the_same_in_every_process() -> None:
 def test_the_cluster_section_does_not_change_the_run_id() -> None:
     assert run_id(build_config(overrides=["cluster.address=auto"])) == run_id(build_config())
     assert run_id(build_config(overrides=["train.seed=1"])) != run_id(build_config())
+
+
+class _DeadMethod:
+    def remote(self, *args, **kwargs):
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+
+class _DeadCoordinator:
+    def __getattr__(self, name):
+        return _DeadMethod()
+
+
+def test_an_unreachable_coordinator_stops_advice_and_leaves_a_record() -> None:
+    from workers.coordinator_link import CoordinatorLink
+
+    link = CoordinatorLink(handle=_DeadCoordinator(), call_timeout_s=1.0)
+    assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
+    assert not link.reachable and "unreachable" in link.disabled_reason
+    assert link.incidents == [{"epoch": 3, "problem": link.disabled_reason + "; advice off for the rest of this attempt"}]
+    assert link.call("on_epoch_end", object(), 0.0, epoch=4) == (False, None)  # no second attempt, no second record
+    assert len(link.incidents) == 1
+
+
+@pytest.mark.e2e
+def test_closing_advice_writes_incidents_and_falls_back_to_the_checkpointed_ledger(ray_local, tmp_path) -> None:
+    import json
+
+    import pandas as pd
+
+    from cluster.launch import LEDGER, close_advice
+    from orchestration.actor import get_or_create_coordinator
+    from orchestration.config import CoordinatorConfig
+    from orchestration.coordinator import Coordinator
+    from workers.train_loop import ADVICE_STATE
+
+    plan = plan_run(build_config(recipe="smoke", overrides=["advisor.backend=heuristic"]), tmp_path / "run")
+    plan.run_dir.mkdir(parents=True)
+    incident = {"epoch": 5, "problem": "coordinator unreachable in on_epoch_end: GetTimeoutError"}
+    live = get_or_create_coordinator("close-advice-live", config=CoordinatorConfig(), run_id="r")
+    counts = close_advice(live, plan, incidents=[incident])
+    ledger = pd.read_csv(plan.run_dir / LEDGER)
+    assert list(ledger.kind) == ["error"] and ledger.reason[0] == incident["problem"]
+    assert counts["errors"] == 1 and counts["advice_incidents"] == [incident["problem"]]
+
+    # The coordinator is gone at the end: the ledger comes from the newest checkpoint, and the summary says so.
+    checkpointed = Coordinator(CoordinatorConfig(), None, "r")
+    checkpointed.report_incident("an earlier problem", epoch=2)
+    checkpoint = plan.storage_path / "train" / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ADVICE_STATE).write_text(json.dumps({"coordinator": checkpointed.to_state(), "incidents": []}))
+    gone = get_or_create_coordinator("close-advice-gone", config=CoordinatorConfig(), run_id="r")
+    ray_local.kill(gone)
+    counts = close_advice(gone, plan, incidents=[])
+    assert "newest checkpoint" in counts["advisor_ledger_error"]
+    assert list(pd.read_csv(plan.run_dir / LEDGER).reason) == ["an earlier problem"]
