@@ -41,6 +41,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(subparsers) -> None:
+    tune = subparsers.add_parser("tune", help="run a Ray Tune sweep (PBT, PB2, ASHA or random search) whose trials are full runs")
+    tune.add_argument("--config", metavar="FILE.yaml", help="config file (YAML) with a tune: section")
+    tune.add_argument("--recipe", metavar="NAME", help="named sweep recipe, e.g. smoke, default")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set tune.scheduler=asha (repeatable)")
+    tune.add_argument("--output", metavar="DIR", help="sweep directory (default: sweeps/NAME-TIMESTAMP)")
+    tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not run again")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    tune.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.experiment import build_config
+    from cluster.sweep import run_sweep
+
+    if args.resume:
+        if args.config or args.recipe or args.overrides or args.output:
+            raise ValueError("--resume continues a sweep with its saved config.yaml; it takes no --config/--recipe/--set/--output")
+        run_sweep(None, args.resume, resume=True, address=args.address or os.environ.get("RAY_ADDRESS"))
+        return 0
+    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides, sweep=True)
+    sweep_dir = Path(args.output) if args.output else Path("sweeps") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_sweep(config, sweep_dir)
+    return 0
+
+
 def _add_predict(subparsers) -> None:
     predict = subparsers.add_parser("predict", help="predict with a finished run's model")
     predict.add_argument("run_dir", metavar="RUN_DIR")
@@ -61,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
+    _add_tune(subparsers)
     _add_predict(subparsers)
     register_advisor(subparsers)
     return parser

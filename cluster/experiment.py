@@ -17,6 +17,7 @@ from cluster.runtime import ClusterConfig
 from orchestration.config import CoordinatorConfig
 from orchestration.settings import ConfigError, build_section, merge, parse_override
 from serve_llm.config import AdvisorConfig
+from tune_search.config import TuneConfig
 from workers.config import DataConfig, ModelConfig, TrainConfig
 
 
@@ -29,6 +30,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # used by `hybridtrain tune` only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,6 +50,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     "resnet": {"name": "resnet", "model": {"kind": "resnet", "width": 16}},
 }
 
+# Sweep recipes for `hybridtrain tune --recipe NAME`: overrides on top of the run recipe of the same name
+# (if any) and the defaults.
+SWEEP_RECIPES: dict[str, dict[str, Any]] = {
+    # Four PBT trials of the smoke run, each 2 workers at half a CPU: a whole population on a 2-core laptop.
+    "smoke": {"name": "sweep-smoke", "advisor": {"backend": "none"},
+              "train": {"epochs": 6, "cpus_per_worker": 0.5, "warmup_epochs": 0.0},
+              "tune": {"scheduler": "pbt", "num_samples": 4, "perturbation_interval": 2, "quantile_fraction": 0.25,
+                       "space": {"train.lr": {"loguniform": [3e-4, 1e-2]}, "model.dropout": {"uniform": [0.0, 0.3]}}}},
+    "default": {"name": "sweep", "tune": {"scheduler": "pbt", "num_samples": 4,
+                                          "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.weight_decay": {"loguniform": [1e-5, 1e-2]},
+                                                    "model.dropout": {"uniform": [0.0, 0.4]}}}},
+}
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -62,14 +77,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(*, recipe: str | None = None, config_file: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Dataclass defaults, the `default` recipe, the named recipe, the config file, then each `--set`;
-    validated at the end."""
+def build_config(*, recipe: str | None = None, config_file: str | Path | None = None, overrides: list[str] = (),
+                 sweep: bool = False) -> ExperimentConfig:
+    """Dataclass defaults, the `default` recipe, the named recipe (for a sweep: the run recipe and then the
+    sweep recipe of that name), the config file, then each `--set`; validated at the end."""
     values: dict[str, Any] = dict(RECIPES["default"])
+    recipes = {**RECIPES, **SWEEP_RECIPES} if sweep else RECIPES
     if recipe is not None:
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}; recipes are {sorted(RECIPES)}")
-        values = merge(values, RECIPES[recipe])
+        if recipe not in recipes:
+            raise ConfigError(f"unknown recipe {recipe!r}; recipes are {sorted(recipes)}")
+        values = merge(values, RECIPES.get(recipe, {}))
+        if sweep:
+            values = merge(values, SWEEP_RECIPES.get(recipe, {}))
     if config_file is not None:
         values = merge(values, load_config_file(config_file))
     for text in overrides:

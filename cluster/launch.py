@@ -95,7 +95,7 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
 def run_id(config: ExperimentConfig) -> str:
     """`<name>-<8 hex digits>` from everything that defines the run (not where it runs): stable across
     processes and machines, unlike Python's salted `hash()` of a string."""
-    defining = {key: value for key, value in config.to_dict().items() if key != "cluster"}
+    defining = {key: value for key, value in config.to_dict().items() if key not in ("cluster", "tune")}
     return f"{config.name}-{_digest(json.dumps(defining, sort_keys=True, default=str))}"
 
 
@@ -123,11 +123,16 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
     return execute_run(plan_run(config, run_dir, resume=resume), cluster=cluster, advisor_factory=advisor_factory)
 
 
-def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
+def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
+                deploy_advisor: bool = True, initial_checkpoint: str | None = None, callbacks: list[Any] | None = None,
+                digest_checkpoints: bool = False) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
-    `submit(snapshot) -> Future`), built inside the coordinator actor.
+    `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes
+    `deploy_advisor=False` (the sweep deployed the shared advisor once), the checkpoint Tune handed it
+    (`initial_checkpoint`), Train callbacks that forward each report, and `digest_checkpoints` (each
+    checkpoint records a hash of its weights, so a PBT clone can be checked).
     """
     config, run_dir = plan.config, plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +143,9 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
 
-    coordinator, advice = start_advice(plan, advisor_factory)
-    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu)
+    coordinator, advice = start_advice(plan, advisor_factory, deploy=deploy_advisor)
+    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
+                            digest_checkpoints=digest_checkpoints)
     started = time.perf_counter()
     try:
         result = trainer.fit()
@@ -166,11 +172,13 @@ def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
     return use_gpu
 
 
-def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, run_name: str = RAY_RUN_NAME,
-                  storage_path: Path | None = None, callbacks: list[Any] | None = None):
+def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, initial_checkpoint: str | None = None,
+                  callbacks: list[Any] | None = None, digest_checkpoints: bool = False):
     """The Ray Train `TorchTrainer` for `plan`: `num_workers` DeepSpeed workers (gloo on CPU, NCCL on GPU).
 
-    The same name and storage on `--resume` make Ray Train hand the latest checkpoint to the workers.
+    The same name and storage on `--resume` make Ray Train hand the latest checkpoint to the workers;
+    without one, the workers start from `initial_checkpoint` if given (Train V2 has no
+    `resume_from_checkpoint`, so the path travels in the loop config).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -182,12 +190,13 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"data": dataclasses.asdict(config.data), "model": dataclasses.asdict(config.model),
-                           "train": dataclasses.asdict(train), "run_dir": str(plan.run_dir), "advice": advice},
+                           "train": dataclasses.asdict(train), "run_dir": str(plan.run_dir), "advice": advice,
+                           "initial_checkpoint": initial_checkpoint, "digest_checkpoints": digest_checkpoints},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage_path or plan.storage_path),
+            name=RAY_RUN_NAME,
+            storage_path=str(plan.storage_path),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say what matters
@@ -196,7 +205,7 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     )
 
 
-def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None) -> tuple[Any, AdviceSettings | None]:
+def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *, deploy: bool = True) -> tuple[Any, AdviceSettings | None]:
     """Deploy the advisor (if it is a served LLM) and create this run's coordinator actor.
 
     A resumed run starts with a fresh coordinator: the workers load its state from the checkpoint
@@ -210,7 +219,7 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
     from orchestration.actor import get_or_create_coordinator
     from serve_llm.client import make_client
 
-    if config.advisor.is_served and advisor_factory is None:
+    if config.advisor.is_served and advisor_factory is None and deploy:
         from serve_llm.deployment import deploy_advisor
 
         print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 # Ask every epoch; each answer goes on probation, so the probation seed and the coordinator's state matter.
 ADVISED = ["train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
-           "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "advisor.backend=scripted", "cluster.num_cpus=4"]
+           "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "advisor.backend=scripted", "cluster.num_cpus=4",
+           "cluster.dashboard=false"]
 PROPOSALS = [{"hyperparameters": {"lr_scale": 0.8}, "weights": [{"op": "shrink", "group": "classifier.4.weight", "amount": 0.05}],
               "reason": "a gentle step"},
              {"weights": [{"op": "noise", "group": "features.0.weight", "amount": 0.3}], "reason": "shake the first layer"}]

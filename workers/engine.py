@@ -299,3 +299,24 @@ def state_digest(engine, hyperparameters: dict[str, float]) -> str:
         digest.update(buffer.detach().cpu().numpy().tobytes())
     digest.update(repr(sorted(hyperparameters.items())).encode())
     return digest.hexdigest()
+
+
+def params_digest(params: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of full fp32 parameters (name and bytes, in name order): equal digests = identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def set_peak_lr(engine, peak_lr: float) -> None:
+    """Make `peak_lr` the schedule's peak from here on, keeping the schedule's position (warm-up/decay):
+    every group's lr becomes `peak_lr * lr_lambda(step)`. Used after restoring another run's checkpoint,
+    whose scheduler state carries the old peak."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
+    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = peak_lr * lr_lambda(scheduler.last_epoch)

@@ -29,12 +29,24 @@ import torch.nn.functional as F
 from orchestration.protocol import ProbationMetrics
 from workers.config import DataConfig, ModelConfig, TrainConfig
 from workers.data import Normalizer, load_dataset, probation_batches, shard_batches, stable_seed, stratified_split
-from workers.engine import build_engine, full_buffers, full_fp32_params, input_dtype, load_engine_checkpoint, write_full_fp32_params
+from workers.engine import (
+    build_engine,
+    full_buffers,
+    full_fp32_params,
+    input_dtype,
+    load_engine_checkpoint,
+    params_digest,
+    read_hyperparameters,
+    set_peak_lr,
+    write_full_fp32_params,
+    write_hyperparameters,
+)
 from workers.advice import AdviceSettings, WorkerAdvice
 from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
 ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
+RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
@@ -53,6 +65,8 @@ class LoopState:
     restarts: int = 0
     probation_s: float = 0.0  # of wall_s, time spent trying advisor proposals on probation
     rollbacks_verified: int = 0  # rejected proposals whose rollback was checked bit for bit
+    configured: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, momentum, dropout as the config set them
+    params_digest: str = ""  # SHA-256 of the checkpointed weights (sweep trials only: proves a PBT clone)
 
 
 @dataclass(kw_only=True)
@@ -117,13 +131,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         probe = validate()
         return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1))
 
-    state = LoopState()
+    configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": model_config.dropout}
+    state = LoopState(configured=configured)
     best_params: dict[str, torch.Tensor] | None = None
     checkpoint = ray.train.get_checkpoint()
+    initial = loop_config.get("initial_checkpoint")
+    digest_checkpoints = bool(loop_config.get("digest_checkpoints"))
     if checkpoint is not None:
         state, best_params = _restore(engine, checkpoint, advice)
         state.restarts += 1
         _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})")
+    elif initial:
+        # A checkpoint handed over from outside this Train run: a sweep trial's own (after a pause) or a
+        # better trial's (PBT exploit). Its hyperparameters are the old run's; this run's config wins.
+        state, best_params = _restore(engine, ray.train.Checkpoint(initial), advice)
+        restored_lr = engine.get_lr()[0]
+        digest = params_digest(full_fp32_params(engine)) if digest_checkpoints else ""  # collective under ZeRO-3
+        changed = _apply_configured_hyperparameters(engine, state.configured, configured, batch_size=train.batch_size)
+        if rank == 0:
+            (run_dir / RESTORED_FROM).write_text(json.dumps({
+                "checkpoint": initial, "epoch": state.epoch, "params_sha256": digest, "lr_restored": restored_lr,
+                "lr_now": engine.get_lr()[0], "configured_before": state.configured, "configured_now": configured, "changed": changed}))
+        state.configured = configured
+        _log(rank, f"started from {initial} after epoch {state.epoch}" + (f"; config changed {', '.join(changed)}" if changed else ""))
     else:
         _log(rank, f"training {resolve_kind(model_config.kind, dataset.sample_shape)} on {dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, "
              f"{world_size} workers, ZeRO-{spec.zero_stage}, {spec.precision}, {spec.device}")
@@ -182,6 +212,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
         stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
+        if digest_checkpoints:
+            state.params_digest = params_digest(full_fp32_params(engine))  # collective under ZeRO-3
         _checkpoint_and_report(engine, state, best_params, row, rank=rank, advice=advice)
         if rank == 0:
             _write_metrics_csv(run_dir, state.history)
@@ -208,6 +240,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         (run_dir / FINAL_METRICS).write_text(json.dumps(final_metrics))
         _log(rank, f"test accuracy {final_metrics['test_accuracy']:.4f}, macro F1 {final_metrics['test_macro_f1']:.4f} (best epoch {state.best_epoch})")
     ray.train.report(final_metrics)
+
+
+def _apply_configured_hyperparameters(engine, before: dict[str, float], now: dict[str, float], *, batch_size: int) -> list[str]:
+    """Write the hyperparameters whose configured value differs from the one the checkpoint was trained
+    with (DeepSpeed's load restores the old lr and schedule; a PBT mutation must win). Values the
+    advisor changed in the old run stay where the config did not change. Returns what was written."""
+    changed = [name for name in ("lr", "weight_decay", "momentum", "dropout") if before.get(name) != now[name]]
+    if "lr" in changed:
+        set_peak_lr(engine, now["lr"])
+    others = [name for name in changed if name != "lr"]
+    if others:
+        values = read_hyperparameters(engine, batch_size=batch_size) | {name: now[name] for name in others}
+        write_hyperparameters(engine, values, batch_size=batch_size)
+    return changed
 
 
 def _make_advice(settings: AdviceSettings | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str):

@@ -1,0 +1,83 @@
+"""Sweep config and search spaces: bad spaces fail before Ray starts, naming the key; schedulers are built right."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.experiment import build_config
+from cluster.sweep import check_space, needed_cpus, trial_config
+from orchestration.settings import ConfigError
+from tune_search.config import TuneConfig
+from tune_search.search import build_scheduler, mutable_keys, param_space
+
+
+def sweep(**tune) -> list[str]:
+    return [f"tune.{key}={value}" for key, value in tune.items()]
+
+
+@pytest.mark.parametrize(
+    ("space", "named"),
+    [
+        ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, "tune.space.train.lr"),  # inverted
+        ({"train.lr": {"loguniform": [0.0, 1e-2]}}, "tune.space.train.lr"),  # log of 0
+        ({"train.lr": {"uniform": [0.1]}}, "tune.space.train.lr"),  # not [low, high]
+        ({"train.optimizer": {"choice": []}}, "tune.space.train.optimizer"),  # empty
+        ({"train.num_workers": {"choice": [1, 2]}}, "tune.space.train.num_workers"),  # never tunable: ZeRO shards
+        ({"train.lr": {"normal": [0, 1]}}, "tune.space.train.lr"),  # unknown distribution
+        ({"train.colour": {"choice": ["red"]}}, "tune.space.train.colour"),
+    ],
+)
+def test_bad_spaces_name_the_key(space, named) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        TuneConfig(space=space)
+
+
+def test_values_the_run_config_would_reject_fail_before_ray_starts() -> None:
+    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-3, 20.0]}}"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.lr: value 20\.0 .*train\.lr must be in \(0, 10\]"):
+        check_space(config)
+    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.optimizer: {choice: [adamw, lion]}}"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.optimizer: value 'lion'"):
+        check_space(config)
+
+
+def test_pbt_needs_a_mutable_key_and_pb2_a_continuous_one() -> None:
+    with pytest.raises(ConfigError, match="can mutate"):
+        TuneConfig(scheduler="pbt", space={"train.zero_stage": {"choice": [1, 2]}})
+    with pytest.raises(ConfigError, match="pb2"):
+        TuneConfig(scheduler="pb2", space={"train.weight_decay": {"choice": [0.0, 0.01]}})
+    with pytest.raises(ConfigError, match="tune.llm_explore"):
+        TuneConfig(scheduler="asha", llm_explore=True)
+
+
+def test_pbt_never_mutates_keys_that_change_what_a_checkpoint_holds() -> None:
+    config = TuneConfig(space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.width": {"choice": [16, 32]},
+                               "train.zero_stage": {"grid": [1, 2]}, "model.dropout": {"uniform": [0.0, 0.3]}})
+    assert mutable_keys(config) == ["train.lr", "model.dropout"]
+    scheduler = build_scheduler(config, max_epochs=6)
+    assert set(scheduler._hyperparam_mutations) == {"train.lr", "model.dropout"}
+    assert set(param_space(config)) == {"train.lr", "model.width", "train.zero_stage", "model.dropout"}
+
+
+def test_each_scheduler_is_built() -> None:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert isinstance(build_scheduler(TuneConfig(scheduler="pbt", space=space), max_epochs=6), PopulationBasedTraining)
+    pb2 = build_scheduler(TuneConfig(scheduler="pb2", space=space), max_epochs=6)
+    assert isinstance(pb2, PB2) and pb2._hyperparam_bounds == {"train.lr": [1e-4, 1e-2]}
+    assert isinstance(build_scheduler(TuneConfig(scheduler="asha", space=space, grace_period=2), max_epochs=6), ASHAScheduler)
+    assert isinstance(build_scheduler(TuneConfig(scheduler="random", space=space), max_epochs=6), FIFOScheduler)
+
+
+def test_a_trial_config_is_the_base_with_the_sampled_values() -> None:
+    base = build_config(recipe="smoke", sweep=True)
+    config = trial_config(base.to_dict(), {"train.lr": 0.004, "model.dropout": 0.2})
+    assert (config.train.lr, config.model.dropout, config.train.epochs) == (0.004, 0.2, base.train.epochs)
+
+
+def test_the_population_is_sized_to_run_at_once() -> None:
+    config = build_config(recipe="smoke", sweep=True)
+    assert config.tune.concurrency == config.tune.num_samples == 4
+    assert needed_cpus(config) == 5  # 4 trials x 2 workers x 0.5 CPU, plus the trials' token shares
