@@ -128,7 +128,9 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
         if metrics.get("final"):
             continue  # the workers' closing report (test metrics): summary.json has it; Tune wants epochs only
         row = {key: metrics[key] for key in _REPORTED if key in metrics} | {"run_dir": str(plan.run_dir)}
-        if path is None:
+        if path is None or metrics.get("epoch", 0) >= config.train.epochs:
+            # The last epoch goes to Tune without a checkpoint: a finished trial is never paused by PBT
+            # (only trials with a checkpoint are exploited), so it gets to write its final model.
             tune.report(row)
         else:
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(path))
@@ -141,7 +143,7 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
 def _record_start(sweep_dir: Path, trial: str, trial_dir: Path, checkpoint: str, params: dict[str, Any], run_dir: Path) -> None:
     """A trial started from a checkpoint: its own (resumed after a pause) or another trial's (a PBT exploit)."""
     source_dir = Path(checkpoint).parent
-    if source_dir.resolve() == trial_dir.resolve():
+    if source_dir.name == trial_dir.name:
         return  # its own checkpoint: a pause, not an exploit
     source_params = json.loads((source_dir / "params.json").read_text()) if (source_dir / "params.json").is_file() else {}
     loop_state = json.loads((Path(checkpoint) / "loop_state.json").read_text())
@@ -276,8 +278,12 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
         scores = history[metric].dropna() if metric in history else pd.Series(dtype=float)
         last = result.metrics or {}
         run_dir = last.get("run_dir")
-        summary_file = Path(run_dir) / "summary.json" if run_dir else None
-        finished = bool(summary_file and summary_file.is_file())
+        # The run that finished may have trained no epoch of its own (restarted at the last epoch), so look
+        # through all of the trial's runs, newest first.
+        finals = sorted(Path(run_dir).parent.glob("run-*/summary.json"), key=lambda path: int(path.parent.name[4:])) if run_dir else []
+        summary_file = finals[-1] if finals else None
+        finished = summary_file is not None
+        run_dir = str(summary_file.parent) if finished else run_dir
         row = {"trial": Path(result.path).name, "status": "error" if result.error else ("finished" if finished else "stopped"),
                "best_score": float(scores.max() if mode == "max" else scores.min()) if len(scores) else None,
                "last_score": last.get(metric), "epochs": last.get("epoch"), "run_dir": run_dir,

@@ -41,7 +41,10 @@ def build_scheduler(config: TuneConfig, *, max_epochs: int, custom_explore_fn: C
 
     common = {"time_attr": "epoch", "metric": config.metric, "mode": config.mode}
     if config.scheduler == "asha":
-        return ASHAScheduler(max_t=max_epochs, grace_period=min(config.grace_period, max_epochs), reduction_factor=config.reduction_factor, **common)
+        # max_t one past the last epoch: ASHA stops only in its rungs, never a trial that is about to finish
+        # (stopping at max_t would kill the trial before it writes its final model).
+        return ASHAScheduler(max_t=max_epochs + 1, grace_period=min(config.grace_period, max_epochs), reduction_factor=config.reduction_factor,
+                             **common)
     if config.scheduler == "random":
         return FIFOScheduler()
     mutable = mutable_keys(config)
