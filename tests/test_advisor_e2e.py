@@ -120,3 +120,25 @@ def test_deploy_refuses_backend_none(ray_local) -> None:
 
     with pytest.raises(ValueError, match="no advisor"):
         deploy_advisor(AdvisorConfig(backend="none"))
+
+
+def test_llm_guided_explore_with_the_real_advisor_stays_in_bounds(smollm2_advisor, tmp_path) -> None:
+    """The PBT explorer asks SmolLM2 (through Serve) about a population; whatever it answers, the explored
+    config lies inside the search space, and the decision (llm or fallback, and why) is recorded."""
+    from tune_search.config import TuneConfig
+    from tune_search.explore import LLMExplorer, in_bounds
+
+    config, _ = smollm2_advisor
+    tune_config = TuneConfig(llm_explore=True, explore_timeout_s=300.0,
+                             space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"uniform": [0.0, 0.3]}})
+    explorer = LLMExplorer(tune_config, lambda: AdvisorClient(config), tmp_path / "decisions.jsonl")
+    population = {"t0": (3e-3, 0.1, [0.80, 0.91, 0.95]), "t1": (1e-4, 0.25, [0.40, 0.55, 0.61]), "t2": (8e-3, 0.0, [0.70, 0.72, 0.71])}
+    for epoch in range(3):
+        for trial, (lr, dropout, scores) in population.items():
+            explorer.observe(trial, {"train.lr": lr, "model.dropout": dropout}, {"val_accuracy": scores[epoch], "val_loss": 1 - scores[epoch],
+                                                                                 "epoch": epoch + 1})
+    chosen = explorer({"train.lr": 3.6e-3, "model.dropout": 0.08})  # PBT's perturbation of the top trial
+    assert all(in_bounds(key, chosen[key], tune_config.space[key]) for key in tune_config.space), chosen
+    decision = json.loads((tmp_path / "decisions.jsonl").read_text())
+    assert decision["source"] in ("llm", "fallback") and decision["config"] == chosen
+    assert decision["source"] == "llm" or decision["problem"]  # a fallback always says why

@@ -20,8 +20,16 @@ pytestmark = pytest.mark.e2e
 
 
 def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, tmp_path) -> None:
+    """Also LLM-guided explore with a scripted advisor whose answers alternate in bounds / out of bounds:
+    the sweep goes on, and every explore is recorded as llm or fallback. The same advisor advises the
+    trials themselves (within-run advice keeps working inside trials)."""
+    script = tmp_path / "advisor.json"
+    script.write_text(json.dumps([{"hyperparameters": {"lr_scale": 0.5}, "reason": "halve lr"},
+                                  {"hyperparameters": {"lr_scale": 10.0}, "reason": "far too much"}]))
     # Far-apart learning rates and a 2-epoch interval make the bottom trial copy the top one.
-    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"])
+    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}",
+                                                                 "tune.llm_explore=true", "advisor.backend=scripted", f"advisor.script={script}",
+                                                                 "coordinator.probation_steps=2"])
     summary = run_sweep(config, tmp_path / "pbt")
     sweep_dir = tmp_path / "pbt"
     assert summary["trials"] == 4 and summary["exploits"] >= 1, summary
@@ -46,6 +54,11 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     results = pd.read_csv(sweep_dir / "results.csv")
     assert len(results) == 4 and (results.status != "error").all(), results.to_string()
     assert summary["best_run_dir"] and (Path(summary["best_run_dir"]) / "model.safetensors").is_file()
+    decisions = [json.loads(line) for line in (sweep_dir / "explore_decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == summary["exploits"] and {d["source"] for d in decisions} <= {"llm", "fallback"}
+    assert all(d["problem"] for d in decisions if d["source"] == "fallback")
+    assert summary["llm_explores"] + summary["fallbacks"] == summary["exploits"]
+    assert set(explores.source) <= {"llm", "fallback"}
 
 
 @pytest.mark.parametrize("scheduler", ["asha", "pb2", "random"])

@@ -81,3 +81,13 @@ def test_the_population_is_sized_to_run_at_once() -> None:
     config = build_config(recipe="smoke", sweep=True)
     assert config.tune.concurrency == config.tune.num_samples == 4
     assert needed_cpus(config) == 5  # 4 trials x 2 workers x 0.5 CPU, plus the trials' token shares
+
+
+def test_pbt_perturbations_stay_inside_the_space() -> None:
+    from tune_search.search import ClipToSpace
+
+    config = TuneConfig(space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.dropout": {"uniform": [0.0, 0.3]},
+                               "train.optimizer": {"choice": ["adamw", "sgd"]}})
+    clip = build_scheduler(config, max_epochs=6)._custom_explore_fn
+    assert isinstance(clip, ClipToSpace)
+    assert clip({"train.lr": 1.2e-2, "model.dropout": 0.36, "train.optimizer": "sgd"}) == {"train.lr": 1e-2, "model.dropout": 0.3, "train.optimizer": "sgd"}

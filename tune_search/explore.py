@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestration.protocol import ProposalOutcome, TrainingSnapshot
 from tune_search.config import TuneConfig, distribution
-from tune_search.search import mutable_keys
+from tune_search.search import ClipToSpace, mutable_keys
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class LLMExplorer:
         self.log_path = Path(log_path)
         self.trials: dict[str, TrialRecord] = {}
         self.explores: list[dict[str, Any]] = []
+        self.clip = ClipToSpace(config)
         self._pending: tuple[float, str, Future] | None = None  # (asked at, top trial, answer)
         self._ready: tuple[float, str, Any] | None = None
         self._lock = threading.Lock()
@@ -167,7 +168,7 @@ class LLMExplorer:
             self._collect()
             ready, self._ready = self._ready, None
             top = self.trials.get(ready[1]) if ready else None
-            chosen, source, problem, proposed = pbt_config, "fallback", "no advisor answer ready", None
+            chosen, source, problem, proposed = self.clip(pbt_config), "fallback", "no advisor answer ready", None
             if ready is not None and top is not None:
                 answer = ready[2]
                 proposal = getattr(answer, "proposal", None)

@@ -35,6 +35,22 @@ def mutable_keys(config: TuneConfig) -> list[str]:
     return [key for key, spec in config.space.items() if key not in SHAPE_KEYS and distribution(spec)[0] != "grid"]
 
 
+class ClipToSpace:
+    """PBT's explore step perturbs continuous values by a factor (x1.2, x0.8) and can leave the search space
+    (a dropout of 0.3 becomes 0.36); this puts them back inside `[low, high]`. A picklable callable, as
+    Tune pickles its scheduler with the experiment."""
+
+    def __init__(self, config: TuneConfig) -> None:
+        self.bounds = {key: distribution(spec)[1] for key, spec in config.space.items() if distribution(spec)[0] in ("loguniform", "uniform")}
+
+    def __call__(self, explored: dict) -> dict:
+        clipped = dict(explored)
+        for key, (low, high) in self.bounds.items():
+            if key in clipped and isinstance(clipped[key], (int, float)):
+                clipped[key] = min(max(clipped[key], low), high)
+        return clipped
+
+
 def build_scheduler(config: TuneConfig, *, max_epochs: int, custom_explore_fn: Callable[[dict], dict] | None = None):
     """The Tune scheduler for `config.scheduler` (`random` is FIFO over randomly sampled trials)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
@@ -57,4 +73,4 @@ def build_scheduler(config: TuneConfig, *, max_epochs: int, custom_explore_fn: C
     space = param_space(config)
     return PopulationBasedTraining(perturbation_interval=config.perturbation_interval, hyperparam_mutations={key: space[key] for key in mutable},
                                    quantile_fraction=config.quantile_fraction, resample_probability=config.resample_probability,
-                                   custom_explore_fn=custom_explore_fn, **common)
+                                   custom_explore_fn=custom_explore_fn or ClipToSpace(config), **common)
