@@ -33,6 +33,7 @@ from typing import Any
 from cluster.experiment import ExperimentConfig, config_from_dict, read_config, write_config
 from cluster.launch import execute_run, plan_run
 from cluster.runtime import connect
+from workers.train_loop import PLACEMENT_GROUP
 from orchestration.settings import ConfigError, merge
 from tune_search.config import extreme_values
 from tune_search.search import build_scheduler, param_space
@@ -81,6 +82,28 @@ def needed_cpus(config: ExperimentConfig) -> int:
     return math.ceil(config.tune.concurrency * per_trial + advisor_cpus)
 
 
+def free_placement_groups(root: Path) -> int:
+    """Remove the placement groups of the Train runs under `root` whose workers are gone.
+
+    A paused or stopped Tune trial is killed with its Train controller; Ray Train's cleaner frees the
+    workers' placement group only through the State API (the dashboard), so without it the CPUs stay
+    reserved and the next trials wait forever for them. Every run records its group's id
+    (`workers.train_loop.PLACEMENT_GROUP`); a run's own trial, or the sweep at its end, frees it here.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = ray.util.placement_group_table()
+    freed = 0
+    for path in root.rglob(PLACEMENT_GROUP):
+        group_id = path.read_text().strip()
+        if table.get(group_id, {}).get("state") not in (None, "REMOVED"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+            freed += 1
+        path.unlink()
+    return freed
+
+
 def _report_callback(report_queue):
     """A Train V2 callback (it runs in the Train controller) that hands each report to the trial thread."""
     from ray.train.v2.api.callback import UserCallback
@@ -103,6 +126,7 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
     config = dataclasses.replace(trial_config(base, params), name=name)
     trial_root = Path(sweep_dir) / "trials" / name
     attempt = len(list(trial_root.glob("run-*")))
+    free_placement_groups(trial_root)  # of this trial's earlier runs, killed by a pause
     checkpoint = tune.get_checkpoint()
     initial = checkpoint.path if checkpoint is not None else None
     plan = plan_run(config, trial_root / f"run-{attempt}")
@@ -120,6 +144,7 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
 
     thread = threading.Thread(target=fit, name="hybridtrain-trial", daemon=True)
     thread.start()
+    last_row: dict[str, Any] | None = None
     while thread.is_alive() or not reports.empty():
         try:
             metrics, path = reports.get(timeout=2.0)
@@ -128,9 +153,11 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
         if metrics.get("final"):
             continue  # the workers' closing report (test metrics): summary.json has it; Tune wants epochs only
         row = {key: metrics[key] for key in _REPORTED if key in metrics} | {"run_dir": str(plan.run_dir)}
-        if path is None or metrics.get("epoch", 0) >= config.train.epochs:
-            # The last epoch goes to Tune without a checkpoint: a finished trial is never paused by PBT
-            # (only trials with a checkpoint are exploited), so it gets to write its final model.
+        if metrics.get("epoch", 0) >= config.train.epochs:
+            # Held back until the run has written its final model and summary, then reported as done:
+            # a scheduler sees no result it could pause or stop the finishing trial on.
+            last_row = row
+        elif path is None:
             tune.report(row)
         else:
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(path))
@@ -138,6 +165,8 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
     ray.kill(reports.actor)
     if "error" in outcome:
         raise outcome["error"]
+    if last_row is not None:
+        tune.report(last_row | {"done": True})
 
 
 def _record_start(sweep_dir: Path, trial: str, trial_dir: Path, checkpoint: str, params: dict[str, Any], run_dir: Path) -> None:
@@ -259,6 +288,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
                                       callbacks=callbacks),
         )
     results = tuner.fit()
+    free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
     summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started)
     best = summary["best_score"]
     print(f"[hybridtrain] sweep done: best {tune_config.metric} {best if best is None else f'{best:.4f}'} "

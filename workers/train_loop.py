@@ -46,6 +46,7 @@ from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
 ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
+PLACEMENT_GROUP = "placement_group.txt"  # in the run directory: the id of the worker group's placement group
 RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
@@ -80,6 +81,7 @@ class EvalResult:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+    import ray.util
 
     # DeepSpeed still calls torch collectives that torch marks deprecated, a warning at every ZeRO step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
@@ -91,6 +93,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train = TrainConfig(**loop_config["train"])
     run_dir = Path(loop_config["run_dir"])
     device = ray.train.torch.get_device()
+    if rank == 0:
+        # Which placement group Train reserved for this worker group: a sweep frees it if the run is killed
+        # (a paused or stopped Tune trial) and Ray Train's own cleaner cannot (it needs the State API).
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            (run_dir / PLACEMENT_GROUP).parent.mkdir(parents=True, exist_ok=True)
+            (run_dir / PLACEMENT_GROUP).write_text(group.id.hex())
 
     # Every rank loads and splits identically (seeded), so shards line up without any exchange.
     dataset = load_dataset(data_config)
