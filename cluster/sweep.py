@@ -227,6 +227,7 @@ def _progress_callback(metric: str, every_s: float = 10.0):
 def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary."""
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     sweep_dir = Path(sweep_dir).resolve()
     if resume:
@@ -280,6 +281,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
             trainable,
             param_space=param_space(tune_config),
             tune_config=tune.TuneConfig(num_samples=tune_config.num_samples, max_concurrent_trials=tune_config.concurrency,
+                                        search_alg=BasicVariantGenerator(random_state=tune_config.seed),  # the same trials for the same seed
                                         scheduler=build_scheduler(tune_config, max_epochs=config.train.epochs, custom_explore_fn=explorer)),
             run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=str(sweep_dir / TUNE_STORAGE), verbose=0,
                                       # Keep every checkpoint: PBT may clone a top trial's checkpoint after that

@@ -26,8 +26,10 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     script = tmp_path / "advisor.json"
     script.write_text(json.dumps([{"hyperparameters": {"lr_scale": 0.5}, "reason": "halve lr"},
                                   {"hyperparameters": {"lr_scale": 10.0}, "reason": "far too much"}]))
-    # Far-apart learning rates and a 2-epoch interval make the bottom trial copy the top one.
-    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}",
+    # Far-apart learning rates, half the population in the bottom quantile and two perturbation points make an
+    # exploit all but certain (asynchronous PBT skips one when the top trial has no checkpoint yet).
+    config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
+                                                                 "tune.quantile_fraction=0.5",
                                                                  "tune.llm_explore=true", "advisor.backend=scripted", f"advisor.script={script}",
                                                                  "coordinator.probation_steps=2"])
     summary = run_sweep(config, tmp_path / "pbt")
