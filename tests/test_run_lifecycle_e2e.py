@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,31 +55,30 @@ def test_a_killed_driver_resumes_with_every_checkpointed_ledger_row(tmp_path) ->
     run_dir = tmp_path / "run"
     process = _hybridtrain("run", "--recipe", "smoke", "--output", str(run_dir), "--set", "train.epochs=10",
                            "--set", f"advisor.script={_script(tmp_path)}", *(f"--set={item}" for item in ADVISED), start_new_session=True)
-    # Wait for a checkpoint whose ledger holds two verdicts, then for the next one: by then Ray Train has
-    # surely registered the first (a directory alone may still be on its way into the run's state).
-    checkpointed, seen_at = None, None
+    # Keep the ledger of every checkpoint seen (by epoch) until one holds two verdicts and a newer one exists.
+    ledgers: dict[int, list] = {}
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline and process.poll() is None:
-        states = sorted((run_dir / "ray" / "train").glob("checkpoint_*/advice_state.json"), key=lambda path: path.stat().st_mtime)
-        if checkpointed is None:
-            for path in states:
-                try:
-                    ledger = json.loads(path.read_text())["coordinator"]["ledger"]
-                except (OSError, ValueError):  # being written, or already rotated out (checkpoints_to_keep)
-                    continue
-                if sum(row["kind"] == "verdict" for row in ledger) >= 2:
-                    checkpointed, seen_at = ledger, path.parent.name
-                    break
-        elif any(path.parent.name > seen_at for path in states):
+        for path in (run_dir / "ray" / "train").glob("checkpoint_*"):
+            try:
+                epoch = json.loads((path / "loop_state.json").read_text())["epoch"]
+                ledgers.setdefault(epoch, json.loads((path / "advice_state.json").read_text())["coordinator"]["ledger"])
+            except (OSError, ValueError, KeyError):  # being written, or already rotated out (checkpoints_to_keep)
+                continue
+        full = [epoch for epoch, ledger in ledgers.items() if sum(row["kind"] == "verdict" for row in ledger) >= 2]
+        if full and max(ledgers) > min(full):
             break
         time.sleep(0.2)
-    assert checkpointed is not None and process.poll() is None, (
-        f"no checkpoint with two verdicts in time:\n{process.stdout.read()[-3000:] if process.poll() is not None else ''}")
+    assert ledgers and process.poll() is None, f"no checkpoint in time:\n{process.stdout.read()[-3000:] if process.poll() is not None else ''}"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, without any clean-up
     process.wait(timeout=60)
     assert not (run_dir / "summary.json").exists()
 
-    _run("run", "--resume", str(run_dir))
+    output = _run("run", "--resume", str(run_dir))
+    # The checkpoint Ray Train resumed from is the last one it had registered (a newer directory may not be yet).
+    resumed_epoch = int(re.search(r"resumed from checkpoint after epoch (\d+)", output).group(1))
+    checkpointed = ledgers[resumed_epoch]
+    assert resumed_epoch >= 2 and sum(row["kind"] == "verdict" for row in checkpointed) >= 1
     summary = json.loads((run_dir / "summary.json").read_text())
     ledger = pd.read_csv(run_dir / "interventions.csv")
     before = _rows(pd.DataFrame(checkpointed))
