@@ -23,20 +23,30 @@ def _add_run(subparsers) -> None:
     run.set_defaults(func=_cmd_run)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _resume_address(args: argparse.Namespace, what: str) -> str | None:
+    """Check that `--resume` comes alone; the address that wins over the saved config's (which may name a
+    cluster that is gone): --address, else RAY_ADDRESS."""
+    if args.config or args.recipe or args.overrides or args.output:
+        raise ValueError(f"--resume continues a {what} with its saved config.yaml; it takes no --config/--recipe/--set/--output")
+    return args.address or os.environ.get("RAY_ADDRESS")
+
+
+def _config_and_dir(args: argparse.Namespace, *, sweep: bool, root: str):
+    """The config from --recipe/--config/--set/--address, and --output or `root/NAME-TIMESTAMP`."""
     from cluster.experiment import build_config
+
+    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides, sweep=sweep)
+    return config, Path(args.output) if args.output else Path(root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.launch import execute_run, plan_run
 
     if args.resume:
-        if args.config or args.recipe or args.overrides or args.output:
-            raise ValueError("--resume continues a run with its saved config.yaml; it takes no --config/--recipe/--set/--output")
-        # The saved config may name a cluster that is gone: --address, else RAY_ADDRESS, wins over it.
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        execute_run(plan_run(None, args.resume, resume=True, address=address))
+        execute_run(plan_run(None, args.resume, resume=True, address=_resume_address(args, "run")))
         return 0
-    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-    config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides)
-    run_dir = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config, run_dir = _config_and_dir(args, sweep=False, root="runs")
     execute_run(plan_run(config, run_dir))
     return 0
 
@@ -54,17 +64,12 @@ def _add_tune(subparsers) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from cluster.experiment import build_config
     from cluster.sweep import run_sweep
 
     if args.resume:
-        if args.config or args.recipe or args.overrides or args.output:
-            raise ValueError("--resume continues a sweep with its saved config.yaml; it takes no --config/--recipe/--set/--output")
-        run_sweep(None, args.resume, resume=True, address=args.address or os.environ.get("RAY_ADDRESS"))
+        run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"))
         return 0
-    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-    config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides, sweep=True)
-    sweep_dir = Path(args.output) if args.output else Path("sweeps") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config, sweep_dir = _config_and_dir(args, sweep=True, root="sweeps")
     run_sweep(config, sweep_dir)
     return 0
 
