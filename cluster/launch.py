@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
-from cluster.runtime import ClusterInfo, connect
+from cluster.runtime import ClusterInfo, check_shared_storage, connect
 from orchestration.ledger import InterventionRecord, Ledger
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
@@ -62,6 +62,11 @@ class RunPlan:
     def coordinator_name(self) -> str:
         """One coordinator actor per run directory (two runs of one config may run side by side)."""
         return f"hybridtrain-coordinator-{self.run_id}-{_digest(str(self.run_dir))}"
+
+    @property
+    def run_key(self) -> str:
+        """This run's key in its coordinator actor (which may serve a whole sweep): its run directory."""
+        return str(self.run_dir)
 
 
 def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False, address: str | None = None) -> RunPlan:
@@ -124,40 +129,44 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
-                deploy_advisor: bool = True, initial_checkpoint: str | None = None, callbacks: list[Any] | None = None,
-                digest_checkpoints: bool = False) -> dict[str, Any]:
+                deploy_advisor: bool = True, coordinator: tuple[str, str] | None = None, initial_checkpoint: str | None = None,
+                callbacks: list[Any] | None = None, digest_checkpoints: bool = False, check_storage: bool = True) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
     `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes
     `deploy_advisor=False` (the sweep deployed the shared advisor once), the checkpoint Tune handed it
     (`initial_checkpoint`), Train callbacks that forward each report, and `digest_checkpoints` (each
-    checkpoint records a hash of its weights, so a PBT clone can be checked).
+    checkpoint records a hash of its weights, so a PBT clone can be checked), and the sweep's shared
+    `coordinator` actor (name, namespace) to open its run in.
     """
     config, run_dir = plan.config, plan.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(config, run_dir / "config.yaml")
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if check_storage:  # a sweep checks its whole directory once, not each trial
+        check_shared_storage(run_dir, cluster)  # workers on any node write checkpoints here
+    write_config(config, run_dir / "config.yaml")
     use_gpu = resolve_use_gpu(config, cluster)
     data = plan.data
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
 
-    coordinator, advice = start_advice(plan, advisor_factory, deploy=deploy_advisor)
+    handle, advice = start_advice(plan, advisor_factory, deploy=deploy_advisor, coordinator=coordinator)
+    shared = coordinator is not None
     trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
                             digest_checkpoints=digest_checkpoints)
     started = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
-        close_advice(coordinator, plan, incidents=[])
+        close_advice(handle, plan, incidents=[], shared=shared)
         raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}") from error
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
-        close_advice(coordinator, plan, incidents=[])
+        close_advice(handle, plan, incidents=[], shared=shared)
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
-    advice_counts = close_advice(coordinator, plan, incidents=metrics.get("advice_incidents", []))
+    advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
     summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
@@ -205,11 +214,14 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     )
 
 
-def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *, deploy: bool = True) -> tuple[Any, AdviceSettings | None]:
-    """Deploy the advisor (if it is a served LLM) and create this run's coordinator actor.
+def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *, deploy: bool = True,
+                 coordinator: tuple[str, str] | None = None) -> tuple[Any, AdviceSettings | None]:
+    """Deploy the advisor (if it is a served LLM) and open this run in a coordinator actor.
 
-    A resumed run starts with a fresh coordinator: the workers load its state from the checkpoint
-    they resume from, so the ledger continues exactly where that checkpoint left it.
+    By default the run gets its own actor; a sweep trial passes the sweep's `coordinator` (name,
+    namespace), shared by the population. A resumed run starts with a fresh coordinator state: the
+    workers load its state from the checkpoint they resume from, so the ledger continues exactly
+    where that checkpoint left it. Returns the actor handle (None without advice) and the workers' settings.
     """
     config = plan.config
     if config.advisor.backend == "none" and advisor_factory is None:
@@ -219,26 +231,32 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
     from orchestration.actor import get_or_create_coordinator
     from serve_llm.client import make_client
 
-    if config.advisor.is_served and advisor_factory is None and deploy:
-        from serve_llm.deployment import deploy_advisor
+    if coordinator is not None:
+        name, namespace = coordinator
+        handle = ray.get_actor(name, namespace=namespace)
+    else:
+        if config.advisor.is_served and advisor_factory is None and deploy:
+            from serve_llm.deployment import deploy_advisor
 
-        print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
-        deploy_advisor(config.advisor)
-    namespace = ray.get_runtime_context().namespace
-    coordinator = get_or_create_coordinator(plan.coordinator_name, namespace, config=config.coordinator, run_id=plan.run_id,
-                                            advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
-    ray.get(coordinator.summary_counts.remote())  # fail here, not in a worker, if the actor cannot start
-    return coordinator, AdviceSettings(coordinator=plan.coordinator_name, namespace=namespace, run_id=plan.run_id,
-                                       history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
-                                       call_timeout_s=config.coordinator.wait_for_answer_s + 120.0)
+            print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
+            deploy_advisor(config.advisor)
+        name, namespace = plan.coordinator_name, ray.get_runtime_context().namespace
+        handle = get_or_create_coordinator(name, namespace, config=config.coordinator,
+                                           advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
+    # Fail here, not in a worker, if the actor cannot start.
+    ray.get(handle.open_run.remote(plan.run_key, config.coordinator, plan.run_id))
+    return handle, AdviceSettings(coordinator=name, namespace=namespace, run_id=plan.run_id, run_key=plan.run_key,
+                                  history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
+                                  call_timeout_s=config.coordinator.wait_for_answer_s + 120.0)
 
 
-def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write the ledger (`interventions.csv`) and return the counts for `summary.json`.
+def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:
+    """Close this run in its coordinator, write the ledger (`interventions.csv`) and return the counts for `summary.json`.
 
     The ledger comes from the live coordinator, or, if it is gone, from the newest checkpoint (the
     summary then says so). Advice incidents the workers could not record (a coordinator that became
-    unreachable) are added as `error` rows, so the ledger and the summary both show them.
+    unreachable) are added as `error` rows, so the ledger and the summary both show them. The run's
+    own actor is stopped; a `shared` one (the sweep's) keeps serving the other trials.
     """
     if coordinator is None:
         return {}
@@ -246,14 +264,15 @@ def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, A
 
     counts: dict[str, Any] = {}
     try:
-        state = ray.get(coordinator.to_state.remote(), timeout=60)
+        state = ray.get(coordinator.close_run.remote(plan.run_key), timeout=60)
     except Exception as error:  # noqa: BLE001 - the run's own outputs matter more; fall back to the checkpoint
         state = _checkpointed_coordinator_state(plan)
         where = "the newest checkpoint" if state else "nowhere"
         counts["advisor_ledger_error"] = f"coordinator unreachable at the end ({type(error).__name__}); ledger taken from {where}"
         print(f"[hybridtrain] warning: {counts['advisor_ledger_error']}", flush=True)
     finally:
-        ray.kill(coordinator)
+        if not shared:
+            ray.kill(coordinator)
     ledger = Ledger.from_state(state["ledger"]) if state else Ledger()
     for incident in incidents:
         ledger.append(InterventionRecord(kind="error", epoch=int(incident.get("epoch", 0)), reason=str(incident["problem"])))

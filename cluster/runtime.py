@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
-from orchestration.settings import require
+from orchestration.settings import ConfigError, require
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +112,42 @@ def detect_resources() -> dict[str, float]:
 
     total = ray.cluster_resources()
     return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+
+
+def nodes_not_seeing(path: Path) -> list[str]:
+    """The alive nodes of the connected cluster on which `path` (a directory this process wrote) is not
+    visible: a marker file is written here and looked for by a zero-CPU task pinned to each node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if len(nodes) <= 1:
+        return []
+    token = uuid.uuid4().hex
+    marker = path / f".hybridtrain-storage-check-{token}"
+    marker.write_text(token)
+    try:
+        probe = ray.remote(num_cpus=0)(_read_marker)
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker))
+                        for node in nodes], timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    return [node for node, text in zip(nodes, seen) if text != token]
+
+
+def check_shared_storage(path: Path, info: ClusterInfo) -> None:
+    """On a cluster of several nodes, `path` must be storage every node shares (NFS or another shared
+    mount): workers on any node write checkpoints and run files there, and trials read each other's
+    checkpoints. Raise a `ConfigError` naming the nodes that cannot see it; an embedded Ray is one machine."""
+    if info.embedded:
+        return
+    blind = nodes_not_seeing(path)
+    if blind:
+        raise ConfigError(f"output directory {str(path)!r} is not shared storage: {len(blind)} node(s) of the cluster at {info.address} "
+                          f"cannot see it ({', '.join(node[:12] for node in blind)}). On a multi-node cluster, --output must be a "
+                          "directory every node mounts at the same path (for example NFS).")
+
+
+def _read_marker(path: str) -> str | None:
+    marker = Path(path)
+    return marker.read_text() if marker.is_file() else None

@@ -14,6 +14,10 @@ bridge (Ray's own `train_tune_interop` pattern):
   stale checkpoint by run name; the checkpoint Tune hands the trial (its own, or the clone of a better
   trial's) goes to the workers as `initial_checkpoint`, and the trial's configured hyperparameters
   are written over the restored ones (DeepSpeed's load restores the old learning rate and schedule).
+- One advisor deployment and one coordinator actor serve the whole population: the sweep deploys
+  the advisor and creates the coordinator (`POPULATION_COORDINATOR`) before Tune starts; every
+  trial run opens its own coordinator state in it (alphas, track record, ledger, under its own,
+  possibly tuned, settings), and all of them share the advisor client and the response cache.
 - The trial function reserves no CPU: it is only the Train driver, and Train reserves the workers'
   placement group from `ScalingConfig` itself. `max_concurrent_trials` is the whole population, and
   the cluster must fit it at once (asynchronous PBT pauses trials while any is pending).
@@ -22,6 +26,7 @@ bridge (Ray's own `train_tune_interop` pattern):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -32,7 +37,7 @@ from typing import Any
 
 from cluster.experiment import ExperimentConfig, config_from_dict, read_config, write_config
 from cluster.launch import execute_run, plan_run
-from cluster.runtime import connect
+from cluster.runtime import check_shared_storage, connect
 from workers.train_loop import PLACEMENT_GROUP
 from orchestration.settings import ConfigError, merge
 from tune_search.config import extreme_values
@@ -42,6 +47,7 @@ TUNE_STORAGE = "ray"
 TUNE_RUN_NAME = "tune"
 EXPLORES = "explores.jsonl"  # written by trials: every start from another trial's checkpoint
 EXPLORE_DECISIONS = "explore_decisions.jsonl"  # written by the LLM explorer: every explore it decided
+POPULATION_COORDINATOR = "hybridtrain-population-{digest}"  # the sweep's shared coordinator actor, by sweep directory
 TRIAL_CPU = 0.01
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 _REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
@@ -115,8 +121,9 @@ def _report_callback(report_queue):
     return ForwardReports()
 
 
-def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) -> None:
-    """One trial: plan a run from the sampled `params`, train it, and report every epoch to Tune."""
+def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, coordinator: tuple[str, str] | None = None) -> None:
+    """One trial: plan a run from the sampled `params`, train it, and report every epoch to Tune.
+    `coordinator` is the sweep's shared coordinator actor (name, namespace), if trials are advised."""
     import ray
     from ray import tune
     from ray.util.queue import Empty, Queue
@@ -127,6 +134,8 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
     trial_root = Path(sweep_dir) / "trials" / name
     attempt = len(list(trial_root.glob("run-*")))
     free_placement_groups(trial_root)  # of this trial's earlier runs, killed by a pause
+    if coordinator is not None:  # and their coordinator state, which no killed driver closed
+        ray.get(ray.get_actor(coordinator[0], namespace=coordinator[1]).discard_under.remote(str(trial_root.resolve()) + os.sep))
     checkpoint = tune.get_checkpoint()
     initial = checkpoint.path if checkpoint is not None else None
     plan = plan_run(config, trial_root / f"run-{attempt}")
@@ -137,8 +146,10 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str) 
 
     def fit() -> None:
         try:
-            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), deploy_advisor=False, initial_checkpoint=initial,
-                                             callbacks=[_report_callback(reports)], digest_checkpoints=True)
+            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), deploy_advisor=False, coordinator=coordinator,
+                                             initial_checkpoint=initial,
+                                             callbacks=[_report_callback(reports)], digest_checkpoints=True,
+                                             check_storage=False)
         except BaseException as error:  # noqa: BLE001 - raised again in the trial thread below
             outcome["error"] = error
 
@@ -246,9 +257,8 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
     # inherit this process's environment; set it on the cluster's nodes otherwise).
     os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
     cluster = connect(config.cluster, min_cpus=needed_cpus(config))
-    if not cluster.embedded:
-        print(f"[hybridtrain] note: trials write to {sweep_dir}; on a multi-node cluster it must be storage every node shares", flush=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
     if not resume:
         write_config(config, sweep_dir / "config.yaml")
     if config.advisor.is_served:
@@ -256,6 +266,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
 
         print(f"[hybridtrain] starting the shared advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
         deploy_advisor(config.advisor)
+    population = start_population(config, sweep_dir)
     tune_config = config.tune
     callbacks = [_progress_callback(tune_config.metric)]
     explorer = None
@@ -269,7 +280,8 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         callbacks.append(_explore_feed(explorer))
     # A trial is only the Train driver: a token share of a CPU (Tune refuses an empty request); the workers'
     # resources are reserved once, by Train, from ScalingConfig.
-    trainable = tune.with_resources(tune.with_parameters(trial_main, base=config.to_dict(), sweep_dir=str(sweep_dir)), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(trial_main, base=config.to_dict(), sweep_dir=str(sweep_dir),
+                                                         coordinator=population[:2] if population else None), {"CPU": TRIAL_CPU})
     experiment = sweep_dir / TUNE_STORAGE / TUNE_RUN_NAME
     print(f"[hybridtrain] sweep {config.name!r}: {tune_config.scheduler}, {tune_config.num_samples} trials of {config.train.epochs} epochs "
           f"-> {sweep_dir}", flush=True)
@@ -289,16 +301,61 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                       callbacks=callbacks),
         )
-    results = tuner.fit()
-    free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
-    summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started)
+    try:
+        results = tuner.fit()
+    finally:
+        free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
+        coordinator_stats = stop_population(population)
+    summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started, coordinator=coordinator_stats)
     best = summary["best_score"]
     print(f"[hybridtrain] sweep done: best {tune_config.metric} {best if best is None else f'{best:.4f}'} "
           f"in {summary['best_run_dir']}; {summary['exploits']} exploits, {summary['trials']} trials -> {sweep_dir}", flush=True)
     return summary
 
 
-def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, wall_s: float) -> dict[str, Any]:
+def start_population(config: ExperimentConfig, sweep_dir: Path) -> tuple[str, str, Any] | None:
+    """The sweep's one coordinator actor (name, namespace, handle), or None when trials are not advised.
+
+    It holds the population's advisor client and response cache; its settings for the cache are the
+    sweep's base `coordinator` section (each trial brings its own for the rest). A resumed sweep gets
+    a fresh one; the trials bring their coordinator state back from their checkpoints.
+    """
+    if config.advisor.backend == "none":
+        return None
+    import functools
+
+    import ray
+
+    from orchestration.actor import get_or_create_coordinator
+    from serve_llm.client import make_client
+
+    name = POPULATION_COORDINATOR.format(digest=hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:8])
+    namespace = ray.get_runtime_context().namespace
+    handle = get_or_create_coordinator(name, namespace, config=config.coordinator, advisor_factory=functools.partial(make_client, config.advisor))
+    ray.get(handle.stats.remote())  # fail here, not in a trial, if it cannot start
+    return name, namespace, handle
+
+
+def stop_population(population: tuple[str, str, Any] | None) -> dict[str, Any] | None:
+    """The shared coordinator's statistics (runs served, shared-cache hits), then stop it."""
+    if population is None:
+        return None
+    import ray
+
+    handle = population[2]
+    try:
+        stats = ray.get(handle.stats.remote(), timeout=60)
+        stats["node_id"] = ray.get(handle.node_id.remote(), timeout=60)
+    except Exception as error:  # noqa: BLE001 - the trials' own outputs matter more
+        stats = {"error": f"shared coordinator unreachable at the end: {type(error).__name__}: {error}"}
+        print(f"[hybridtrain] warning: {stats['error']}", flush=True)
+    ray.kill(handle)
+    stats.pop("runs_open", None)
+    return stats
+
+
+def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, wall_s: float,
+                        coordinator: dict[str, Any] | None = None) -> dict[str, Any]:
     """`results.csv` (one row per trial), `explores.csv` (exploit/explore decisions) and `summary.json`."""
     import pandas as pd
 
@@ -344,6 +401,7 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
         "llm_explores": int((explores.source == "llm").sum()) if len(explores) else 0,
         "fallbacks": int((explores.source == "fallback").sum()) if len(explores) else 0,
         "explore_decisions": _count_lines(sweep_dir / EXPLORE_DECISIONS),
+        "coordinator": coordinator,  # the shared coordinator: runs served, response-cache hits (shared: across runs)
         "wall_s": wall_s,
     }
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,8 +1,10 @@
-"""The coordinator as a named Ray actor: a thin shell that builds the advisor client inside the
-actor process and forwards every call to a plain `Coordinator`.
+"""The coordinator as a named Ray actor: a thin shell around a `Population` (the coordinators of
+one or more runs, sharing one advisor client and one response cache).
 
-One actor per run (`get_or_create_coordinator`, `get_if_exists=True`), so rank 0 of every worker
-group of that run, including a restarted one, reaches the same coordinator.
+`hybridtrain run` creates one actor per run directory and opens its run in it; `hybridtrain tune`
+creates one per sweep, and every trial opens its run in that one. Rank 0 of every worker group of a
+run (a restarted one included) reaches it by name and calls it with its run key. The actor is
+threaded: runs are served side by side, each run's calls one at a time.
 """
 
 from __future__ import annotations
@@ -13,62 +15,48 @@ from typing import Any
 import ray
 
 from orchestration.config import CoordinatorConfig
-from orchestration.coordinator import AdvisorPort, Coordinator
-from orchestration.protocol import Decision, ProbationMetrics, TrainingSnapshot, Verdict
+from orchestration.coordinator import AdvisorPort
+from orchestration.population import Population
+
+MAX_CONCURRENT_CALLS = 64  # threads of the actor: at least the runs that may wait for an answer at once
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENT_CALLS)
 class CoordinatorActor:
-    """Ray actor around `Coordinator`. `advisor_factory` (any picklable callable, e.g.
+    """Ray actor around `Population`. `advisor_factory` (any picklable callable, e.g.
     `functools.partial(serve_llm.client.make_client, advisor_config)`) is called inside the actor:
     Serve handles and HTTP sessions are made where they are used."""
 
-    def __init__(self, config: CoordinatorConfig, run_id: str = "run", advisor_factory: Callable[[], AdvisorPort] | None = None,
-                 state: dict[str, Any] | None = None) -> None:
-        advisor = advisor_factory() if advisor_factory is not None else None
-        if state is None:
-            self.coordinator = Coordinator(config, advisor, run_id)
-        else:
-            self.coordinator = Coordinator.from_state(state, config=config, advisor=advisor, run_id=run_id)
+    def __init__(self, config: CoordinatorConfig, advisor_factory: Callable[[], AdvisorPort] | None = None) -> None:
+        self.population = Population(config, advisor_factory() if advisor_factory is not None else None)
 
-    def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
-        return self.coordinator.on_epoch_end(snapshot, weight_drift)
+    def open_run(self, run: str, config: CoordinatorConfig | None = None, run_id: str = "run") -> bool:
+        return self.population.open(run, config=config, run_id=run_id)
 
-    def report_probation(self, query_id: str, candidate: ProbationMetrics, reference: ProbationMetrics, *,
-                         epoch: int | None = None, step: int = 0) -> Verdict:
-        return self.coordinator.report_probation(query_id, candidate, reference, epoch=epoch, step=step)
+    def close_run(self, run: str) -> dict[str, Any]:
+        return self.population.close(run)
 
-    def report_apply_failed(self, query_id: str, problem: str, *, epoch: int | None = None, step: int = 0) -> None:
-        self.coordinator.report_apply_failed(query_id, problem, epoch=epoch, step=step)
+    def discard_under(self, prefix: str) -> list[str]:
+        return self.population.discard_under(prefix)
 
-    def report_incident(self, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> None:
-        self.coordinator.report_incident(problem, epoch=epoch, step=step, query_id=query_id)
+    def call(self, run: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.population.call(run, method, *args, **kwargs)
 
-    def summary_counts(self) -> dict[str, int]:
-        return self.coordinator.summary_counts()
+    def stats(self) -> dict[str, Any]:
+        return self.population.stats()
 
-    def ledger_records(self) -> list[dict[str, Any]]:
-        return self.coordinator.ledger_records()
-
-    def write_ledger(self, path: str) -> str:
-        return self.coordinator.write_ledger(path)
-
-    def to_state(self) -> dict[str, Any]:
-        return self.coordinator.to_state()
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.coordinator.load_state(state)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
-def get_or_create_coordinator(name: str, namespace: str | None = None, *, config: CoordinatorConfig, run_id: str = "run",
-                              advisor_factory: Callable[[], AdvisorPort] | None = None, state: dict[str, Any] | None = None,
-                              detached: bool = False) -> ray.actor.ActorHandle:
+def get_or_create_coordinator(name: str, namespace: str | None = None, *, config: CoordinatorConfig,
+                              advisor_factory: Callable[[], AdvisorPort] | None = None, detached: bool = False) -> ray.actor.ActorHandle:
     """The named coordinator actor, created on first call (`get_if_exists=True`).
 
-    Later calls return the existing actor and ignore the other arguments, so every worker of a
-    run (and a restarted driver, with `detached=True`) reaches the same coordinator.
+    Later calls return the existing actor and ignore the other arguments, so every run of a sweep
+    (and a restarted driver, with `detached=True`) reaches the same coordinator.
     """
     options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
     if detached:
         options["lifetime"] = "detached"
-    return CoordinatorActor.options(**options).remote(config, run_id, advisor_factory=advisor_factory, state=state)
+    return CoordinatorActor.options(**options).remote(config, advisor_factory=advisor_factory)

@@ -3,12 +3,20 @@
 Snapshots become fixed-length, quantised feature vectors (`snapshot_features`); a lookup is a
 nearest-neighbour search by Euclidean distance among entries of the same model signature
 (model kind and parameter-group names, so a cached proposal never names groups a model lacks).
+
+One cache can serve a whole population (a sweep's trials, through `orchestration.population`):
+every entry remembers the run that stored it, so a hit answered for another run is counted
+(`shared_hits`). Its methods take a lock, so the coordinators of several runs may use it from
+the threads of one actor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +109,7 @@ class CacheEntry:
     features: np.ndarray
     proposal: Proposal
     epoch: int
+    origin: str = ""  # the run that stored it
 
 
 class ResponseCache:
@@ -110,6 +119,15 @@ class ResponseCache:
     Entries whose proposal is later rejected are evicted; beyond `max_entries` the oldest go.
     """
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __init__(self, *, similarity: float, quantum: float, max_entries: int = 256) -> None:
         """Values as `CoordinatorConfig` checked them (build with `from_config`)."""
         self.similarity = similarity
@@ -118,6 +136,8 @@ class ResponseCache:
         self.entries: list[CacheEntry] = []
         self.hits = 0
         self.misses = 0
+        self.shared_hits = 0  # hits on an entry another run stored
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig) -> ResponseCache:
@@ -126,64 +146,94 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def lookup(self, snapshot: TrainingSnapshot) -> tuple[Proposal | None, float]:
+    def lookup(self, snapshot: TrainingSnapshot, *, asker: str = "") -> tuple[Proposal | None, float]:
         """The cached proposal for the nearest similar snapshot (or None) and its distance (inf if none)."""
+        entry, distance = self.lookup_entry(snapshot, asker=asker)
+        return (Proposal.from_dict(entry.proposal.to_dict()) if entry is not None else None), distance
+
+    def lookup_entry(self, snapshot: TrainingSnapshot, *, asker: str = "") -> tuple[CacheEntry | None, float]:
+        """The nearest similar entry (or None) and its distance; `asker` is the run asking, so a hit on
+        another run's entry counts in `shared_hits`."""
         signature = model_signature(snapshot)
         features = snapshot_features(snapshot, self.quantum)
-        best: CacheEntry | None = None
-        best_distance = math.inf
-        for entry in self.entries:
-            if entry.signature != signature:
-                continue
-            distance = float(np.linalg.norm(entry.features - features))
-            if distance < best_distance:
-                best, best_distance = entry, distance
-        if best is None or best_distance > self.similarity:
-            self.misses += 1
-            logger.debug("cache miss at epoch %d, nearest distance %.3g", snapshot.epoch, best_distance)
-            return None, best_distance
-        self.hits += 1
+        with self._lock:
+            best: CacheEntry | None = None
+            best_distance = math.inf
+            for entry in self.entries:
+                if entry.signature != signature:
+                    continue
+                distance = float(np.linalg.norm(entry.features - features))
+                if distance < best_distance:
+                    best, best_distance = entry, distance
+            if best is None or best_distance > self.similarity:
+                self.misses += 1
+                logger.debug("cache miss at epoch %d, nearest distance %.3g", snapshot.epoch, best_distance)
+                return None, best_distance
+            self.hits += 1
+            if asker and best.origin and best.origin != asker:
+                self.shared_hits += 1
         logger.debug("cache hit at epoch %d, distance %.3g: %s", snapshot.epoch, best_distance, best.proposal.summary())
-        return Proposal.from_dict(best.proposal.to_dict()), best_distance
+        return dataclasses.replace(best, proposal=Proposal.from_dict(best.proposal.to_dict())), best_distance
 
-    def store(self, snapshot: TrainingSnapshot, proposal: Proposal) -> None:
-        """Remember `proposal` as a good answer to `snapshot`, evicting the oldest entry when full."""
+    def store(self, snapshot: TrainingSnapshot, proposal: Proposal, *, origin: str = "") -> None:
+        """Remember `proposal` as a good answer to `snapshot` (from run `origin`), evicting the oldest entry when full."""
         entry = CacheEntry(
             signature=model_signature(snapshot),
             features=snapshot_features(snapshot, self.quantum),
             proposal=Proposal.from_dict(proposal.to_dict()),
             epoch=snapshot.epoch,
+            origin=origin,
         )
-        self.entries.append(entry)
-        if len(self.entries) > self.max_entries:
+        with self._lock:
+            self.entries.append(entry)
             self.entries = self.entries[-self.max_entries :]
+
+    def merge(self, entries: list[CacheEntry]) -> int:
+        """Add the entries not already held (same signature, features and proposal); returns how many came in.
+        A run of a population that restarts from its checkpoint brings back what it learned without
+        dropping what the other runs stored since."""
+        with self._lock:
+            held = {_entry_key(entry) for entry in self.entries}
+            new = [entry for entry in entries if _entry_key(entry) not in held]
+            self.entries = (self.entries + new)[-self.max_entries :]
+        return len(new)
+
+    def replace(self, entries: list[CacheEntry]) -> None:
+        """Hold exactly `entries` (the newest `max_entries`): a single run rewound to its checkpoint."""
+        with self._lock:
+            self.entries = list(entries)[-self.max_entries :]
 
     def evict_proposal(self, proposal: Proposal) -> int:
         """Drop every entry holding `proposal` (e.g. after it was rejected); returns how many went."""
         rejected = proposal.to_dict()
-        kept = [entry for entry in self.entries if entry.proposal.to_dict() != rejected]
-        evicted = len(self.entries) - len(kept)
-        self.entries = kept
+        with self._lock:
+            kept = [entry for entry in self.entries if entry.proposal.to_dict() != rejected]
+            evicted = len(self.entries) - len(kept)
+            self.entries = kept
         if evicted:
             logger.info("evicted %d cache entries holding rejected proposal %s", evicted, proposal.summary())
         return evicted
 
     def to_state(self) -> dict[str, Any]:
         """JSON-able state: settings, counters and entries."""
+        with self._lock:
+            entries = list(self.entries)
         return {
             "similarity": self.similarity,
             "quantum": self.quantum,
             "max_entries": self.max_entries,
             "hits": self.hits,
             "misses": self.misses,
+            "shared_hits": self.shared_hits,
             "entries": [
                 {
                     "signature": entry.signature,
                     "features": entry.features.tolist(),
                     "proposal": entry.proposal.to_dict(),
                     "epoch": entry.epoch,
+                    "origin": entry.origin,
                 }
-                for entry in self.entries
+                for entry in entries
             ],
         }
 
@@ -193,16 +243,22 @@ class ResponseCache:
         cache = cls(similarity=state["similarity"], quantum=state["quantum"], max_entries=state["max_entries"])
         cache.hits = state["hits"]
         cache.misses = state["misses"]
+        cache.shared_hits = state.get("shared_hits", 0)
         cache.entries = [
             CacheEntry(
                 signature=entry["signature"],
                 features=np.asarray(entry["features"], dtype=np.float64),
                 proposal=Proposal.from_dict(entry["proposal"]),
                 epoch=entry["epoch"],
+                origin=entry.get("origin", ""),
             )
             for entry in state["entries"]
         ]
         return cache
+
+
+def _entry_key(entry: CacheEntry) -> tuple[str, tuple[float, ...], str]:
+    return entry.signature, tuple(entry.features.tolist()), json.dumps(entry.proposal.to_dict(), sort_keys=True)
 
 
 def _last(history: Sequence[float]) -> float | None:

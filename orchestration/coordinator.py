@@ -93,12 +93,15 @@ class _OnProbation:
 class Coordinator:
     """Decides when to ask, what to apply and whether it helped; records every decision."""
 
-    def __init__(self, config: CoordinatorConfig, advisor: AdvisorPort | None, run_id: str = "run") -> None:
+    def __init__(self, config: CoordinatorConfig, advisor: AdvisorPort | None, run_id: str = "run", *,
+                 cache: ResponseCache | None = None) -> None:
+        """`cache`: a response cache shared with other runs (a population's); by default the run has its own."""
         self.config = config
         self.advisor = advisor
         self.run_id = run_id
         self.policy = QueryPolicy(config)
-        self.cache = ResponseCache.from_config(config)
+        self.shares_cache = cache is not None
+        self.cache = cache if cache is not None else ResponseCache.from_config(config)
         self.alphas = AlphaController.from_config(config)
         self.thresholds = DiagnosticThresholds.from_config(config)
         self.ledger = Ledger()
@@ -179,7 +182,7 @@ class Coordinator:
         )
         if verdict.accepted:
             if self.config.cache_enabled and probation.source == "advisor":
-                self.cache.store(probation.snapshot, probation.proposal)
+                self.cache.store(probation.snapshot, probation.proposal, origin=self.run_id)
         else:
             self._record(
                 "rollback",
@@ -258,11 +261,14 @@ class Coordinator:
             for group, alpha in state["alphas"]["alphas"].items()
         }
         cache = ResponseCache.from_state(state["cache"])
-        if cache.quantum == self.cache.quantum:
-            self.cache.entries = cache.entries[-self.cache.max_entries :]
-            self.cache.hits, self.cache.misses = cache.hits, cache.misses
-        else:
+        if cache.quantum != self.cache.quantum:
             logger.warning("dropping %d cache entries built with another quantum (%g)", len(cache), cache.quantum)
+        elif self.shares_cache:
+            # The population's cache holds what every run learned: add this run's, keep the others'.
+            self.cache.merge(cache.entries)
+        else:
+            self.cache.replace(cache.entries)
+            self.cache.hits, self.cache.misses, self.cache.shared_hits = cache.hits, cache.misses, cache.shared_hits
         self.ledger = Ledger.from_state(state["ledger"])
         self._pending = None
         self._on_probation = None
@@ -289,8 +295,11 @@ class Coordinator:
         self.last_query_epoch = snapshot.epoch
         prompt = self._prompt_snapshot(snapshot)
         if self.config.cache_enabled:
-            cached, distance = self.cache.lookup(prompt)
-            if cached is not None:
+            entry, distance = self.cache.lookup_entry(prompt, asker=self.run_id)
+            if entry is not None:
+                cached = entry.proposal
+                if entry.origin and entry.origin != self.run_id:
+                    reason = f"{reason}; answer learned by run {entry.origin}"
                 self._record(
                     "cache_hit",
                     epoch=snapshot.epoch,

@@ -32,7 +32,9 @@ class AdvisorConfig:
     `backend` picks who answers: "smollm2" (the bundled 135M model, offline), "hf" (any
     transformers model id or local directory in `model`), "openai" (an OpenAI-compatible
     server at `endpoint`), "heuristic" (rules, no model), "scripted" (canned proposals from
-    `script`, for tests) or "none" (no advisor at all; nothing is deployed).
+    `script`, for tests) or "none" (no advisor at all; nothing is deployed). Language models
+    always run behind Ray Serve; "heuristic" and "scripted" answer inside the coordinator unless
+    `serve` puts them behind Serve too (one deployment every node reaches, as a model would be).
     """
 
     backend: str = "smollm2"
@@ -40,6 +42,7 @@ class AdvisorConfig:
     endpoint: str | None = None  # "openai": base URL, e.g. http://127.0.0.1:8080
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key; unset means no key
     script: str | None = None  # "scripted": JSON file holding a list of proposal dicts
+    serve: bool = False  # "heuristic"/"scripted": deploy them on Ray Serve like a model (models are always served)
     max_new_tokens: int = 192  # the generation format needs ~70-170 tokens; ~18 tokens/s on 2 CPU cores
     temperature: float = 0.0  # 0.0 = greedy, reproducible
     request_timeout_s: float = 120.0  # per request, queueing in the batch included
@@ -58,6 +61,8 @@ class AdvisorConfig:
 
     def __post_init__(self) -> None:
         require(self.backend in BACKENDS, "advisor.backend", self.backend, f"must be one of {BACKENDS}")
+        require(isinstance(self.serve, bool), "advisor.serve", self.serve, "must be true or false")
+        require(not (self.serve and self.backend == "none"), "advisor.serve", self.serve, "needs an advisor; advisor.backend is 'none'")
         require(self.backend != "hf" or bool(self.model), "advisor.model", self.model, "must name a model id or directory for backend 'hf'")
         require(self.backend != "openai" or (isinstance(self.endpoint, str) and self.endpoint.startswith(("http://", "https://"))),
                 "advisor.endpoint", self.endpoint, "must be an http(s) URL for backend 'openai'")
@@ -86,8 +91,8 @@ class AdvisorConfig:
 
     @property
     def is_served(self) -> bool:
-        """True when this backend runs behind Ray Serve (it loads or calls a language model)."""
-        return self.backend in SERVED_BACKENDS
+        """True when this backend runs behind Ray Serve (it loads or calls a language model, or `serve` asks for it)."""
+        return self.backend in SERVED_BACKENDS or (self.serve and self.backend != "none")
 
     def model_label(self) -> str:
         """The model name recorded in responses."""

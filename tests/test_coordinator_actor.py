@@ -52,33 +52,49 @@ def snapshot_at(epoch: int) -> TrainingSnapshot:
 
 
 @pytest.mark.e2e
-def test_actor_runs_one_query_apply_verdict_cycle(ray_local, tmp_path):
+def test_one_actor_coordinates_a_population_of_runs_sharing_the_cache(ray_local, tmp_path):
+    """Run "a" goes through query -> apply -> accepted verdict; run "b", opened in the same actor with
+    its own settings, is answered from the cache entry "a" stored, and keeps its own ledger."""
     # The test module is not importable on Ray workers; ship its classes by value.
     ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=5)
-    coordinator = get_or_create_coordinator(
-        "coordinator-e2e", config=config, run_id="e2e", advisor_factory=InstantAdvisor
-    )
-    same = get_or_create_coordinator("coordinator-e2e", config=config, run_id="ignored")
+    coordinator = get_or_create_coordinator("coordinator-e2e", config=config, advisor_factory=InstantAdvisor)
+    same = get_or_create_coordinator("coordinator-e2e", config=config)
     assert same._actor_id == coordinator._actor_id
+    assert ray_local.get(coordinator.open_run.remote("a", config, "run-a"))
+    assert not ray_local.get(coordinator.open_run.remote("a", config, "run-a"))  # reopening changes nothing
 
-    assert ray_local.get(coordinator.on_epoch_end.remote(snapshot_at(0))) == Continue("no query trigger")
-    asked = ray_local.get(coordinator.on_epoch_end.remote(snapshot_at(1)))
+    def call(run, method, *args, **kwargs):
+        return ray_local.get(coordinator.call.remote(run, method, *args, **kwargs))
+
+    assert call("a", "on_epoch_end", snapshot_at(0)) == Continue("no query trigger")
+    asked = call("a", "on_epoch_end", snapshot_at(1))
     assert isinstance(asked, Continue) and "asked advisor" in asked.reason
-    decision = ray_local.get(coordinator.on_epoch_end.remote(snapshot_at(2)))
+    decision = call("a", "on_epoch_end", snapshot_at(2))
     assert isinstance(decision, Apply)
     assert decision.proposal == PROPOSAL and decision.alphas == {"fc.weight": 0.1}
     assert decision.probation_steps == 5
 
     candidate = ProbationMetrics(val_loss=0.7, val_accuracy=0.8, train_loss=0.65)
     reference = ProbationMetrics(val_loss=0.8, val_accuracy=0.78, train_loss=0.75)
-    verdict = ray_local.get(coordinator.report_probation.remote(decision.query_id, candidate, reference))
-    assert verdict.accepted
+    assert call("a", "report_probation", decision.query_id, candidate, reference).accepted
 
-    counts = ray_local.get(coordinator.summary_counts.remote())
-    assert counts["advisor_queries"] == 1 and counts["proposals_accepted"] == 1
-    path = ray_local.get(coordinator.write_ledger.remote(str(tmp_path / "ledger.csv")))
+    other = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=3)  # a trial's own, tuned settings
+    ray_local.get(coordinator.open_run.remote("b", other, "run-b"))
+    call("b", "on_epoch_end", snapshot_at(0))
+    hit = call("b", "on_epoch_end", snapshot_at(1))
+    assert isinstance(hit, Apply) and hit.source == "cache" and hit.proposal == PROPOSAL and hit.probation_steps == 3
+    stats = ray_local.get(coordinator.stats.remote())
+    assert stats["runs_open"] == ["a", "b"] and stats["cache_hits"] == 1 and stats["shared_cache_hits"] == 1
+
+    assert call("a", "summary_counts")["advisor_queries"] == 1
+    path = call("a", "write_ledger", str(tmp_path / "ledger.csv"))
     assert list(pd.read_csv(path)["kind"]) == ["query", "proposal", "verdict"]
-    state = ray_local.get(coordinator.to_state.remote())
+    state = ray_local.get(coordinator.close_run.remote("a"))
     assert state["alphas"]["alphas"] == {"fc.weight": pytest.approx(0.15)}
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="not open"):
+        call("a", "summary_counts")
+    records = call("b", "ledger_records")
+    assert [record["kind"] for record in records] == ["cache_hit", "proposal"] and "learned by run run-a" in records[0]["reason"]
+    assert ray_local.get(coordinator.discard_under.remote("b")) == ["b"]
     ray_local.kill(coordinator)

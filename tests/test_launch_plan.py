@@ -71,7 +71,7 @@ class _DeadCoordinator:
 def test_an_unreachable_coordinator_stops_advice_and_leaves_a_record() -> None:
     from workers.coordinator_link import CoordinatorLink
 
-    link = CoordinatorLink(handle=_DeadCoordinator(), call_timeout_s=1.0)
+    link = CoordinatorLink(handle=_DeadCoordinator(), run="r", call_timeout_s=1.0)
     assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
     assert not link.reachable and "unreachable" in link.disabled_reason
     assert link.incidents == [{"epoch": 3, "problem": link.disabled_reason + "; advice off for the rest of this attempt"}]
@@ -94,7 +94,8 @@ def test_closing_advice_writes_incidents_and_falls_back_to_the_checkpointed_ledg
     plan = plan_run(build_config(recipe="smoke", overrides=["advisor.backend=heuristic"]), tmp_path / "run")
     plan.run_dir.mkdir(parents=True)
     incident = {"epoch": 5, "problem": "coordinator unreachable in on_epoch_end: GetTimeoutError"}
-    live = get_or_create_coordinator("close-advice-live", config=CoordinatorConfig(), run_id="r")
+    live = get_or_create_coordinator("close-advice-live", config=CoordinatorConfig())
+    ray_local.get(live.open_run.remote(plan.run_key))
     counts = close_advice(live, plan, incidents=[incident])
     ledger = pd.read_csv(plan.run_dir / LEDGER)
     assert list(ledger.kind) == ["error"] and ledger.reason[0] == incident["problem"]
@@ -106,7 +107,7 @@ def test_closing_advice_writes_incidents_and_falls_back_to_the_checkpointed_ledg
     checkpoint = plan.storage_path / "train" / "checkpoint_2026-01-01_00-00-00.000000"
     checkpoint.mkdir(parents=True)
     (checkpoint / ADVICE_STATE).write_text(json.dumps({"coordinator": checkpointed.to_state(), "incidents": []}))
-    gone = get_or_create_coordinator("close-advice-gone", config=CoordinatorConfig(), run_id="r")
+    gone = get_or_create_coordinator("close-advice-gone", config=CoordinatorConfig())
     ray_local.kill(gone)
     counts = close_advice(gone, plan, incidents=[])
     assert "newest checkpoint" in counts["advisor_ledger_error"]

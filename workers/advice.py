@@ -39,6 +39,7 @@ class AdviceSettings:
     coordinator: str  # actor name
     namespace: str
     run_id: str
+    run_key: str  # this run's key in the coordinator actor (which may serve a whole sweep)
     history_window: int  # epochs of curves in each snapshot (coordinator.history_window)
     verify_rollback: bool = False
     call_timeout_s: float = 180.0
@@ -72,7 +73,8 @@ class WorkerAdvice:
     @classmethod
     def create(cls, settings: AdviceSettings, engine: Any, *, rank: int, world_size: int, model_kind: str, total_epochs: int,
                batch_size: int, rollback_dir: Path) -> WorkerAdvice:
-        link = CoordinatorLink.connect(settings.coordinator, settings.namespace, call_timeout_s=settings.call_timeout_s) if rank == 0 else None
+        link = (CoordinatorLink.connect(settings.coordinator, settings.namespace, run=settings.run_key, call_timeout_s=settings.call_timeout_s)
+                if rank == 0 else None)
         return cls(settings=settings, engine=engine, rank=rank, model_kind=model_kind, total_epochs=total_epochs, batch_size=batch_size,
                    observer=AdviceObserver(engine=engine, world_size=world_size), link=link,
                    probation=ProbationRunner(engine=engine, rank=rank, batch_size=batch_size, rollback_dir=rollback_dir,

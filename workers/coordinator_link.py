@@ -24,15 +24,16 @@ logger = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class CoordinatorLink:
     handle: Any  # the coordinator's Ray actor handle, or None once unreachable
+    run: str  # this run's key in the coordinator (one actor may coordinate a whole sweep)
     call_timeout_s: float = 60.0
     disabled_reason: str = ""
     incidents: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "problem"}: what went wrong, oldest first
 
     @classmethod
-    def connect(cls, name: str, namespace: str, *, call_timeout_s: float) -> CoordinatorLink:
+    def connect(cls, name: str, namespace: str, *, run: str, call_timeout_s: float) -> CoordinatorLink:
         import ray
 
-        return cls(handle=ray.get_actor(name, namespace=namespace), call_timeout_s=call_timeout_s)
+        return cls(handle=ray.get_actor(name, namespace=namespace), run=run, call_timeout_s=call_timeout_s)
 
     @property
     def reachable(self) -> bool:
@@ -47,7 +48,7 @@ class CoordinatorLink:
         if self.handle is None:
             return False, None
         try:
-            return True, ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=self.call_timeout_s)
+            return True, ray.get(self.handle.call.remote(self.run, method, *args, **kwargs), timeout=self.call_timeout_s)
         except RayTaskError as error:
             problem = f"coordinator.{method} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{method} raised: {error}"
             logger.warning("%s", problem)
@@ -69,7 +70,8 @@ class CoordinatorLink:
         if self.handle is None:
             return
         try:
-            ray.get(self.handle.report_incident.remote(problem, epoch=epoch, step=step, query_id=query_id), timeout=self.call_timeout_s)
+            ray.get(self.handle.call.remote(self.run, "report_incident", problem, epoch=epoch, step=step, query_id=query_id),
+                    timeout=self.call_timeout_s)
         except Exception as error:  # noqa: BLE001
             self._note(epoch, f"could not record an incident in the ledger ({type(error).__name__}): {problem}")
 

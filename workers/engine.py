@@ -200,6 +200,17 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def gather_to_all(value: Any) -> list[Any]:
+    """Every rank's `value` (a picklable object), in rank order, on every rank; `[value]` without a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

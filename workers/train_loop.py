@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from workers.engine import (
     build_engine,
     full_buffers,
     full_fp32_params,
+    gather_to_all,
     input_dtype,
     load_engine_checkpoint,
     params_digest,
@@ -47,6 +49,7 @@ from workers.models import build_model, resolve_kind
 CHECKPOINT_TAG = "state"
 ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
 PLACEMENT_GROUP = "placement_group.txt"  # in the run directory: the id of the worker group's placement group
+PLACEMENT = "placement.json"  # in the run directory: the node each rank of the (latest) worker group ran on
 RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
@@ -68,6 +71,7 @@ class LoopState:
     rollbacks_verified: int = 0  # rejected proposals whose rollback was checked bit for bit
     configured: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, momentum, dropout as the config set them
     params_digest: str = ""  # SHA-256 of the checkpointed weights (sweep trials only: proves a PBT clone)
+    nodes: list[str] = field(default_factory=list)  # the Ray node of each rank that wrote this state
 
 
 @dataclass(kw_only=True)
@@ -100,6 +104,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if group is not None:
             (run_dir / PLACEMENT_GROUP).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / PLACEMENT_GROUP).write_text(group.id.hex())
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
+    workers = gather_to_all(here)
+    nodes = [worker["node_id"] for worker in workers]
+    if rank == 0:
+        (run_dir / PLACEMENT).write_text(json.dumps({"workers": workers}, indent=1))
 
     # Every rank loads and splits identically (seeded), so shards line up without any exchange.
     dataset = load_dataset(data_config)
@@ -160,13 +169,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             (run_dir / RESTORED_FROM).write_text(json.dumps({
                 "checkpoint": initial, "epoch": state.epoch, "params_sha256": digest, "lr_restored": restored_lr,
-                "lr_now": engine.get_lr()[0], "configured_before": state.configured, "configured_now": configured, "changed": changed}))
+                "lr_now": engine.get_lr()[0], "configured_before": state.configured, "configured_now": configured, "changed": changed,
+                "written_on": state.nodes, "read_on": nodes}))
         state.configured = configured
         _log(rank, f"started from {initial} after epoch {state.epoch}" + (f"; config changed {', '.join(changed)}" if changed else ""))
     else:
         _log(rank, f"training {resolve_kind(model_config.kind, dataset.sample_shape)} on {dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, "
              f"{world_size} workers, ZeRO-{spec.zero_stage}, {spec.precision}, {spec.device}")
 
+    state.nodes = nodes
     for epoch in range(state.epoch + 1, train.epochs + 1):
         epoch_start = time.perf_counter()
         # Dropout masks depend only on (seed, epoch, rank): a resumed run replays the same randomness.
