@@ -128,7 +128,7 @@ def test_weight_drift_is_measured_from_the_last_query(single_process_group, tmp_
     from workers.advice import AdviceSettings, WorkerAdvice
 
     engine = _engine(0)
-    settings = AdviceSettings(coordinator="unused", namespace="unused", run_id="t", history_window=8)
+    settings = AdviceSettings(coordinator="unused", namespace="unused", run_id="t", run_key="t", history_window=8)
     link = ScriptedLink([Continue("no query trigger"), Continue("asked advisor (t:q1)", asked_now=True), Continue("waiting"), Continue("waiting")])
     advice = WorkerAdvice(settings=settings, engine=engine, rank=0, model_kind="cnn2d", total_epochs=4, batch_size=32,
                           observer=AdviceObserver(engine=engine, world_size=1), link=link,
