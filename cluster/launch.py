@@ -90,11 +90,9 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
         config = dataclasses.replace(config)
     if address is not None:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=address))
-    advisor = config.advisor
-    advisor_cpus = advisor.num_cpus_per_replica * advisor.replicas_upper_bound if advisor.is_served else 0.0
     return RunPlan(config=config, run_dir=run_dir, run_id=run_id(config), resume=resume,
                    resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=check_data(config),
-                   needed_cpus=math.ceil(config.train.num_workers * config.train.cpus_per_worker + advisor_cpus))
+                   needed_cpus=math.ceil(config.train.num_workers * config.train.cpus_per_worker + config.advisor.served_cpus))
 
 
 def run_id(config: ExperimentConfig) -> str:

@@ -82,10 +82,8 @@ def check_space(config: ExperimentConfig) -> None:
 
 def needed_cpus(config: ExperimentConfig) -> int:
     """Logical CPUs for the whole population at once (PBT needs every trial running), plus the advisor."""
-    advisor = config.advisor
-    advisor_cpus = advisor.num_cpus_per_replica * advisor.replicas_upper_bound if advisor.is_served else 0.0
     per_trial = config.train.num_workers * config.train.cpus_per_worker + TRIAL_CPU
-    return math.ceil(config.tune.concurrency * per_trial + advisor_cpus)
+    return math.ceil(config.tune.concurrency * per_trial + config.advisor.served_cpus)
 
 
 def free_placement_groups(root: Path) -> int:

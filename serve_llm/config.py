@@ -104,6 +104,11 @@ class AdvisorConfig:
         return dataclasses.asdict(self)
 
     @property
+    def served_cpus(self) -> float:
+        """Logical CPUs the Serve deployment may hold at once (0 when nothing is served)."""
+        return self.num_cpus_per_replica * self.replicas_upper_bound if self.is_served else 0.0
+
+    @property
     def replicas_upper_bound(self) -> int:
         """The most replicas this config can run at once ("auto" scales up to `max_replicas`)."""
         return self.max_replicas if self.num_replicas == "auto" else int(self.num_replicas)
