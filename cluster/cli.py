@@ -67,10 +67,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from cluster.sweep import run_sweep
 
     if args.resume:
-        run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"))
-        return 0
-    config, sweep_dir = _config_and_dir(args, sweep=True, root="sweeps")
-    run_sweep(config, sweep_dir)
+        summary = run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"))
+    else:
+        config, sweep_dir = _config_and_dir(args, sweep=True, root="sweeps")
+        summary = run_sweep(config, sweep_dir)
+    if summary["trials"] and len(summary["trials_failed"]) == summary["trials"]:
+        print("hybridtrain: every trial failed; see the warnings above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -305,6 +305,9 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
         coordinator_stats = stop_population(population)
     summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started, coordinator=coordinator_stats)
+    for trial, error in summary["trials_failed"].items():
+        print(f"[hybridtrain] warning: trial {trial} failed ({error}); the others went on. Its log: {sweep_dir / TUNE_STORAGE / TUNE_RUN_NAME / trial}",
+              flush=True)
     best = summary["best_score"]
     print(f"[hybridtrain] sweep done: best {tune_config.metric} {best if best is None else f'{best:.4f}'} "
           f"in {summary['best_run_dir']}; {summary['exploits']} exploits, {summary['trials']} trials -> {sweep_dir}", flush=True)
@@ -371,7 +374,8 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
         summary_file = finals[-1] if finals else None
         finished = summary_file is not None
         run_dir = str(summary_file.parent) if finished else run_dir
-        row = {"trial": Path(result.path).name, "status": "error" if result.error else ("finished" if finished else "stopped"),
+        error = _first_line(result.error) if result.error else None
+        row = {"trial": Path(result.path).name, "status": "error" if result.error else ("finished" if finished else "stopped"), "error": error,
                "best_score": float(scores.max() if mode == "max" else scores.min()) if len(scores) else None,
                "last_score": last.get(metric), "epochs": last.get("epoch"), "run_dir": run_dir,
                "test_accuracy": json.loads(summary_file.read_text())["test_accuracy"] if finished else None}
@@ -395,6 +399,7 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
         "best_run_dir": None if best is None else best["run_dir"],
         "trials": len(rows),
         "trials_finished": len(finished),
+        "trials_failed": {row["trial"]: row["error"] for row in rows if row["status"] == "error"},  # trial -> what went wrong
         "exploits": int(len(explores)),
         "llm_explores": int((explores.source == "llm").sum()) if len(explores) else 0,
         "fallbacks": int((explores.source == "fallback").sum()) if len(explores) else 0,
@@ -431,6 +436,13 @@ def _explores(sweep_dir: Path, metric: str, interval: int):
     columns = ["time", "trial", "source_trial", "epoch", "source", "proposal", "problem", "source_config", "config", "score_after", "run_dir",
                "checkpoint"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: message` of the error a trial died of, unwrapped from Ray's task error, first line only."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _count_lines(path: Path) -> int:

@@ -91,3 +91,38 @@ def test_pbt_perturbations_stay_inside_the_space() -> None:
     clip = build_scheduler(config, max_epochs=6)._custom_explore_fn
     assert isinstance(clip, ClipToSpace)
     assert clip({"train.lr": 1.2e-2, "model.dropout": 0.36, "train.optimizer": "sgd"}) == {"train.lr": 1e-2, "model.dropout": 0.3, "train.optimizer": "sgd"}
+
+
+def test_sweep_outputs_name_a_failed_trial_and_pick_the_best_finished_one(tmp_path) -> None:
+    """Written from Tune's results: a trial that crashed is a row with its error and a summary entry; the best
+    trial is chosen among the finished ones."""
+    import json
+    from dataclasses import dataclass, field
+
+    import pandas as pd
+
+    from cluster.sweep import write_sweep_outputs
+
+    @dataclass
+    class Result:  # what write_sweep_outputs reads of a ray.tune.Result
+        path: str
+        metrics: dict
+        config: dict
+        error: BaseException | None = None
+        metrics_dataframe: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    good_run = tmp_path / "trials" / "t0" / "run-0"
+    good_run.mkdir(parents=True)
+    (good_run / "summary.json").write_text(json.dumps({"test_accuracy": 0.97}))
+    results = [
+        Result(str(tmp_path / "ray/tune/t0_lr=0.001"), {"val_accuracy": 0.96, "epoch": 6, "run_dir": str(good_run)}, {"train.lr": 1e-3},
+               metrics_dataframe=pd.DataFrame({"val_accuracy": [0.9, 0.96]})),
+        Result(str(tmp_path / "ray/tune/t1_lr=0.01"), {"val_accuracy": 0.5, "epoch": 2, "run_dir": str(tmp_path / "trials/t1/run-0")},
+               {"train.lr": 1e-2}, error=RuntimeError("worker died\ntraceback ..."), metrics_dataframe=pd.DataFrame({"val_accuracy": [0.5]})),
+    ]
+    summary = write_sweep_outputs(build_config(recipe="smoke", sweep=True), tmp_path, results, wall_s=1.0)
+    assert summary["trials"] == 2 and summary["trials_finished"] == 1
+    assert summary["trials_failed"] == {"t1_lr=0.01": "RuntimeError: worker died"}
+    assert summary["best_score"] == 0.96 and summary["best_test_accuracy"] == 0.97 and summary["best_run_dir"] == str(good_run)
+    rows = pd.read_csv(tmp_path / "results.csv")
+    assert list(rows.status) == ["finished", "error"] and rows.error[1] == "RuntimeError: worker died"
