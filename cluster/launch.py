@@ -128,7 +128,8 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
                 deploy_advisor: bool = True, coordinator: tuple[str, str] | None = None, initial_checkpoint: str | None = None,
-                callbacks: list[Any] | None = None, digest_checkpoints: bool = False, check_storage: bool = True) -> dict[str, Any]:
+                callbacks: list[Any] | None = None, digest_checkpoints: bool = False, check_storage: bool = True,
+                keep_all_checkpoints: bool = False) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
@@ -136,7 +137,8 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     `deploy_advisor=False` (the sweep deployed the shared advisor once), the checkpoint Tune handed it
     (`initial_checkpoint`), Train callbacks that forward each report, and `digest_checkpoints` (each
     checkpoint records a hash of its weights, so a PBT clone can be checked), and the sweep's shared
-    `coordinator` actor (name, namespace) to open its run in.
+    `coordinator` actor (name, namespace) to open its run in, and `keep_all_checkpoints` (Train
+    rotates none away: the trial removes each one after Tune has its copy).
     """
     config, run_dir = plan.config, plan.run_dir
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
@@ -152,7 +154,7 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     handle, advice = start_advice(plan, advisor_factory, deploy=deploy_advisor, coordinator=coordinator)
     shared = coordinator is not None
     trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
-                            digest_checkpoints=digest_checkpoints)
+                            digest_checkpoints=digest_checkpoints, keep_all_checkpoints=keep_all_checkpoints)
     started = time.perf_counter()
     try:
         result = trainer.fit()
@@ -180,7 +182,7 @@ def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
 
 
 def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, initial_checkpoint: str | None = None,
-                  callbacks: list[Any] | None = None, digest_checkpoints: bool = False):
+                  callbacks: list[Any] | None = None, digest_checkpoints: bool = False, keep_all_checkpoints: bool = False):
     """The Ray Train `TorchTrainer` for `plan`: `num_workers` DeepSpeed workers (gloo on CPU, NCCL on GPU).
 
     The same name and storage on `--resume` make Ray Train hand the latest checkpoint to the workers;
@@ -205,7 +207,7 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
             name=RAY_RUN_NAME,
             storage_path=str(plan.storage_path),
             failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else train.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say what matters
             callbacks=callbacks or None,
         ),

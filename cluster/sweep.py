@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -147,13 +148,14 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, 
             outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), deploy_advisor=False, coordinator=coordinator,
                                              initial_checkpoint=initial,
                                              callbacks=[_report_callback(reports)], digest_checkpoints=True,
-                                             check_storage=False)
+                                             check_storage=False, keep_all_checkpoints=True)
         except BaseException as error:  # noqa: BLE001 - raised again in the trial thread below
             outcome["error"] = error
 
     thread = threading.Thread(target=fit, name="hybridtrain-trial", daemon=True)
     thread.start()
     last_row: dict[str, Any] | None = None
+    persisted: str | None = None  # the Train checkpoint Tune copied last
     while thread.is_alive() or not reports.empty():
         try:
             metrics, path = reports.get(timeout=2.0)
@@ -170,6 +172,12 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, 
             tune.report(row)
         else:
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(path))
+            # Tune holds its own copy now. Train keeps every checkpoint in a trial (a busy trial thread can fall
+            # several reports behind, and a rotated-out one could not be copied); the one before this is
+            # older than Train's latest, so it is removed here instead.
+            if persisted is not None:
+                shutil.rmtree(persisted, ignore_errors=True)
+            persisted = path
     thread.join()
     ray.kill(reports.actor)
     if "error" in outcome:
