@@ -116,7 +116,8 @@ def check_data(config: ExperimentConfig) -> dict[str, Any]:
 
 def latest_checkpoint(storage_path: Path) -> Path | None:
     """The newest Ray Train checkpoint directory under `storage_path`, or None."""
-    checkpoints = sorted(storage_path.glob(f"{RAY_RUN_NAME}/checkpoint_*"), key=lambda path: path.stat().st_mtime)
+    # Directories only: Train keeps its checkpoint manager's state beside them (checkpoint_manager_snapshot.json).
+    checkpoints = sorted((path for path in storage_path.glob(f"{RAY_RUN_NAME}/checkpoint_*") if path.is_dir()), key=lambda path: path.stat().st_mtime)
     return checkpoints[-1] if checkpoints else None
 
 

@@ -112,3 +112,20 @@ def test_closing_advice_writes_incidents_and_falls_back_to_the_checkpointed_ledg
     counts = close_advice(gone, plan, incidents=[])
     assert "newest checkpoint" in counts["advisor_ledger_error"]
     assert list(pd.read_csv(plan.run_dir / LEDGER).reason) == ["an earlier problem"]
+
+
+def test_the_latest_checkpoint_is_a_directory_not_trains_manager_snapshot(tmp_path) -> None:
+    import os
+
+    from cluster.launch import latest_checkpoint
+
+    train = tmp_path / "train"
+    older, newer = train / "checkpoint_2026-01-01_00-00-00.000000", train / "checkpoint_2026-01-01_00-00-05.000000"
+    older.mkdir(parents=True)
+    newer.mkdir()
+    snapshot = train / "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it beside the checkpoints, after them
+    snapshot.write_text("{}")
+    os.utime(older, (1, 1))
+    os.utime(newer, (2, 2))
+    assert latest_checkpoint(tmp_path) == newer
+    assert latest_checkpoint(tmp_path / "nothing") is None
