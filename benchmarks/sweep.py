@@ -38,7 +38,8 @@ METHODS = {
     "asha": ["tune.scheduler=asha"],
     "random": ["tune.scheduler=random"],
 }
-TARGETS = {"digits": 0.98, "hard": 0.60}  # validation accuracy to reach (a good digits trial has 0.95 after one epoch)
+TARGETS = {"digits": 0.98, "hard": 0.35}  # validation accuracy to reach (a good digits trial has 0.95 after one epoch; on the
+# hard task logistic regression reaches 0.26 test accuracy and histogram gradient boosting 0.42 on the same split)
 
 
 def make_hard_task(path: Path, seed: int = 0) -> Path:
