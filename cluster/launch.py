@@ -128,18 +128,18 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
-                deploy_advisor: bool = True, coordinator: tuple[str, str] | None = None, initial_checkpoint: str | None = None,
+                coordinator: tuple[str, str] | None = None, initial_checkpoint: str | None = None,
                 callbacks: list[Any] | None = None, digest_checkpoints: bool = False, check_storage: bool = True,
                 keep_all_checkpoints: bool = False) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
-    `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes
-    `deploy_advisor=False` (the sweep deployed the shared advisor once), the checkpoint Tune handed it
-    (`initial_checkpoint`), Train callbacks that forward each report, and `digest_checkpoints` (each
-    checkpoint records a hash of its weights, so a PBT clone can be checked), and the sweep's shared
-    `coordinator` actor (name, namespace) to open its run in, and `keep_all_checkpoints` (Train
-    rotates none away: the trial removes each one after Tune has its copy).
+    `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes the
+    sweep's shared `coordinator` actor (name, namespace) to open its run in (the sweep deployed the
+    advisor once), the checkpoint Tune handed it (`initial_checkpoint`), Train callbacks that forward
+    each report, `digest_checkpoints` (each checkpoint records a hash of its weights, so a PBT clone
+    can be checked), `check_storage=False` (the sweep checked its directory) and
+    `keep_all_checkpoints` (Train rotates none away: the trial removes each one after Tune has its copy).
     """
     config, run_dir = plan.config, plan.run_dir
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
@@ -152,7 +152,7 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
 
-    handle, advice = start_advice(plan, advisor_factory, deploy=deploy_advisor, coordinator=coordinator)
+    handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
     shared = coordinator is not None
     trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
                             digest_checkpoints=digest_checkpoints, keep_all_checkpoints=keep_all_checkpoints)
@@ -215,12 +215,12 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     )
 
 
-def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *, deploy: bool = True,
+def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *,
                  coordinator: tuple[str, str] | None = None) -> tuple[Any, AdviceSettings | None]:
     """Deploy the advisor (if it is a served LLM) and open this run in a coordinator actor.
 
     By default the run gets its own actor; a sweep trial passes the sweep's `coordinator` (name,
-    namespace), shared by the population. A resumed run starts with a fresh coordinator state: the
+    namespace), shared by the population, and deploys nothing (the sweep deployed the advisor). A resumed run starts with a fresh coordinator state: the
     workers load its state from the checkpoint they resume from, so the ledger continues exactly
     where that checkpoint left it. Returns the actor handle (None without advice) and the workers' settings.
     """
@@ -236,7 +236,7 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
         name, namespace = coordinator
         handle = ray.get_actor(name, namespace=namespace)
     else:
-        if config.advisor.is_served and advisor_factory is None and deploy:
+        if config.advisor.is_served and advisor_factory is None:
             from serve_llm.deployment import deploy_advisor
 
             print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)

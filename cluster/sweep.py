@@ -145,7 +145,7 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, 
 
     def fit() -> None:
         try:
-            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), deploy_advisor=False, coordinator=coordinator,
+            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), coordinator=coordinator,
                                              initial_checkpoint=initial,
                                              callbacks=[_report_callback(reports)], digest_checkpoints=True,
                                              check_storage=False, keep_all_checkpoints=True)
