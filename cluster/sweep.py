@@ -41,7 +41,7 @@ from cluster.launch import execute_run, plan_run
 from cluster.runtime import check_shared_storage, connect
 from workers.train_loop import PLACEMENT_GROUP
 from orchestration.settings import ConfigError, merge
-from tune_search.config import extreme_values
+from tune_search.config import TuneConfig, extreme_values
 from tune_search.search import build_scheduler, param_space
 
 TUNE_STORAGE = "ray"
@@ -241,10 +241,16 @@ def _progress_callback(metric: str, every_s: float = 10.0):
     return ProgressTable()
 
 
+def trial_generator(tune_config: TuneConfig) -> Any:
+    """Tune's variant generator, seeded (the same trials for the same seed) and limited to the sweep's concurrency."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=tune_config.seed, max_concurrent=tune_config.concurrency)
+
+
 def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None) -> dict[str, Any]:
     """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary."""
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     sweep_dir = Path(sweep_dir).resolve()
     if resume:
@@ -298,8 +304,10 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(tune_config),
-            tune_config=tune.TuneConfig(num_samples=tune_config.num_samples, max_concurrent_trials=tune_config.concurrency,
-                                        search_alg=BasicVariantGenerator(random_state=tune_config.seed),  # the same trials for the same seed
+            # The concurrency limit goes to the generator: Tune ignores `max_concurrent_trials` (with only a warning)
+            # once a search algorithm is given, and all trials then start at once.
+            tune_config=tune.TuneConfig(num_samples=tune_config.num_samples,
+                                        search_alg=trial_generator(tune_config),
                                         scheduler=build_scheduler(tune_config, max_epochs=config.train.epochs, custom_explore_fn=explorer)),
             run_config=tune.RunConfig(name=TUNE_RUN_NAME, storage_path=str(sweep_dir / TUNE_STORAGE), verbose=0,
                                       # Keep every checkpoint: PBT may clone a top trial's checkpoint after that

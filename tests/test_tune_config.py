@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.experiment import build_config
-from cluster.sweep import check_space, needed_cpus, trial_config
+from cluster.sweep import check_space, needed_cpus, trial_config, trial_generator
 from orchestration.settings import ConfigError
 from tune_search.config import TuneConfig
 from tune_search.search import build_scheduler, mutable_keys, param_space
@@ -81,6 +81,14 @@ def test_the_population_is_sized_to_run_at_once() -> None:
     config = build_config(recipe="smoke", sweep=True)
     assert config.tune.concurrency == config.tune.num_samples == 4
     assert needed_cpus(config) == 5  # 4 trials x 2 workers x 0.5 CPU, plus the trials' token shares
+
+
+
+def test_the_concurrency_limit_reaches_tune() -> None:
+    # Tune drops `TuneConfig.max_concurrent_trials` once a search algorithm is given: the generator carries the limit.
+    generator = trial_generator(TuneConfig(num_samples=3, max_concurrent_trials=1))
+    assert generator.max_concurrent == 1
+    assert trial_generator(TuneConfig(num_samples=3)).max_concurrent == 3
 
 
 def test_pbt_perturbations_stay_inside_the_space() -> None:
