@@ -51,13 +51,50 @@ def compute_reward(candidate: ProbationMetrics, reference: ProbationMetrics, con
     )
 
 
+def reward_noise(candidate: ProbationMetrics, reference: ProbationMetrics, config: CoordinatorConfig) -> float | None:
+    """Standard error of the reward's loss and accuracy terms, from paired per-sample differences.
+
+    Both branches are scored on the same validation samples, so per sample
+    `r_i = w_loss * (l_ref_i - l_cand_i) / s + w_acc * (c_cand_i - c_ref_i)` (l: loss, c: 1 if correct),
+    whose mean is the reward's first two terms; the noise is `std(r) / sqrt(n)`. None when either
+    branch has no per-sample values or they do not pair up (then no margin is applied).
+    """
+    n = len(candidate.sample_losses)
+    if n < 2 or len(reference.sample_losses) != n:
+        return None
+    scale = max(abs(reference.val_loss), _LOSS_FLOOR) if math.isfinite(reference.val_loss) else 1.0
+    paired_correct = len(candidate.sample_correct) == n and len(reference.sample_correct) == n
+    values = []
+    for i in range(n):
+        value = config.reward_loss_weight * (reference.sample_losses[i] - candidate.sample_losses[i]) / scale
+        if paired_correct:
+            value += config.reward_accuracy_weight * (candidate.sample_correct[i] - reference.sample_correct[i])
+        values.append(value)
+    if not all(math.isfinite(value) for value in values):
+        return None
+    mean = sum(values) / n
+    variance = sum((value - mean) ** 2 for value in values) / (n - 1)
+    return math.sqrt(variance / n)
+
+
 def judge(candidate: ProbationMetrics, reference: ProbationMetrics, config: CoordinatorConfig) -> Verdict:
-    """Accept iff `compute_reward(candidate, reference, config) > config.accept_threshold`."""
+    """Accept iff the reward clears the threshold by `accept_significance` standard errors.
+
+    `reward > accept_threshold + z * noise`, with `noise = reward_noise(...)` (0 when not measurable)
+    and `z = accept_significance`: a gain within the probation's own noise (probation validation
+    loss 1.996 against 1.999, say) is not a gain. Non-finite rewards skip the margin.
+    """
     reward = compute_reward(candidate, reference, config)
-    accepted = reward > config.accept_threshold
+    noise = reward_noise(candidate, reference, config) if config.accept_significance > 0 else None
+    margin = config.accept_significance * noise if noise is not None and math.isfinite(reward) else 0.0
+    bar = config.accept_threshold + margin
+    accepted = reward > bar
     comparison = ">" if accepted else "<="
+    against = f"threshold {config.accept_threshold:g}"
+    if noise is not None:
+        against += f" + {config.accept_significance:g} x noise {noise:.3g}"
     reason = (
-        f"reward {reward:.4g} {comparison} threshold {config.accept_threshold:g} "
+        f"reward {reward:.4g} {comparison} {against} "
         f"({config.reward_mode}: val_loss {candidate.val_loss:.4g} vs {reference.val_loss:.4g})"
     )
     return Verdict(accepted=accepted, reward=reward, reason=reason)

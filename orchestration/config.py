@@ -12,6 +12,8 @@ from orchestration.settings import require
 
 REWARD_MODES = ("counterfactual", "baseline")
 RewardMode = Literal["counterfactual", "baseline"]
+ADVICE_MODES = ("choose", "invent")
+AdviceMode = Literal["choose", "invent"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,9 +28,13 @@ class CoordinatorConfig:
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over plateau_window = overfitting
     dead_fraction: float = 0.3  # a layer with this fraction of units never active counts as having dead units
+    underfit_update_ratio: float = 0.01  # median per-epoch ||dW||/||W|| below which (at val accuracy < 0.9) learning is "slow"
     drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
     wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
+
+    # --- what the advisor answers ----------------------------------------------------------
+    advice_mode: AdviceMode = "choose"  # choose: pick from a menu built from the diagnosis | invent: write a whole proposal
 
     # --- response cache ------------------------------------------------------------------
     cache_enabled: bool = True
@@ -46,7 +52,8 @@ class CoordinatorConfig:
     # --- probation and acceptance --------------------------------------------------------
     probation_steps: int = 10  # optimizer steps each probation branch trains before the candidate is judged
     reward_mode: RewardMode = "counterfactual"  # reference = untouched branch | pre-apply metrics
-    accept_threshold: float = 0.0  # accept iff reward > this
+    accept_threshold: float = 0.0  # accept iff reward > this + accept_significance * (the reward's standard error)
+    accept_significance: float = 2.0  # z: how many standard errors of the paired per-sample reward a gain must clear; 0 = off
     reward_loss_weight: float = 1.0  # weight of the relative val-loss decrease
     reward_accuracy_weight: float = 1.0  # weight of the val-accuracy gain (accuracy in [0, 1])
     reward_gap_weight: float = 0.5  # weight of the penalty on a growing (val - train) loss gap
@@ -72,6 +79,7 @@ class CoordinatorConfig:
         require(self.plateau_threshold >= 0, "coordinator.plateau_threshold", self.plateau_threshold, "must be >= 0")
         require(self.divergence_factor > 1, "coordinator.divergence_factor", self.divergence_factor, "must be > 1")
         require(self.overfit_gap_growth > 0, "coordinator.overfit_gap_growth", self.overfit_gap_growth, "must be > 0")
+        require(self.underfit_update_ratio >= 0, "coordinator.underfit_update_ratio", self.underfit_update_ratio, "must be >= 0")
         require(0 < self.dead_fraction <= 1, "coordinator.dead_fraction", self.dead_fraction, "must be in (0, 1]")
         require(self.drift_threshold > 0, "coordinator.drift_threshold", self.drift_threshold, "must be > 0")
         require(self.cache_similarity >= 0, "coordinator.cache_similarity", self.cache_similarity, "must be >= 0")
@@ -84,6 +92,8 @@ class CoordinatorConfig:
                 self.stability_alpha, f"must be 0 or in [alpha_min, alpha_max] = [{self.alpha_min!r}, {self.alpha_max!r}]")
         require(self.alpha_up >= 1.0, "coordinator.alpha_up", self.alpha_up, "must be >= 1")
         require(0.0 < self.alpha_down <= 1.0, "coordinator.alpha_down", self.alpha_down, "must be in (0, 1]")
+        require(self.advice_mode in ADVICE_MODES, "coordinator.advice_mode", self.advice_mode, f"must be one of {ADVICE_MODES}")
+        require(0 <= self.accept_significance <= 10, "coordinator.accept_significance", self.accept_significance, "must be in [0, 10]")
         require(self.reward_mode in REWARD_MODES, "coordinator.reward_mode", self.reward_mode, f"must be one of {REWARD_MODES}")
         for name in ("reward_loss_weight", "reward_accuracy_weight", "reward_gap_weight"):
             require(getattr(self, name) >= 0, f"coordinator.{name}", getattr(self, name), "must be >= 0")

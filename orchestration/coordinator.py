@@ -35,6 +35,7 @@ from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.diagnostics import DiagnosticThresholds, diagnose
 from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
+from orchestration.menu import action_of, build_menu
 from orchestration.policy import QueryPolicy
 from orchestration.protocol import (
     Apply,
@@ -51,6 +52,7 @@ from orchestration.triage import triage
 logger = logging.getLogger(__name__)
 
 _PROMPT_REWARD_LIMIT = 10.0  # rewards shown to the advisor are clipped to +-this (keeps JSON finite)
+_TRACK_RECORD_LENGTH = 64  # outcomes kept for the per-action track record (the prompt shows the last few)
 
 
 class AdvisorAnswer(Protocol):
@@ -199,6 +201,7 @@ class Coordinator:
             f"(cached) {summary}" if probation.source == "cache" else summary,
             verdict_name,
             verdict.reward,
+            action=action_of(probation.proposal),
         )
         logger.info("proposal %s %s: %s", query_id, verdict_name, verdict.reason)
         return verdict
@@ -294,6 +297,8 @@ class Coordinator:
         query_id = f"{self.run_id}:q{self.query_count}"
         self.last_query_epoch = snapshot.epoch
         prompt = self._prompt_snapshot(snapshot)
+        if self.config.advice_mode == "choose":
+            prompt.menu = build_menu(prompt, snapshot.diagnosis or diagnose(snapshot, self.thresholds), self.outcomes)
         if self.config.cache_enabled:
             entry, distance = self.cache.lookup_entry(prompt, asker=self.run_id)
             if entry is not None:
@@ -432,15 +437,14 @@ class Coordinator:
         if kind in ("invalid", "stale", "timeout"):
             problems = list(getattr(answer, "problems", []) or [])
             summary = proposal.summary() if proposal is not None else "; ".join(problems[:2]) or reason
-            self._remember_outcome(pending.epoch, summary, kind, None)
+            self._remember_outcome(pending.epoch, summary, kind, None, action=action_of(proposal) if proposal is not None else "")
         logger.info("dropped advisor answer %s (%s): %s", pending.query_id, kind, reason)
 
-    def _remember_outcome(self, epoch: int, summary: str, verdict: str, reward: float | None) -> None:
+    def _remember_outcome(self, epoch: int, summary: str, verdict: str, reward: float | None, *, action: str = "") -> None:
         if reward is not None:
             reward = max(-_PROMPT_REWARD_LIMIT, min(_PROMPT_REWARD_LIMIT, reward))
-        self.outcomes.append(ProposalOutcome(epoch=epoch, summary=summary, verdict=verdict, reward=reward))
-        keep = max(self.config.max_recent_proposals, 1)
-        self.outcomes = self.outcomes[-keep:]
+        self.outcomes.append(ProposalOutcome(epoch=epoch, summary=summary, verdict=verdict, reward=reward, action=action))
+        self.outcomes = self.outcomes[-max(self.config.max_recent_proposals, _TRACK_RECORD_LENGTH):]
 
     def _record(
         self,

@@ -1,4 +1,4 @@
-"""One reading of a training snapshot: plateau, divergence, overfitting, dead units. Pure.
+"""One reading of a training snapshot: plateau, divergence, slow learning, overfitting, dead units. Pure.
 
 The query policy asks the advisor on what `diagnose` finds, and the prompt tells the advisor the
 same findings (the coordinator ships its `Diagnosis` inside the snapshot), so the two can never
@@ -24,12 +24,14 @@ class DiagnosticThresholds:
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over the window = overfitting
     dead_fraction: float = 0.3  # a layer with this fraction of its units never active is worth a re-draw
+    underfit_update_ratio: float = 0.01  # median per-epoch ||dW|| / ||W|| below which the weights barely move
+    underfit_accuracy: float = 0.9  # ... and validation accuracy below this = learning far too slowly
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig) -> DiagnosticThresholds:
         return cls(plateau_window=config.plateau_window, plateau_threshold=config.plateau_threshold,
                    divergence_factor=config.divergence_factor, overfit_gap_growth=config.overfit_gap_growth,
-                   dead_fraction=config.dead_fraction)
+                   dead_fraction=config.dead_fraction, underfit_update_ratio=config.underfit_update_ratio)
 
 
 def is_diverging(train_loss: Sequence[float], val_loss: Sequence[float], divergence_factor: float) -> str | None:
@@ -76,6 +78,25 @@ def gap_growth(train_loss: Sequence[float], val_loss: Sequence[float], window: i
     return (val_loss[-1] - train_loss[-1]) - (val_loss[-1 - window] - train_loss[-1 - window])
 
 
+def slow_learning(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) -> str | None:
+    """Why the run looks like it learns far too slowly (a learning rate too low), or None.
+
+    Slow iff the median per-epoch update ratio of the parameter groups is below
+    `underfit_update_ratio`, the latest validation accuracy is below `underfit_accuracy`, and the
+    validation loss is not above the training loss by more than 10 % (no overfitting to blame).
+    """
+    ratios = sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
+    if not ratios or not snapshot.val_accuracy or not snapshot.train_loss or not snapshot.val_loss:
+        return None
+    median = ratios[len(ratios) // 2]
+    accuracy, train, val = snapshot.val_accuracy[-1], snapshot.train_loss[-1], snapshot.val_loss[-1]
+    if not all(math.isfinite(value) for value in (accuracy, train, val)):
+        return None
+    if median < thresholds.underfit_update_ratio and accuracy < thresholds.underfit_accuracy and val <= 1.1 * train:
+        return f"weights move {median:.2g} per epoch (median update ratio) at val accuracy {accuracy:.2f}"
+    return None
+
+
 def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None = None) -> Diagnosis:
     """Read trends from the snapshot's loss curves and per-layer statistics."""
     thresholds = thresholds or DiagnosticThresholds()
@@ -90,6 +111,10 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
         if improvement is not None and improvement < thresholds.plateau_threshold:
             diagnosis.plateau = True
             diagnosis.notes.append(f"plateau: validation loss improved {improvement:.2%} over {window} epochs")
+    slow = None if diagnosis.diverging else slow_learning(snapshot, thresholds)
+    if slow is not None:
+        diagnosis.underfitting = True
+        diagnosis.notes.append(f"learning slowly: {slow}")
     growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
     if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):

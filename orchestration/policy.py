@@ -10,6 +10,7 @@ returns, each logged at debug level with the reason, in order of precedence:
    divergence_factor * best val loss so far, or train loss > divergence_factor * previous) -> ask at once;
 4. plateau, as `diagnose` reads it (relative val-loss improvement over `plateau_window` epochs
    below `plateau_threshold`), at most once per `plateau_window` epochs -> ask;
+   slow learning (tiny updates at low accuracy), with the same cooldown -> ask;
 5. weight drift since the last query above `drift_threshold` -> ask;
 6. `query_interval` epochs since the last query (or since epoch 0) -> ask.
 """
@@ -77,6 +78,11 @@ class QueryPolicy:
             if last_query_epoch is None or epochs_since_query >= config.plateau_window:
                 return Query(reason=_finding(diagnosis, "plateau"))
             logger.debug("epoch %d: plateau, but asked %d epochs ago", epoch, epochs_since_query)
+
+        if diagnosis.underfitting:
+            if last_query_epoch is None or epochs_since_query >= config.plateau_window:
+                return Query(reason=_finding(diagnosis, "learning slowly"))
+            logger.debug("epoch %d: learning slowly, but asked %d epochs ago", epoch, epochs_since_query)
 
         if math.isfinite(weight_drift) and weight_drift > config.drift_threshold:
             return Query(reason=f"weight drift {weight_drift:.3g} > {config.drift_threshold:g}")

@@ -75,6 +75,7 @@ class ProposalOutcome:
     summary: str
     verdict: str
     reward: float | None = None
+    action: str = ""  # the proposal's action family (`orchestration.menu.action_of`), for the track record
 
 
 @dataclass(kw_only=True, slots=True)
@@ -88,6 +89,7 @@ class Diagnosis:
     plateau: bool = False
     diverging: bool = False
     overfitting: bool = False
+    underfitting: bool = False  # learning, but slowly: tiny updates and low accuracy (a learning rate far too low)
     dead_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -98,11 +100,25 @@ class Diagnosis:
             hints.append("cut lr (lr_scale 0.3) and move weights toward_best")
         elif self.plateau:
             hints.append("lower lr (lr_scale 0.5)")
+        elif self.underfitting:
+            hints.append("raise lr (lr_scale 3)")
         if self.dead_groups:
             hints.append(f"reinit_dead on {self.dead_groups[0]}")
         if self.overfitting:
             hints.append("raise weight_decay or dropout")
         return hints or ["keep everything: null values and no weight ops"]
+
+
+@dataclass(kw_only=True, slots=True)
+class MenuOption:
+    """One well-formed action the coordinator offers the advisor to choose (`orchestration.menu`)."""
+
+    key: str  # what the advisor answers to choose it: "A", "B", ...
+    action: str  # the action family: keep, lr_down, lr_up, regularise, reinit_dead, rescue
+    label: str  # one line for the prompt: what it does, what it is for, its track record
+    proposal: dict[str, Any] = field(default_factory=dict)  # `Proposal.to_dict()`; validated again when chosen
+    remedy: str = ""  # the finding it answers ("plateau", ...); empty for "keep" and for options no finding calls for
+    prior: float = 1.0  # the coordinator's prior for choosing it: finding and track record (`orchestration.menu.action_prior`)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,6 +141,7 @@ class TrainingSnapshot:
     layers: list[LayerStats] = field(default_factory=list)
     recent_proposals: list[ProposalOutcome] = field(default_factory=list)
     diagnosis: Diagnosis | None = None  # set by the coordinator on the copy it sends to the advisor
+    menu: list[MenuOption] = field(default_factory=list)  # set by the coordinator: the advisor picks one (empty: it writes a proposal)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +160,7 @@ class TrainingSnapshot:
         values["recent_proposals"] = [ProposalOutcome(**p) for p in values.get("recent_proposals", [])]
         if values.get("diagnosis") is not None:
             values["diagnosis"] = Diagnosis(**values["diagnosis"])
+        values["menu"] = [MenuOption(**option) for option in values.get("menu", [])]
         return cls(**values)
 
 
@@ -252,6 +270,10 @@ class ProbationMetrics:
     val_loss: float
     val_accuracy: float | None = None  # in [0, 1]; None for tasks without accuracy
     train_loss: float | None = None
+    # Per validation sample, in one fixed order (both branches alike): the noise of the comparison is
+    # measured from their paired differences (`orchestration.acceptance`). Empty when not measured.
+    sample_losses: tuple[float, ...] = ()
+    sample_correct: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ rule-made ones, so that nothing reaches a run without passing the same gate.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -25,7 +26,7 @@ from serve_llm.decoding import RegexLogitsConstraint, generation_json_schema, ge
 from serve_llm.prompt import render_prompt
 from orchestration.protocol import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
 from orchestration.diagnostics import diagnose
-from serve_llm.validate import AdvisorResponse, validate_proposal
+from serve_llm.validate import AdvisorResponse, validate_choice, validate_proposal
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class TransformersBackend:
         )
 
     def _prompt_text(self, snapshot: TrainingSnapshot) -> str:
-        prompt = render_prompt(snapshot, self._config.prompt_template)
+        prompt = render_prompt(snapshot, self._config.template_for(snapshot))
         if not self._has_chat_template:
             return f"{prompt.system}\n\n{prompt.user}\n"
         return self._tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
@@ -132,11 +133,63 @@ class TransformersBackend:
         finished = [bool((row == eos).any()) for row in new_tokens]
         return self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True), finished
 
+    def _key_token(self, key: str) -> int:
+        ids = self._tokenizer.encode(key, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"the tokenizer has no token for menu key {key!r}")
+        return ids[0]
+
+    def _choose(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
+        """Pick from each snapshot's menu by reading, not writing: for every rotation of the menu
+        (the options re-lettered in each order, so no option owes its score to being first), one
+        forward pass gives the model's probability of each letter as the answer's first token; an
+        option's score is its mean probability over the rotations, times its track-record prior,
+        and the highest wins. Deterministic; costs one batched prefill of len(menu) prompts."""
+        torch = self._torch
+        started = time.perf_counter()
+        views: list[tuple[int, list[int], TrainingSnapshot]] = []  # (snapshot index, option order, re-lettered copy)
+        for index, snapshot in enumerate(snapshots):
+            count = len(snapshot.menu)
+            for shift in range(count):
+                order = [(position + shift) % count for position in range(count)]
+                rotated = dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
+                                                              for slot, original in enumerate(order)])
+                views.append((index, order, rotated))
+        try:
+            texts = [self._prompt_text(view) for _, _, view in views]
+            inputs = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = {key: value.to(self._lm.device) for key, value in inputs.items()}
+            with self._generate_lock, torch.inference_mode():
+                last = self._lm(**inputs).logits[:, -1, :].float().cpu()
+        except Exception as error:  # noqa: BLE001 - one failed batch must not take the replica down
+            logger.exception("advisor scoring failed for %d snapshots", len(snapshots))
+            return [AdvisorResponse.failure("error", f"scoring failed: {type(error).__name__}: {error}", latency_s=time.perf_counter() - started,
+                                            backend=self.name, model=self.model) for _ in snapshots]
+        elapsed = time.perf_counter() - started
+        totals = [[0.0] * len(snapshot.menu) for snapshot in snapshots]
+        for row, (index, order, view) in zip(last, views):
+            letters = [self._key_token(option.key) for option in view.menu]
+            for slot, probability in enumerate(torch.softmax(row[letters], dim=0).tolist()):
+                totals[index][order[slot]] += probability / len(order)
+        responses = []
+        for snapshot, total in zip(snapshots, totals):
+            scores = {option.key: round(score, 4) for option, score in zip(snapshot.menu, total)}
+            weighted = [score * max(option.prior, 1e-6) for option, score in zip(snapshot.menu, total)]
+            pick = snapshot.menu[max(range(len(weighted)), key=lambda i: (weighted[i], -i))].key  # ties: the earlier option
+            responses.append(validate_choice(pick, snapshot, backend=self.name, model=self.model, latency_s=elapsed, scores=scores))
+        return responses
+
     def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
-        """One validated response per snapshot, in order."""
+        """One validated response per snapshot, in order: menu snapshots are chosen, others generated."""
         responses: list[AdvisorResponse | None] = [None] * len(snapshots)
+        choosing = [index for index, snapshot in enumerate(snapshots) if snapshot.menu]
+        if choosing:
+            for index, response in zip(choosing, self._choose([snapshots[index] for index in choosing])):
+                responses[index] = response
         by_regex: dict[str, list[int]] = {}
         for index, snapshot in enumerate(snapshots):
+            if snapshot.menu:
+                continue
             by_regex.setdefault(generation_regex([layer.name for layer in snapshot.layers]), []).append(index)
         for regex, indexes in by_regex.items():
             started = time.perf_counter()
@@ -178,8 +231,12 @@ class OpenAICompatibleBackend:
         self._url = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
 
     def _request(self, snapshot: TrainingSnapshot) -> dict[str, Any]:
-        prompt = render_prompt(snapshot, self._config.prompt_template)
-        schema = generation_json_schema([layer.name for layer in snapshot.layers])
+        prompt = render_prompt(snapshot, self._config.template_for(snapshot))
+        if snapshot.menu:
+            schema = {"type": "object", "properties": {"choice": {"type": "string", "enum": [option.key for option in snapshot.menu]}},
+                      "required": ["choice"], "additionalProperties": False}
+        else:
+            schema = generation_json_schema([layer.name for layer in snapshot.layers])
         return {
             "model": self.model,
             "messages": prompt.messages(),
@@ -215,6 +272,8 @@ class OpenAICompatibleBackend:
             )
         if not isinstance(text, str):
             text = json.dumps(text) if isinstance(text, dict) else str(text)
+        if snapshot.menu:
+            return validate_choice(text, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started)
         return validate_proposal(
             text, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started
         )
@@ -267,10 +326,20 @@ class HeuristicBackend:
             proposal["alpha"] = 1.0 if signals.diverging else 0.5
         return proposal
 
+    @staticmethod
+    def choice(snapshot: TrainingSnapshot) -> str:
+        """From a menu: the first option that answers a finding (rescue before a plain lr cut), else keep."""
+        answering = [option for option in snapshot.menu if option.remedy]
+        return (answering[0] if answering else snapshot.menu[0]).key
+
     def propose_batch(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
         responses = []
         for snapshot in snapshots:
             started = time.perf_counter()
+            if snapshot.menu:
+                responses.append(validate_choice(self.choice(snapshot), snapshot, backend=self.name, model=self.model,
+                                                 latency_s=time.perf_counter() - started))
+                continue
             raw = json.dumps(self.proposal_dict(snapshot))
             responses.append(validate_proposal(
                 raw, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started

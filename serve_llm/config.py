@@ -56,7 +56,8 @@ class AdvisorConfig:
     http_port: int = 8000
     route_prefix: str = "/advisor"
     app_name: str = "hybridtrain-advisor"
-    prompt_template: str = "advisor_v1"
+    prompt_template: str = "advisor_v1"  # for answers written from scratch (coordinator.advice_mode: invent)
+    choose_template: str = "advisor_choose_v1"  # for picks from the coordinator's menu (advice_mode: choose)
     nice: int = 10  # CPU priority of the replica process (0-19): advice must not slow training on shared cores
 
     def __post_init__(self) -> None:
@@ -86,8 +87,13 @@ class AdvisorConfig:
         require(isinstance(self.route_prefix, str) and self.route_prefix.startswith("/"), "advisor.route_prefix", self.route_prefix,
                 "must start with '/'")
         require(isinstance(self.app_name, str) and bool(self.app_name), "advisor.app_name", self.app_name, "must be a non-empty string")
-        require(isinstance(self.prompt_template, str) and self.prompt_template.replace("_", "").isalnum(), "advisor.prompt_template",
-                self.prompt_template, "must name a template in serve_llm/prompts")
+        for name in ("prompt_template", "choose_template"):
+            value = getattr(self, name)
+            require(isinstance(value, str) and value.replace("_", "").isalnum(), f"advisor.{name}", value, "must name a template in serve_llm/prompts")
+
+    def template_for(self, snapshot: Any) -> str:
+        """The prompt template for a snapshot: the choosing one when it carries a menu."""
+        return self.choose_template if getattr(snapshot, "menu", None) else self.prompt_template
 
     @property
     def is_served(self) -> bool:

@@ -107,6 +107,18 @@ def _recent(snapshot: TrainingSnapshot) -> str:
     return "; ".join(items) or "none"
 
 
+def _ranked(snapshot: TrainingSnapshot) -> str:
+    """Past judged proposals sorted by reward, best first (as optimisation by prompting does)."""
+    judged = [outcome for outcome in snapshot.recent_proposals if outcome.reward is not None]
+    judged.sort(key=lambda outcome: outcome.reward, reverse=True)
+    items = [f"{_one_line(outcome.summary, 60)} -> {outcome.verdict}, reward {outcome.reward:+.3g}" for outcome in judged]
+    return "; ".join(items) or "none yet"
+
+
+def _menu(snapshot: TrainingSnapshot) -> str:
+    return "\n".join(f"{_one_line(option.key, 1)}. {_one_line(option.label, 160)}" for option in snapshot.menu)
+
+
 def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> Prompt:
     """The chat prompt for one snapshot, from template file `template`."""
     system, user = load_template(template)
@@ -122,6 +134,8 @@ def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> P
         "findings": "; ".join(signals.notes),
         "hints": "; ".join(signals.remedies()),
         "recent": _recent(snapshot),
+        "ranked": _ranked(snapshot),
+        "menu": _menu(snapshot) or "none",
         "max_ops": GENERATION_MAX_OPS,
         "small_amount_bounds": _bounds(WEIGHT_OP_AMOUNT_BOUNDS["shrink"]),
         "unit_amount_bounds": _bounds(WEIGHT_OP_AMOUNT_BOUNDS["toward_best"]),

@@ -54,6 +54,8 @@ class AdvisorResponse:
     latency_s: float = 0.0
     backend: str = ""
     model: str = ""
+    choice: str = ""  # the menu option's key, when the advisor chose from a menu
+    scores: dict[str, float] = field(default_factory=dict)  # menu key -> the chooser's probability, when it scores options
 
     @property
     def usable(self) -> bool:
@@ -69,6 +71,8 @@ class AdvisorResponse:
             "latency_s": self.latency_s,
             "backend": self.backend,
             "model": self.model,
+            "choice": self.choice,
+            "scores": dict(self.scores),
         }
 
     @classmethod
@@ -86,6 +90,8 @@ class AdvisorResponse:
             latency_s=float(data.get("latency_s", 0.0)),
             backend=data.get("backend", ""),
             model=data.get("model", ""),
+            choice=data.get("choice", ""),
+            scores={str(key): float(value) for key, value in data.get("scores", {}).items()},
         )
 
     @classmethod
@@ -378,3 +384,39 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
     elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in proposal.reason):
         violations.append("reason holds control characters")
     return violations
+
+
+_CHOICE_TEXT = re.compile(r'^\s*(?:\{\s*"choice"\s*:\s*"([A-Za-z])"\s*\}|([A-Za-z])[.):]?)\s*$')
+
+
+def validate_choice(
+    raw: str,
+    snapshot: TrainingSnapshot,
+    *,
+    backend: str = "",
+    model: str = "",
+    latency_s: float = 0.0,
+    scores: dict[str, float] | None = None,
+) -> AdvisorResponse:
+    """Check an advisor's pick from `snapshot.menu` ("B", "B.", or `{"choice": "B"}`) and return the
+    chosen option's proposal, itself checked by `validate_proposal` like any other answer.
+
+    An answer that names no option on the menu is rejected; never raises.
+    """
+    raw_text = raw if isinstance(raw, str) else _dump(raw)
+    match = _CHOICE_TEXT.match(raw_text[:200]) if isinstance(raw, str) else None
+    key = (match.group(1) or match.group(2)).upper() if match else ""
+    option = next((option for option in snapshot.menu if option.key == key), None)
+    if option is None:
+        keys = ", ".join(option.key for option in snapshot.menu) or "none"
+        problem = f"answer {raw_text[:40]!r} names no option on the menu ({keys})"
+        return AdvisorResponse.failure("rejected", problem, raw_text=raw_text[:MAX_RAW_CHARS], latency_s=latency_s, backend=backend, model=model)
+    chosen = dict(option.proposal)
+    probability = (scores or {}).get(key)
+    pick = f"advisor chose {key}" + (f" (p={probability:.2f})" if probability is not None else "")
+    chosen["reason"] = f"{pick}: {option.label}"
+    response = validate_proposal(chosen, snapshot, backend=backend, model=model, latency_s=latency_s)
+    response.raw_text = raw_text
+    response.choice = key
+    response.scores = dict(scores or {})
+    return response

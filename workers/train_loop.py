@@ -80,6 +80,8 @@ class EvalResult:
     accuracy: float
     predictions: np.ndarray | None = None
     labels: np.ndarray | None = None
+    sample_losses: np.ndarray | None = None  # per sample, ranks' shards in rank order (with `per_sample`)
+    sample_correct: np.ndarray | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -136,8 +138,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.step()
         return loss.detach()
 
-    def validate() -> EvalResult:
-        return evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype)
+    def validate(per_sample: bool = False) -> EvalResult:
+        return evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype,
+                        per_sample=per_sample)
 
     def run_probation(micro_steps: int) -> ProbationMetrics:
         """Train `micro_steps` on this epoch's probation batches, then validate (both branches alike)."""
@@ -146,8 +149,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
         losses = [float(train_step(batch)) for batch in batches]
         train_loss, count = _all_reduce_sums(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
-        probe = validate()
-        return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1))
+        probe = validate(per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
+        return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
+                                sample_losses=tuple(probe.sample_losses.tolist()), sample_correct=tuple(probe.sample_correct.tolist()))
 
     configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": model_config.dropout}
     state = LoopState(configured=configured)
@@ -284,8 +288,10 @@ def _make_advice(settings: AdviceSettings | None, engine, *, rank: int, world_si
                                batch_size=train.batch_size, rollback_dir=run_dir / ".rollback")
 
 
-def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype, gather: bool = False) -> EvalResult:
+def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype,
+             gather: bool = False, per_sample: bool = False) -> EvalResult:
     """Mean loss and accuracy over `indices`, each rank taking a shard; all ranks get the result.
+    `gather`: also the predictions and labels; `per_sample`: also each sample's loss and correctness.
 
     All ranks run the same number of forward passes, even on an empty shard, because under ZeRO-3
     every forward gathers parameters collectively.
@@ -296,6 +302,7 @@ def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.n
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = 0
     predictions: list[np.ndarray] = []
+    sample_losses: list[np.ndarray] = []
     device = next(engine.module.parameters()).device
     with torch.no_grad():
         for chunk in np.array_split(shard, steps):
@@ -303,7 +310,9 @@ def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.n
             logits = engine(features[index].to(device, dtype)).float()
             targets = labels[index].to(device)
             if len(chunk):
-                loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+                losses = F.cross_entropy(logits, targets, reduction="none").double().cpu()
+                loss_sum += losses.sum()
+                sample_losses.append(losses.numpy())
                 predicted = logits.argmax(dim=1)
                 correct += int((predicted == targets).sum())
                 predictions.append(predicted.cpu().numpy())
@@ -311,8 +320,10 @@ def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.n
     if dist.is_initialized():
         dist.all_reduce(totals)
     result = EvalResult(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]))
-    if gather:
-        local = (np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64), labels[torch.from_numpy(shard)].numpy())
+    if gather or per_sample:
+        local_predictions = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+        local_labels = labels[torch.from_numpy(shard)].numpy()
+        local = (local_predictions, local_labels, np.concatenate(sample_losses) if sample_losses else np.zeros(0))
         gathered: list[Any] = [None] * world_size
         if dist.is_initialized():
             dist.all_gather_object(gathered, local)
@@ -320,6 +331,8 @@ def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.n
             gathered = [local]
         result.predictions = np.concatenate([g[0] for g in gathered])
         result.labels = np.concatenate([g[1] for g in gathered])
+        result.sample_losses = np.concatenate([g[2] for g in gathered])
+        result.sample_correct = (result.predictions == result.labels).astype(np.int64)
     return result
 
 
