@@ -27,7 +27,7 @@ class CoordinatorConfig:
     plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over plateau_window = overfitting
-    dead_fraction: float = 0.3  # a layer with this fraction of units never active counts as having dead units
+    dead_fraction: float = 0.5  # a layer with this fraction of units never active counts as having dead units (a third dead is common and harmless)
     underfit_update_ratio: float = 0.01  # median per-epoch ||dW||/||W|| below which (at val accuracy < 0.9) learning is "slow"
     drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale

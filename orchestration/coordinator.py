@@ -35,7 +35,7 @@ from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.diagnostics import DiagnosticThresholds, diagnose
 from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
-from orchestration.menu import action_of, build_menu
+from orchestration.menu import action_of, build_menu, finding_present
 from orchestration.policy import QueryPolicy
 from orchestration.protocol import (
     Apply,
@@ -349,6 +349,12 @@ class Coordinator:
             self._drop("error", snapshot, pending, f"advisor future raised {error!r}", None)
             return None
         outcome = triage(answer, age_epochs=age, config=self.config)
+        chosen = next((option for option in pending.snapshot.menu if option.key == getattr(answer, "choice", "")), None)
+        if outcome.kind == "usable" and chosen is not None and chosen.remedy:
+            # A pick answers a finding: taken late, it must still answer one now.
+            if not finding_present(diagnose(snapshot, self.thresholds), chosen.remedy):
+                self._drop("stale", snapshot, pending, f"the finding it answered ({chosen.remedy}) is gone after {age} epochs", answer)
+                return None
         if outcome.kind == "noop":
             self._record("proposal", epoch=snapshot.epoch, step=snapshot.step, reason=outcome.reason, query_id=pending.query_id,
                          proposal=outcome.proposal, answer=answer)

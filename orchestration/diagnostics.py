@@ -23,7 +23,7 @@ class DiagnosticThresholds:
     plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over the window = overfitting
-    dead_fraction: float = 0.3  # a layer with this fraction of its units never active is worth a re-draw
+    dead_fraction: float = 0.5  # a layer with this fraction of its units never active is worth a re-draw
     underfit_update_ratio: float = 0.01  # median per-epoch ||dW|| / ||W|| below which the weights barely move
     underfit_accuracy: float = 0.9  # ... and validation accuracy below this = learning far too slowly
 
@@ -34,24 +34,39 @@ class DiagnosticThresholds:
                    dead_fraction=config.dead_fraction, underfit_update_ratio=config.underfit_update_ratio)
 
 
-def is_diverging(train_loss: Sequence[float], val_loss: Sequence[float], divergence_factor: float) -> str | None:
+ACCURACY_DROP = 0.05  # a validation-loss rise counts as divergence only with this much validation accuracy lost
+
+
+def is_diverging(train_loss: Sequence[float], val_loss: Sequence[float], divergence_factor: float,
+                 val_accuracy: Sequence[float] = ()) -> str | None:
     """Why the run looks divergent, or None.
 
-    Diverging iff the latest loss is not finite, or
-    `val_loss[-1] > divergence_factor * min(val_loss[:-1])`, or
-    `train_loss[-1] > divergence_factor * train_loss[-2]`.
+    Diverging iff the latest loss is not finite, or `train_loss[-1] > divergence_factor * train_loss[-2]`,
+    or `val_loss[-1] > divergence_factor * min(val_loss[:-1])` while the model is getting worse, not
+    just more confident: validation accuracy (when known) at least `ACCURACY_DROP` below its best, else
+    training loss not at its best. (Validation loss rising while accuracy holds or training loss falls
+    is overfitting, which has its own finding.)
     """
     for name, history in (("val_loss", val_loss), ("train_loss", train_loss)):
         if history and not math.isfinite(history[-1]):
             return f"{name} is {history[-1]}"
-    finite_previous_val = [value for value in val_loss[:-1] if math.isfinite(value)]
-    if val_loss and finite_previous_val:
-        best = min(finite_previous_val)
-        if best > 0 and val_loss[-1] > divergence_factor * best:
-            return f"val_loss {val_loss[-1]:.4g} > {divergence_factor:g} x best {best:.4g}"
     if len(train_loss) >= 2 and math.isfinite(train_loss[-2]) and train_loss[-2] > 0:
         if train_loss[-1] > divergence_factor * train_loss[-2]:
             return f"train_loss {train_loss[-1]:.4g} > {divergence_factor:g} x previous {train_loss[-2]:.4g}"
+    finite_previous_val = [value for value in val_loss[:-1] if math.isfinite(value)]
+    if not val_loss or not finite_previous_val:
+        return None
+    best = min(finite_previous_val)
+    if not (best > 0 and val_loss[-1] > divergence_factor * best):
+        return None
+    accuracies = [value for value in val_accuracy if math.isfinite(value)]
+    if len(accuracies) >= 2:
+        getting_worse = accuracies[-1] < max(accuracies[:-1]) - ACCURACY_DROP
+    else:
+        previous_train = [value for value in train_loss[:-1] if math.isfinite(value)]
+        getting_worse = not (train_loss and previous_train and train_loss[-1] < min(previous_train))
+    if getting_worse:
+        return f"val_loss {val_loss[-1]:.4g} > {divergence_factor:g} x best {best:.4g}"
     return None
 
 
@@ -102,7 +117,7 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
     thresholds = thresholds or DiagnosticThresholds()
     window = thresholds.plateau_window
     diagnosis = Diagnosis()
-    divergence = is_diverging(snapshot.train_loss, snapshot.val_loss, thresholds.divergence_factor)
+    divergence = is_diverging(snapshot.train_loss, snapshot.val_loss, thresholds.divergence_factor, snapshot.val_accuracy)
     if divergence is not None:
         diagnosis.diverging = True
         diagnosis.notes.append(f"diverging: {divergence}")

@@ -140,3 +140,10 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         option.prior = action_prior(option, records, findings=any(candidate[2] for candidate in candidates))
         menu.append(option)
     return menu
+
+
+def finding_present(diagnosis: Diagnosis, remedy: str) -> bool:
+    """Whether the finding an option answered (`MenuOption.remedy`) is still in `diagnosis`."""
+    present = {"diverging": diagnosis.diverging, "plateau": diagnosis.plateau, "learning slowly": diagnosis.underfitting,
+               "overfitting": diagnosis.overfitting, "dead units": bool(diagnosis.dead_groups)}
+    return present.get(remedy, True)

@@ -140,18 +140,18 @@ class TransformersBackend:
         return ids[0]
 
     def _choose(self, snapshots: list[TrainingSnapshot]) -> list[AdvisorResponse]:
-        """Pick from each snapshot's menu by reading, not writing: for every rotation of the menu
-        (the options re-lettered in each order, so no option owes its score to being first), one
+        """Pick from each snapshot's menu by reading, not writing: for each of a few orders of the
+        menu (the options re-lettered in each, so no option owes its score to being first), one
         forward pass gives the model's probability of each letter as the answer's first token; an
-        option's score is its mean probability over the rotations, times its track-record prior,
-        and the highest wins. Deterministic; costs one batched prefill of len(menu) prompts."""
+        option's score is its mean probability over the orders, times the coordinator's prior
+        (`MenuOption.prior`: the finding it answers and its track record), and the highest wins.
+        Deterministic; costs one batched prefill of `advisor.menu_orders` prompts per snapshot."""
         torch = self._torch
         started = time.perf_counter()
         views: list[tuple[int, list[int], TrainingSnapshot]] = []  # (snapshot index, option order, re-lettered copy)
         for index, snapshot in enumerate(snapshots):
             count = len(snapshot.menu)
-            for shift in range(count):
-                order = [(position + shift) % count for position in range(count)]
+            for order in _orders(count, self._config.menu_orders):
                 rotated = dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
                                                               for slot, original in enumerate(order)])
                 views.append((index, order, rotated))
@@ -212,6 +212,17 @@ class TransformersBackend:
                     response.problems.append(f"generation stopped at max_new_tokens={self._config.max_new_tokens}")
                 responses[index] = response
         return [response for response in responses if response is not None]
+
+
+def _orders(count: int, wanted: int) -> list[list[int]]:
+    """Up to `wanted` orders of `count` options: as listed, reversed, then the other rotations."""
+    orders = [list(range(count)), list(reversed(range(count)))]
+    orders += [[(position + shift) % count for position in range(count)] for shift in range(1, count)]
+    unique: list[list[int]] = []
+    for order in orders:
+        if order not in unique:
+            unique.append(order)
+    return unique[:max(1, wanted)]
 
 
 class OpenAICompatibleBackend:

@@ -58,6 +58,7 @@ class AdvisorConfig:
     app_name: str = "hybridtrain-advisor"
     prompt_template: str = "advisor_v1"  # for answers written from scratch (coordinator.advice_mode: invent)
     choose_template: str = "advisor_choose_v1"  # for picks from the coordinator's menu (advice_mode: choose)
+    menu_orders: int = 2  # orders a menu is scored in (as listed, reversed, then rotations): cancels the model's bias for a position
     nice: int = 10  # CPU priority of the replica process (0-19): advice must not slow training on shared cores
 
     def __post_init__(self) -> None:
@@ -87,6 +88,7 @@ class AdvisorConfig:
         require(isinstance(self.route_prefix, str) and self.route_prefix.startswith("/"), "advisor.route_prefix", self.route_prefix,
                 "must start with '/'")
         require(isinstance(self.app_name, str) and bool(self.app_name), "advisor.app_name", self.app_name, "must be a non-empty string")
+        _positive_int("menu_orders", self.menu_orders)
         for name in ("prompt_template", "choose_template"):
             value = getattr(self, name)
             require(isinstance(value, str) and value.replace("_", "").isalnum(), f"advisor.{name}", value, "must name a template in serve_llm/prompts")
