@@ -43,6 +43,18 @@ class AlphaController:
         """The group's alpha now (`stability_alpha` for a group never judged)."""
         return self.alphas.get(group, self.stability_alpha)
 
+    def for_proposal(self, proposal: Any) -> dict[str, float]:
+        """The alpha of each group a proposal's weight ops touch (`alpha_for`), except groups it only
+        re-draws dead units of: those take the proposal's own alpha (1 if unset). A dead unit
+        contributes nothing, so re-drawing it moves no working weight, and blended at alpha 0.1 a
+        unit whose bias is far below zero stays dead. A group at 0 (blending off) stays at 0."""
+        groups = list(dict.fromkeys(op.group for op in proposal.weights))
+        alphas = self.alpha_for(groups, proposal.alpha)
+        for group in groups:
+            if alphas[group] > 0 and all(op.op == "reinit_dead" for op in proposal.weights if op.group == group):
+                alphas[group] = 1.0 if proposal.alpha is None else float(proposal.alpha)
+        return alphas
+
     def alpha_for(self, groups: Iterable[str], suggested: float | None = None) -> dict[str, float]:
         """The alpha to blend each group with.
 

@@ -375,7 +375,7 @@ class Coordinator:
         answer: Any = None,
     ) -> Apply:
         groups = list(dict.fromkeys(op.group for op in proposal.weights))
-        alphas = self.alphas.alpha_for(groups, proposal.alpha)
+        alphas = self.alphas.for_proposal(proposal)
         self._record(
             "proposal",
             epoch=at.epoch,

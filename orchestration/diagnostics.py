@@ -135,7 +135,11 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
     if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):
         diagnosis.overfitting = True
         diagnosis.notes.append(f"overfitting: val-train loss gap grew by {growth:.3g} over {window} epochs")
-    diagnosis.dead_groups = [layer.name for layer in snapshot.layers if layer.dead_fraction >= thresholds.dead_fraction]
+    # Dead units matter only in a net that is not learning well: a healthy ReLU net often has half
+    # of a wide hidden layer silent on the validation set, and re-drawing those units only hurts it.
+    accuracy = snapshot.val_accuracy[-1] if snapshot.val_accuracy and math.isfinite(snapshot.val_accuracy[-1]) else None
+    struggling = diagnosis.plateau or diagnosis.underfitting or accuracy is None or accuracy < thresholds.underfit_accuracy
+    diagnosis.dead_groups = [layer.name for layer in snapshot.layers if layer.dead_fraction >= thresholds.dead_fraction] if struggling else []
     if diagnosis.dead_groups:
         diagnosis.notes.append(f"many dead units in {', '.join(diagnosis.dead_groups[:3])}")
     if not diagnosis.notes:

@@ -94,7 +94,11 @@ def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | 
 
 
 def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Sequence[ProposalOutcome] = ()) -> list[MenuOption]:
-    """The options for this state, "keep" first, at most `len(MENU_KEYS)`; each names the finding it answers."""
+    """The options for this state, "keep" first, at most `len(MENU_KEYS)`; each names the finding it answers.
+
+    Remedies come in the order of the cause they address, the deepest first: divergence, dead units,
+    slow learning, plateau, overfitting (a net with dead units also plateaus and learns slowly;
+    curing the plateau would not revive them)."""
     decay = float(snapshot.hyperparameters.get("weight_decay", 0.0) or 0.0)
     dropout = float(snapshot.hyperparameters.get("dropout", 0.0) or 0.0)
     # (action, what it does, the finding it answers or "", proposal)
@@ -104,21 +108,24 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         candidates.append(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", "diverging",
                            _proposal("diverging: cut lr 3x, weights toward best", alpha=1.0, lr_scale=0.3,
                                      weights=[{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update])))
+    if diagnosis.dead_groups:
+        groups = diagnosis.dead_groups[:MAX_RESCUE_GROUPS]
+        # A unit is its weight row and its bias: a dead unit re-drawn with its old, very negative bias stays dead.
+        known = {layer.name for layer in snapshot.layers}
+        targets = list(dict.fromkeys(name for group in groups for name in (group, group.removesuffix(".weight") + ".bias") if name in known))
+        candidates.append(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
+                           _proposal("dead units: re-draw half", alpha=1.0,
+                                     weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
+    if diagnosis.underfitting:
+        candidates.append(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
     if diagnosis.diverging or diagnosis.plateau:
         why = "diverging" if diagnosis.diverging else "plateau"
         candidates.append(("lr_down", "halve the learning rate", why, _proposal(f"{why}: halve lr", lr_scale=0.5)))
-    if diagnosis.underfitting:
-        candidates.append(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
     if diagnosis.overfitting:
         new_decay = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(3 * decay, 5e-4))
         new_dropout = min(HYPERPARAMETER_BOUNDS["dropout"][1], dropout + 0.1)
         candidates.append(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
                            _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
-    if diagnosis.dead_groups:
-        groups = diagnosis.dead_groups[:MAX_RESCUE_GROUPS]
-        candidates.append(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
-                           _proposal("dead units: re-draw half", alpha=1.0,
-                                     weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in groups])))
     # Few findings: offer both learning-rate moves anyway, so that choosing is a real decision.
     offered = {candidate[0] for candidate in candidates}
     if len(candidates) < 3:

@@ -19,6 +19,8 @@ def _curve(situation: str, epochs: int, rng: random.Random) -> tuple[list[float]
     train, val = [], []
     for epoch in range(epochs):
         base = 2.3 * (0.55 ** (epoch + 1)) + 0.05
+        if situation == "dead_units":  # half a layer silent: still learning, but slowly and not far
+            base = 2.3 * (0.85 ** (epoch + 1)) + 0.3
         if situation.startswith("plateau") and epoch >= 2:
             base = 2.3 * 0.55**3 + 0.05 + rng.uniform(-0.004, 0.004)
         if situation == "diverging" and epoch >= epochs - 2:

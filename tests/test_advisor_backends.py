@@ -31,7 +31,7 @@ from serve_llm.validate import proposal_violations
 def test_heuristic_rules_are_deterministic_and_valid() -> None:
     backend = HeuristicBackend()
     diverging, plateau, dead, overfit, healthy = (
-        example_snapshot(name) for name in ("diverging", "plateau", "dead_units", "overfitting", "healthy")
+        example_snapshot(name) for name in ("diverging", "plateau", "plateau_dead", "overfitting", "healthy")
     )
     responses = backend.propose_batch([diverging, plateau, dead, overfit, healthy])
     assert [r.status for r in responses] == ["valid"] * 5
