@@ -35,6 +35,7 @@ class CoordinatorConfig:
 
     # --- what the advisor answers ----------------------------------------------------------
     advice_mode: AdviceMode = "choose"  # choose: pick from a menu built from the diagnosis | invent: write a whole proposal
+    track_record: bool = True  # the menu shows, and its prior weighs, how each action fared earlier in the run
 
     # --- response cache ------------------------------------------------------------------
     cache_enabled: bool = True

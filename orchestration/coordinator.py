@@ -298,7 +298,8 @@ class Coordinator:
         self.last_query_epoch = snapshot.epoch
         prompt = self._prompt_snapshot(snapshot)
         if self.config.advice_mode == "choose":
-            prompt.menu = build_menu(prompt, snapshot.diagnosis or diagnose(snapshot, self.thresholds), self.outcomes)
+            prompt.menu = build_menu(prompt, snapshot.diagnosis or diagnose(snapshot, self.thresholds),
+                                     self.outcomes if self.config.track_record else ())
         if self.config.cache_enabled:
             entry, distance = self.cache.lookup_entry(prompt, asker=self.run_id)
             if entry is not None:

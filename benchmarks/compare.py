@@ -1,0 +1,166 @@
+"""Does LLM-advised training beat its peers? Real hybridtrain runs at equal budget, per task and starting condition.
+
+    python benchmarks/compare.py                               # 3 tasks x 2 conditions x 3 seeds, static / heuristic / llm
+    python benchmarks/compare.py --methods static llm llm-no-gate llm-alpha1 llm-no-cache llm-no-record   # ablations
+    python benchmarks/compare.py --smoke                       # digits, hard start, 1 seed, static and heuristic, 3 epochs (CI)
+    python benchmarks/compare.py --out DIR                     # continue: runs already in DIR are read, not run again
+
+Every method trains the same model for the same number of epochs (`--epochs`, early stopping off): the
+budget is equal. Runs are real: Ray Train workers with DeepSpeed ZeRO-2 on the embedded local Ray, the
+advisor on Ray Serve for LLM methods. Tasks (`benchmarks/tasks.py`): the CNN on digits, an MLP on the
+breast-cancer CSV, the CNN on generated noisy shapes. Conditions: `good` (the defaults) and `hard` (digits:
+learning rate 10x too high; tabular and shapes: 30x too low), where advice has room to help.
+
+Methods: `static` (no advisor), `heuristic` (rules choose from the menu), `llm` (the bundled SmolLM2
+chooses: the default advisor), and ablations of the LLM advisor: `llm-no-gate` (every proposal kept),
+`llm-alpha1` (weights replaced, not blended: alpha 1), `llm-no-cache`, `llm-no-record` (no track
+record in the prompt or the menu's prior), `llm-invent` (it writes whole proposals, the old design).
+
+Printed per task, condition and method: test accuracy (mean and std over seeds), epochs to the task's
+target validation accuracy (median, and how many runs reached it), training wall time, proposals
+accepted/rejected (sums). Each run's figures go to `DIR/results.jsonl` as it ends. The table starts with
+scikit-learn anchors fitted on the same split. Writes `DIR/table.md` and `DIR/accuracy.svg`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.tasks import TASKS, anchors, task_overrides  # noqa: E402
+
+METHODS = {
+    "static": ["advisor.backend=none"],
+    "heuristic": ["advisor.backend=heuristic"],
+    "llm": ["advisor.backend=smollm2"],
+    "llm-no-gate": ["advisor.backend=smollm2", "coordinator.accept_threshold=-1000000", "coordinator.accept_significance=0"],
+    "llm-alpha1": ["advisor.backend=smollm2", "coordinator.stability_alpha=1.0", "coordinator.alpha_max=1.0"],
+    "llm-no-cache": ["advisor.backend=smollm2", "coordinator.cache_enabled=false"],
+    "llm-no-record": ["advisor.backend=smollm2", "coordinator.track_record=false", "coordinator.max_recent_proposals=0"],
+    "llm-invent": ["advisor.backend=smollm2", "coordinator.advice_mode=invent"],
+}
+BASE_LR = 3e-3  # train.lr's default
+HARD = {"digits": [f"train.lr={BASE_LR * 10:g}"], "tabular": [f"train.lr={BASE_LR / 30:g}"], "shapes": [f"train.lr={BASE_LR / 30:g}"]}
+TARGETS = {"digits": 0.97, "tabular": 0.95, "shapes": 0.5}  # validation accuracy
+
+
+def epochs_to_target(run_dir: Path, target: float) -> int | None:
+    import pandas as pd
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    reached = metrics[metrics.val_accuracy >= target]
+    return int(reached.epoch.iloc[0]) if len(reached) else None
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def table(records: list[dict], anchor_rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| task | condition | method | seeds | test acc (mean ± std) | epochs to target (reached) | train wall s | accepted / rejected |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for task, values in anchor_rows.items():
+        for name, accuracy in values.items():
+            lines.append(f"| {task} | anchor | {name} (scikit-learn, same split) | 1 | {accuracy:.4f} | | | |")
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["condition"], record["method"]), []).append(record)
+    for (task, condition, method), runs in sorted(groups.items()):
+        reached = [run["to_target"] for run in runs if run["to_target"] is not None]
+        to_target = f"{statistics.median(reached):.0f} ({len(reached)}/{len(runs)})" if reached else f"never (0/{len(runs)})"
+        lines.append(f"| {task} | {condition} | {method} | {len(runs)} | {_mean_std([run['test'] for run in runs])} | {to_target} "
+                     f"| {statistics.median(run['wall_s'] for run in runs):.1f} | {sum(run['accepted'] for run in runs)} / "
+                     f"{sum(run['rejected'] for run in runs)} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Mean test accuracy per method, one group of bars per task and condition, as a dependency-free SVG."""
+    groups = sorted({(r["task"], r["condition"]) for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+    bar, gap, height = 14, 24, 220
+    width = 60 + len(groups) * (len(methods) * bar + gap)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 90}" font-family="sans-serif" font-size="10">',
+             f'<text x="10" y="14">mean test accuracy per method (0 to 1)</text>']
+    for index, (task, condition) in enumerate(groups):
+        x0 = 50 + index * (len(methods) * bar + gap)
+        for m, method in enumerate(methods):
+            values = [r["test"] for r in records if (r["task"], r["condition"], r["method"]) == (task, condition, method)]
+            if values:
+                h = statistics.mean(values) * height
+                parts.append(f'<rect x="{x0 + m * bar}" y="{20 + height - h:.1f}" width="{bar - 2}" height="{h:.1f}" fill="{colours[m % 8]}">'
+                             f'<title>{task} {condition} {method}: {statistics.mean(values):.4f}</title></rect>')
+        parts.append(f'<text x="{x0}" y="{height + 34}">{task}/{condition}</text>')
+    for m, method in enumerate(methods):
+        parts.append(f'<rect x="{50 + m * 90}" y="{height + 50}" width="10" height="10" fill="{colours[m % 8]}"/>'
+                     f'<text x="{64 + m * 90}" y="{height + 59}">{method}</text>')
+    path.write_text("\n".join(parts + ["</svg>"]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--conditions", nargs="+", default=["hard", "good"], choices=["good", "hard"])
+    parser.add_argument("--methods", nargs="+", default=["static", "heuristic", "llm"], choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--smoke", action="store_true", help="digits, hard start, 1 seed, static and heuristic, 3 epochs")
+    parser.add_argument("--out", type=Path, default=None, help="benchmark directory (default: a new temporary one)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tasks, args.conditions, args.seeds, args.epochs, args.methods = ["digits"], ["hard"], 1, 3, ["static", "heuristic"]
+    out = args.out or Path(tempfile.mkdtemp(prefix="hybridtrain-compare-"))
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.jsonl"
+    records = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
+    done = {(r["task"], r["condition"], r["method"], r["seed"]) for r in records}
+
+    import ray
+
+    from cluster.experiment import build_config
+    from cluster.launch import execute_run, plan_run
+    from cluster.runtime import connect
+
+    anchor_rows = {task: anchors(task, out / "data") for task in args.tasks}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started_all = time.perf_counter()
+    # Condition by condition (the first one named, in every seed, before the next), so an interrupted
+    # benchmark has whole seeds of one condition rather than one seed of everything.
+    for condition in args.conditions:
+        for seed in range(args.seeds):
+            for task in args.tasks:
+                for method in args.methods:
+                    if (task, condition, method, seed) in done:
+                        continue
+                    run_dir = out / f"{task}-{condition}-{method}-{seed}"
+                    sets = [*task_overrides(task, out / "data"), *METHODS[method], *(HARD[task] if condition == "hard" else []),
+                            f"train.epochs={args.epochs}", "train.early_stopping_patience=0", f"train.seed={seed}", f"data.seed={seed}",
+                            "advisor.num_cpus_per_replica=1"]
+                    config = build_config(overrides=sets)
+                    started = time.perf_counter()
+                    summary = execute_run(plan_run(config, run_dir), cluster=connect(config.cluster, quiet=True))
+                    record = {"task": task, "condition": condition, "method": method, "seed": seed, "test": summary["test_accuracy"],
+                              "to_target": epochs_to_target(run_dir, TARGETS[task]), "wall_s": summary["wall_s"],
+                              "driver_wall_s": time.perf_counter() - started, "accepted": summary.get("proposals_accepted", 0) or 0,
+                              "rejected": summary.get("proposals_rejected", 0) or 0, "queries": summary.get("advisor_queries", 0) or 0}
+                    records.append(record)
+                    with open(results_file, "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    print(f"[compare] {json.dumps(record)}  ({time.perf_counter() - started_all:.0f}s so far)", flush=True)
+    text = table(records, anchor_rows)
+    (out / "table.md").write_text(text + "\n")
+    plot(records, out / "accuracy.svg")
+    print(f"\n{args.epochs} epochs per run, early stopping off; targets (val acc) {TARGETS}; results in {out}\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
