@@ -41,6 +41,7 @@ from orchestration.protocol import (
     Apply,
     Continue,
     Decision,
+    Diagnosis,
     ProbationMetrics,
     Proposal,
     ProposalOutcome,
@@ -143,11 +144,11 @@ class Coordinator:
                 why = "the trainer restarted before reporting it" if replayed else f"unreported after {snapshot.epoch - probation.epoch} epochs"
                 self._record("error", epoch=snapshot.epoch, step=snapshot.step, query_id=probation.query_id, proposal=probation.proposal,
                              reason=f"probation abandoned: {why}")
+        diagnosis = diagnose(snapshot, self.thresholds)  # read once: a late pick is checked against it, the policy decides by it
         if self._pending is not None:
-            decision = self._collect_answer(snapshot)
+            decision = self._collect_answer(snapshot, diagnosis)
             if decision is not None:
                 return decision
-        diagnosis = diagnose(snapshot, self.thresholds)
         query = self.policy.decide(
             snapshot, last_query_epoch=self.last_query_epoch, weight_drift=weight_drift, in_flight=self.in_flight, diagnosis=diagnosis
         )
@@ -327,7 +328,7 @@ class Coordinator:
         self._pending = _PendingQuery(query_id=query_id, epoch=snapshot.epoch, snapshot=prompt, future=future)
         return Continue(f"asked advisor ({query_id}): {reason}", asked_now=True)
 
-    def _collect_answer(self, snapshot: TrainingSnapshot) -> Decision | None:
+    def _collect_answer(self, snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> Decision | None:
         """An `Apply` for a usable answer, `Continue` while waiting, None once an answer is dropped."""
         pending = self._pending
         assert pending is not None
@@ -353,7 +354,7 @@ class Coordinator:
         chosen = next((option for option in pending.snapshot.menu if option.key == getattr(answer, "choice", "")), None)
         if outcome.kind == "usable" and chosen is not None and chosen.remedy:
             # A pick answers a finding: taken late, it must still answer one now.
-            if not finding_present(diagnose(snapshot, self.thresholds), chosen.remedy):
+            if not finding_present(diagnosis, chosen.remedy):
                 self._drop("stale", snapshot, pending, f"the finding it answered ({chosen.remedy}) is gone after {age} epochs", answer)
                 return None
         if outcome.kind == "noop":

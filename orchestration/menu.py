@@ -134,6 +134,7 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         if "lr_up" not in offered:
             candidates.append(("lr_up", "double the learning rate", "", _proposal("double lr", lr_scale=2.0)))
     records = track_records(outcomes)
+    findings = any(remedy for _, _, remedy, _ in candidates)
     menu = []
     for key, (action, does, remedy, proposal) in zip(MENU_KEYS, candidates):
         if action == "keep":
@@ -144,7 +145,7 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         if record is not None and action != "keep":
             label += f" (tried {record.tried}x in this run, kept {record.kept}x)"
         option = MenuOption(key=key, action=action, label=label, proposal=proposal, remedy=remedy)
-        option.prior = action_prior(option, records, findings=any(candidate[2] for candidate in candidates))
+        option.prior = action_prior(option, records, findings=findings)
         menu.append(option)
     return menu
 
