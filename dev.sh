@@ -32,11 +32,22 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# The report test renders in headless Chromium (Debian's package). Install it where it is missing and we can;
+# where we cannot, that test fails and says how to install it.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[dev.sh] installing Debian's chromium for the report test (about a minute)"
+    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/tmp/hybridtrain-apt.log 2>&1 \
+      || echo "[dev.sh] could not install chromium (see /tmp/hybridtrain-apt.log); the report test will fail"
+  fi
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
   run)  setup; exec "$VENV/bin/hybridtrain" run "$@" ;;
-  test) setup; exec "$PY" -m pytest "$@" ;;
+  test) setup; ensure_chromium; exec "$PY" -m pytest "$@" ;;
   setup) setup ;;
   *) echo "usage: bash dev.sh run|test|setup [args...]" >&2; exit 2 ;;
 esac

@@ -19,7 +19,9 @@ def _add_run(subparsers) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=10 (repeatable)")
     run.add_argument("--output", metavar="DIR", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/report.html at the end")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    run.add_argument("--verbose", dest="ray_logs", action="store_true", help="also show Ray's and the workers' own logs (always kept in RUN_DIR/logs/ray)")
     run.set_defaults(func=_cmd_run)
 
 
@@ -36,6 +38,7 @@ def _config_and_dir(args: argparse.Namespace, *, sweep: bool, root: str):
     from cluster.experiment import build_config
 
     overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    overrides += ["cluster.verbose=true"] if args.ray_logs or args.verbose else []
     config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides, sweep=sweep)
     return config, Path(args.output) if args.output else Path(root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -44,11 +47,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.launch import execute_run, plan_run
 
     if args.resume:
+        run_dir = Path(args.resume)
         execute_run(plan_run(None, args.resume, resume=True, address=_resume_address(args, "run")))
-        return 0
-    config, run_dir = _config_and_dir(args, sweep=False, root="runs")
-    execute_run(plan_run(config, run_dir))
+    else:
+        config, run_dir = _config_and_dir(args, sweep=False, root="runs")
+        execute_run(plan_run(config, run_dir))
+    if args.report:
+        _report(run_dir)
     return 0
+
+
+def _report(directory: Path) -> None:
+    """The run's or sweep's report; a report that cannot be drawn costs a warning, not the run."""
+    from cluster.report import write_report
+
+    try:
+        print(f"[hybridtrain] report: {write_report(directory)}", flush=True)
+    except Exception as error:  # noqa: BLE001 - the training result is already safe on disk
+        print(f"[hybridtrain] warning: could not write the report ({type(error).__name__}: {error}); "
+              f"try again with: hybridtrain report {directory}", flush=True)
 
 
 def _add_tune(subparsers) -> None:
@@ -60,6 +77,8 @@ def _add_tune(subparsers) -> None:
     tune.add_argument("--output", metavar="DIR", help="sweep directory (default: sweeps/NAME-TIMESTAMP)")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not run again")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    tune.add_argument("--no-report", dest="report", action="store_false", help="do not write SWEEP_DIR/report/report.html at the end")
+    tune.add_argument("--verbose", dest="ray_logs", action="store_true", help="also show Ray's and the workers' own logs")
     tune.set_defaults(func=_cmd_tune)
 
 
@@ -67,10 +86,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from cluster.sweep import run_sweep
 
     if args.resume:
+        sweep_dir = Path(args.resume)
         summary = run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"))
     else:
         config, sweep_dir = _config_and_dir(args, sweep=True, root="sweeps")
         summary = run_sweep(config, sweep_dir)
+    if args.report:
+        _report(sweep_dir)
     if summary["trials"] and len(summary["trials_failed"]) == summary["trials"]:
         print("hybridtrain: every trial failed; see the warnings above", file=sys.stderr)
         return 1
@@ -92,6 +114,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(subparsers) -> None:
+    report = subparsers.add_parser("report", help="write an HTML report (plots embedded) and PNGs for a run or sweep directory")
+    report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
+    report.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cluster.report import write_report
+
+    print(write_report(args.directory))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridtrain", description="LLM-advised training on Ray Train with DeepSpeed ZeRO")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_tune(subparsers)
     _add_predict(subparsers)
+    _add_report(subparsers)
     register_advisor(subparsers)
     return parser
 
@@ -108,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cluster.launch import RunError
+    from cluster.report import ReportError
     from orchestration.settings import ConfigError
     from workers.data import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataError, ReportError, FileNotFoundError, ValueError) as error:
         print(f"hybridtrain: error: {error}", file=sys.stderr)
         return 2
     except RunError as error:

@@ -13,6 +13,7 @@ coordinator's state, so the ledger survives a killed driver).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from cluster.console import RAY_LOGS, ProgressTail, collect_ray_logs, since_now
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
 from cluster.runtime import ClusterInfo, check_shared_storage, connect
 from orchestration.ledger import InterventionRecord, Ledger
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
-from workers.train_loop import ADVICE_STATE, FINAL_METRICS
+from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
 
 logger = logging.getLogger(__name__)
 
@@ -156,23 +158,38 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     shared = coordinator is not None
     trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
                             digest_checkpoints=digest_checkpoints, keep_all_checkpoints=keep_all_checkpoints)
-    started = time.perf_counter()
+    started, logs_since = time.perf_counter(), since_now()
+    # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
+    # output does (--verbose); a sweep trial's progress stays in its run directory.
+    tail = ProgressTail(run_dir / PROGRESS) if not config.cluster.verbose and coordinator is None else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with tail:
+            result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
         close_advice(handle, plan, incidents=[], shared=shared)
-        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}") from error
+        _keep_logs(run_dir, logs_since)
+        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
+                       f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
         close_advice(handle, plan, incidents=[], shared=shared)
+        _keep_logs(run_dir, logs_since)
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
     advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
     summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _keep_logs(run_dir, logs_since)
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
           f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s -> {run_dir}", flush=True)
     return summary
+
+
+def _keep_logs(run_dir: Path, since: float) -> None:
+    """The full Ray and worker logs of the run, in the run directory (they are off the terminal)."""
+    copied = collect_ray_logs(run_dir / RAY_LOGS, since=since)
+    if copied:
+        logger.debug("copied %d Ray log files to %s", copied, run_dir / RAY_LOGS)
 
 
 def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.console import quiet_driver_loggers
 from orchestration.settings import ConfigError, require
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class ClusterConfig:
     dashboard: bool = True  # embedded Ray only: start the dashboard
     dashboard_host: str = "127.0.0.1"  # embedded Ray only; 0.0.0.0 exposes it to the network
     namespace: str = "hybridtrain"
+    verbose: bool = False  # echo Ray's and the workers' own logs on the terminal (they always go to the run directory)
 
     def __post_init__(self) -> None:
         require(self.num_cpus is None or self.num_cpus >= 1, "cluster.num_cpus", self.num_cpus, "must be >= 1")
@@ -80,11 +82,14 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
             dashboard_host=config.dashboard_host,
             logging_level=logging.WARNING,
             configure_logging=True,
+            log_to_driver=config.verbose,
         )
         embedded = True
     else:
-        context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING)
+        context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
         embedded = False
+    if not config.verbose:
+        quiet_driver_loggers()
     dashboard_url = getattr(context, "dashboard_url", None) or None
     if dashboard_url and not dashboard_url.startswith("http"):
         dashboard_url = f"http://{dashboard_url}"

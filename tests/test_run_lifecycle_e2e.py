@@ -91,17 +91,28 @@ def test_a_seeded_run_repeats_exactly_in_a_fresh_process(tmp_path) -> None:
     """Same config and seed, two processes (different PYTHONHASHSEED): the same run id, the same loss
     curves bit for bit, the same probation rewards. The schedule ends at lr 0 (min_lr_ratio 0), where
     an lr_scale cannot act: that is recorded in the ledger and the summary, not silently dropped."""
-    runs = []
+    runs, outputs = [], {}
     for attempt in ("a", "b"):
         run_dir = tmp_path / attempt
         os.environ["PYTHONHASHSEED"] = {"a": "11", "b": "22"}[attempt]
-        try:
-            _run("run", "--recipe", "smoke", "--output", str(run_dir), "--set", "train.epochs=6", "--set", "train.min_lr_ratio=0",
-                 "--set", f"advisor.script={_script(tmp_path)}", *(f"--set={item}" for item in ADVISED))
+        try:  # b also shows Ray's and the workers' own logs; that must not change the run
+            outputs[attempt] = _run("run", "--recipe", "smoke", "--output", str(run_dir), "--set", "train.epochs=6", "--set", "train.min_lr_ratio=0",
+                                    "--set", f"advisor.script={_script(tmp_path)}", *(f"--set={item}" for item in ADVISED),
+                                    *(["--verbose"] if attempt == "b" else []))
         finally:
             os.environ.pop("PYTHONHASHSEED", None)
         runs.append((json.loads((run_dir / "summary.json").read_text()), pd.read_csv(run_dir / "metrics.csv"),
                      pd.read_csv(run_dir / "interventions.csv")))
+    # The terminal, as a new user meets it: the driver's own lines and rank 0's progress, no Ray internals.
+    quiet = outputs["a"].splitlines()
+    assert len(quiet) <= 40, outputs["a"]
+    assert not [line for line in quiet if "pid=" in line or "TrainingReport" in line or "DeepSpeed" in line], outputs["a"]
+    assert sum("[hybridtrain] epoch" in line for line in quiet) == 6 and "advisor proposal" in outputs["a"]
+    assert "RayTrainWorker pid=" in outputs["b"]
+    # ... and the full logs are in the run directory
+    worker_logs = [path.read_text(errors="replace") for path in (tmp_path / "a" / "logs" / "ray").glob("worker-*.out")]
+    assert any("[hybridtrain] epoch   6/6" in text for text in worker_logs)
+    assert (tmp_path / "a" / "report" / "report.html").is_file() and "report.html" in quiet[-1]
     (summary_a, metrics_a, ledger_a), (summary_b, metrics_b, ledger_b) = runs
     assert summary_a["run_id"] == summary_b["run_id"]
     pd.testing.assert_frame_equal(metrics_a[["train_loss", "val_loss", "val_accuracy", "lr"]], metrics_b[["train_loss", "val_loss", "val_accuracy", "lr"]],

@@ -53,6 +53,7 @@ PLACEMENT = "placement.json"  # in the run directory: the node each rank of the 
 RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
+PROGRESS = "progress.log"  # in the run directory: rank 0's progress lines, which the driver prints live
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
 
 
@@ -100,6 +101,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     device = ray.train.torch.get_device()
     if rank == 0:
+        global _progress_file
+        _progress_file = run_dir / PROGRESS
         # Which placement group Train reserved for this worker group: a sweep frees it if the run is killed
         # (a paused or stopped Tune trial) and Ray Train's own cleaner cannot (it needs the State API).
         group = ray.util.get_current_placement_group()
@@ -435,9 +438,21 @@ def _chaos_kill_once(run_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+_progress_file: Path | None = None  # rank 0 sets it to RUN_DIR/progress.log
+
+
 def _log(rank: int, message: str) -> None:
-    """Progress for people, from rank 0 only. Written to the real stdout: Ray Train routes `print`
-    through its logger, which would echo every line twice on the driver's console."""
-    if rank == 0:
-        sys.__stdout__.write(f"[hybridtrain] {message}\n")
-        sys.__stdout__.flush()
+    """Progress for people, from rank 0 only: appended to `RUN_DIR/progress.log`, which the driver prints
+    as it grows, and written to the worker's real stdout (in Ray's logs; on the terminal with --verbose).
+    Not `print`: Ray Train routes it through its logger, which would echo every line twice."""
+    if rank != 0:
+        return
+    line = f"[hybridtrain] {message}\n"
+    sys.__stdout__.write(line)
+    sys.__stdout__.flush()
+    if _progress_file is not None:
+        try:
+            with open(_progress_file, "a", encoding="utf-8") as progress:
+                progress.write(line)
+        except OSError:  # progress display is best effort; training goes on
+            pass
