@@ -52,3 +52,26 @@ def test_mlp_width_sets_its_hidden_units() -> None:
     model = build_model(ModelConfig(kind="mlp", width=48, depth=2), (20,), 3)
     hidden = [module.out_features for module in model.modules() if isinstance(module, torch.nn.Linear)][:-1]
     assert hidden == [48, 48]
+
+
+def test_unset_fields_take_the_kinds_defaults_and_set_ones_stay() -> None:
+    from workers.config import KIND_DEFAULTS
+
+    assert ModelConfig().for_kind("mlp") == ModelConfig(kind="mlp", **KIND_DEFAULTS["mlp"])
+    assert ModelConfig(width=128, dropout=0.0).for_kind("mlp").depth == KIND_DEFAULTS["mlp"]["depth"]
+    assert ModelConfig(width=128, dropout=0.0).for_kind("mlp").width == 128
+    assert ModelConfig(width=128, dropout=0.0).for_kind("mlp").dropout == 0.0
+    assert ModelConfig(kind="mlp").for_kind("mlp").depth != ModelConfig().for_kind("cnn2d").depth
+    # build_model resolves them itself
+    assert len([m for m in build_model(ModelConfig(), (30,), 2).modules() if isinstance(m, torch.nn.Linear)]) == KIND_DEFAULTS["mlp"]["depth"] + 1
+
+
+def test_small_data_lowers_the_batch_so_an_epoch_has_enough_steps() -> None:
+    from workers.config import TrainConfig, small_data_batch
+
+    train = TrainConfig()  # batch 64, at least 8 steps an epoch
+    assert small_data_batch(train, 455, 2).batch_size == 28  # 455 // (2 * 8)
+    assert small_data_batch(train, 1437, 2) is train  # digits: 11 steps at 64 already
+    assert small_data_batch(train, 40, 2).batch_size == 8  # never below 8 per worker
+    assert small_data_batch(TrainConfig(min_steps_per_epoch=0), 455, 2).batch_size == 64  # off
+    assert small_data_batch(TrainConfig(batch_size=16), 455, 2).batch_size == 16  # never raised

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from cluster.experiment import build_config
+from cluster.report import write_report
 from cluster.sweep import run_sweep
 
 pytestmark = pytest.mark.e2e
@@ -65,6 +66,8 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     assert all(d["problem"] for d in decisions if d["source"] == "fallback")
     assert summary["llm_explores"] + summary["fallbacks"] == summary["exploits"]
     assert set(explores.source) <= {"llm", "fallback"}
+    report = write_report(sweep_dir).read_text()  # each trial's curve with its exploits, the trial and explore tables
+    assert "Exploits and explores" in report and report.count("data:image/png;base64,") == 1
 
 
 @pytest.mark.parametrize("scheduler", ["asha", "pb2", "random"])
@@ -107,3 +110,4 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path) -> N
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["trials"] == 3 and summary["trials_finished"] == 3
     assert [path.name for path in finished[0].parent.glob("run-*")] == ["run-0"]  # not trained again
+    assert (sweep_dir / "report" / "trials.png").is_file() and "could not write the report" not in resumed.stdout

@@ -128,6 +128,7 @@ def resolve_kind(kind: str, sample_shape: tuple[int, ...]) -> str:
 def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the configured model for samples of `sample_shape` ((C, H, W) images or (F,) features)."""
     kind = resolve_kind(config.kind, sample_shape)
+    config = config.for_kind(kind)
     if kind in ("cnn2d", "resnet") and len(sample_shape) != 3:
         raise ValueError(f"model.kind={kind!r} needs image samples (C, H, W), got sample shape {sample_shape}")
     if kind == "cnn2d":

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestration.protocol import ProbationMetrics
-from workers.config import DataConfig, ModelConfig, TrainConfig
+from workers.config import DataConfig, ModelConfig, TrainConfig, small_data_batch
 from workers.data import Normalizer, load_dataset, probation_batches, shard_batches, stable_seed, stratified_split
 from workers.engine import (
     build_engine,
@@ -122,6 +122,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     features = torch.from_numpy(normalizer(dataset.x))
     labels = torch.from_numpy(dataset.y)
 
+    model_config = model_config.for_kind(resolve_kind(model_config.kind, dataset.sample_shape))
+    configured_batch = train.batch_size
+    train = small_data_batch(train, len(split.train), world_size)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(model_config, dataset.sample_shape, len(dataset.classes))
     micro_steps = len(shard_batches(len(split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0, seed=train.seed, grad_accum_steps=train.grad_accum_steps))
@@ -129,7 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dtype = input_dtype(spec)
 
     advice = _make_advice(loop_config.get("advice"), engine, rank=rank, world_size=world_size, run_dir=run_dir, train=train,
-                          model_kind=resolve_kind(model_config.kind, dataset.sample_shape))
+                          model_kind=model_config.kind)
 
     def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
         """One micro-step on `batch` (indices into the train split); returns the detached loss.
@@ -181,8 +184,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.configured = configured
         _log(rank, f"started from {initial} after epoch {state.epoch}" + (f"; config changed {', '.join(changed)}" if changed else ""))
     else:
-        _log(rank, f"training {resolve_kind(model_config.kind, dataset.sample_shape)} on {dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, "
-             f"{world_size} workers, ZeRO-{spec.zero_stage}, {spec.precision}, {spec.device}")
+        _log(rank, f"training {model_config.kind} (width {model_config.width}, depth {model_config.depth}, dropout {model_config.dropout:g}) on "
+             f"{dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, {world_size} workers, ZeRO-{spec.zero_stage}, "
+             f"{spec.precision}, {spec.device}; batch {train.batch_size} per worker"
+             + (f" (lowered from {configured_batch}: train.min_steps_per_epoch {train.min_steps_per_epoch})" if train.batch_size != configured_batch else ""))
 
     state.nodes = nodes
     for epoch in range(state.epoch + 1, train.epochs + 1):
@@ -418,7 +423,7 @@ def _save_model(run_dir: Path, params: dict[str, torch.Tensor], buffers: dict[st
     tensors.update({name: value.contiguous() for name, value in buffers.items() if not value.is_floating_point()})
     save_file(tensors, str(run_dir / "model.safetensors"))
     meta = {
-        "model": asdict(model_config) | {"kind": resolve_kind(model_config.kind, dataset.sample_shape)},
+        "model": asdict(model_config),
         "sample_shape": list(dataset.sample_shape),
         "classes": dataset.classes,
         "normalizer": normalizer.to_dict(),
