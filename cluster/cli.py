@@ -127,6 +127,85 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_jobs(subparsers) -> None:
+    submit = subparsers.add_parser("submit", help="submit a run or sweep as a Ray job: hybridtrain submit [--wait] -- run --recipe smoke")
+    submit.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS if it is one, else http://127.0.0.1:8265)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit with its status")
+    submit.add_argument("--pip", action="store_true", help="install the project's dependencies on the cluster (a cluster whose Python lacks them)")
+    submit.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- run|tune ARGS")
+    submit.set_defaults(func=_cmd_submit)
+    jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    actions = jobs.add_subparsers(dest="action", required=True)
+    for action, text in (("list", "every job of the cluster"), ("status", "one job's status"), ("logs", "one job's logs"), ("stop", "stop a job")):
+        command = actions.add_parser(action, help=text)
+        if action != "list":
+            command.add_argument("job_id", metavar="JOB_ID")
+        if action == "logs":
+            command.add_argument("--follow", action="store_true", help="follow until the job ends; exit with its status")
+        command.add_argument("--address", help="the cluster's dashboard URL")
+        command.set_defaults(func=_cmd_jobs)
+    cluster = subparsers.add_parser("cluster", help="start, stop or inspect a local Ray head node")
+    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("--port", type=int, default=6379, help="up: the GCS port")
+    cluster.add_argument("--dashboard-port", type=int, default=8265, help="up: the dashboard port (bound to 127.0.0.1)")
+    cluster.add_argument("--num-cpus", type=int, help="up: CPUs to advertise")
+    cluster.add_argument("--address", help="status: the cluster's address")
+    cluster.set_defaults(func=_cmd_cluster)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    client, job_id = jobs.submit(arguments, address=args.address, pip=args.pip)
+    address = jobs.dashboard_address(args.address)
+    print(f"[hybridtrain] submitted job {job_id}\n[hybridtrain] dashboard: {address}/#/jobs/{job_id}\n"
+          f"[hybridtrain] follow it with: hybridtrain jobs logs --follow {job_id}" + (f" --address {args.address}" if args.address else ""), flush=True)
+    if not args.wait:
+        return 0
+    final = jobs.follow(client, job_id)
+    print(f"[hybridtrain] job {job_id}: {final}", flush=True)
+    return jobs.exit_code(final)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    client = jobs.client(args.address)
+    if args.action == "list":
+        for job in sorted(client.list_jobs(), key=lambda job: job.start_time or 0):
+            print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+        return 0
+    if args.action == "status":
+        print(jobs.status(client, args.job_id))
+    elif args.action == "logs" and args.follow:
+        final = jobs.follow(client, args.job_id)
+        print(f"[hybridtrain] job {args.job_id}: {final}", flush=True)
+        return jobs.exit_code(final)
+    elif args.action == "logs":
+        jobs.status(client, args.job_id)
+        print(client.get_job_logs(args.job_id), end="")
+    else:
+        stopped = client.stop_job(args.job_id)
+        print(f"[hybridtrain] job {args.job_id}: " + ("stop requested" if stopped else "already finished"))
+    return 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.action == "up":
+        print(jobs.cluster_up(port=args.port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus))
+    elif args.action == "down":
+        if not jobs.cluster_down():
+            print("[hybridtrain] no head node started by `hybridtrain cluster up` is running (`ray stop` stops every Ray on this machine)")
+            return 1
+        print("[hybridtrain] head node stopped")
+    else:
+        print(jobs.cluster_status(args.address))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridtrain", description="LLM-advised training on Ray Train with DeepSpeed ZeRO")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -135,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(subparsers)
     _add_predict(subparsers)
     _add_report(subparsers)
+    _add_jobs(subparsers)
     register_advisor(subparsers)
     return parser
 
@@ -143,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from cluster.jobs import JobError
     from cluster.launch import RunError
     from cluster.report import ReportError
     from orchestration.settings import ConfigError
@@ -153,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ReportError, FileNotFoundError, ValueError) as error:
         print(f"hybridtrain: error: {error}", file=sys.stderr)
         return 2
+    except JobError as error:
+        print(f"hybridtrain: {error}", file=sys.stderr)
+        return 1
     except RunError as error:
         print(f"hybridtrain: {error}", file=sys.stderr)
         return 1

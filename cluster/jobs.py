@@ -1,0 +1,236 @@
+"""Ray jobs: submit a run or sweep to a cluster, watch it, stop it; start a local head node for users without one.
+
+Everything goes through Ray's Job Submission API (`JobSubmissionClient`) at the cluster's dashboard address.
+Ray 2.60 authenticates that API with a token when token auth is on (the default for a cluster started by
+`ray.init()`, and for `ray start --head` when a token exists). The token is read from `RAY_AUTH_TOKEN`, the
+file named by `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`, in that order, and sent as `Authorization: Bearer`
+on every request; it is never taken from the command line (it would show in `ps`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What a job's working directory leaves behind: environments, outputs, caches (the upload limit is 500 MiB).
+EXCLUDES = [".venv", ".git", "runs", "sweeps", "**/__pycache__", "*.egg-info", ".pytest_cache", "**/*.safetensors"]
+TOKEN_SOURCES = "RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobError(RuntimeError):
+    """The cluster cannot be reached, refuses us, or does not know the job."""
+
+
+def read_token() -> str | None:
+    """The Ray auth token from the environment or the token file; None when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def dashboard_address(address: str | None) -> str:
+    """The Jobs API address: `--address`, else `RAY_ADDRESS` when it is an http(s) dashboard URL, else local."""
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    if address == "auto":
+        address = DEFAULT_DASHBOARD
+    if not address.startswith(("http://", "https://")):
+        raise JobError(f"job commands need the dashboard's HTTP address (for example {DEFAULT_DASHBOARD}), got {address!r}")
+    return address.rstrip("/")
+
+
+def client(address: str | None = None):
+    """A connected `JobSubmissionClient` that sends the token when there is one."""
+    from ray.dashboard.modules.job.sdk import JobSubmissionClient
+    from ray.exceptions import AuthenticationError
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the SDK's packaging and websocket INFO lines
+    address = dashboard_address(address)
+    token = read_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as error:
+        found = "the token found was refused" if token else "no token was found"
+        raise JobError(f"the Ray cluster at {address} requires token authentication and {found}. hybridtrain reads the token "
+                       f"from {TOKEN_SOURCES}; `ray get-auth-token` on the head node prints it.") from error
+    except ConnectionError as error:
+        raise JobError(f"no Ray dashboard answers at {address}: start a cluster (`hybridtrain cluster up`) or pass --address") from error
+
+
+def runtime_env(pip: bool = False) -> dict[str, Any]:
+    """The project as the job's working directory; with `pip`, the project's dependencies installed on the cluster
+    (for a cluster whose Python lacks them: slow, and it needs a package index)."""
+    env: dict[str, Any] = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}}
+    if pip:
+        from importlib.metadata import requires
+
+        dependencies = [item for item in requires("hybridtrain") or [] if "extra ==" not in item]
+        env["pip"] = [item for item in dependencies if not item.startswith("torch")]  # the cluster keeps its own torch build
+    return env
+
+
+def submit(arguments: list[str], *, address: str | None = None, pip: bool = False) -> tuple[Any, str]:
+    """Submit `hybridtrain ARGUMENTS...` (a `run` or `tune`) as a Ray job; return the client and the job id."""
+    if not arguments or arguments[0] not in ("run", "tune"):
+        raise JobError("submit takes a run or tune command after --, e.g. hybridtrain submit -- run --recipe smoke")
+    jobs = client(address)
+    entrypoint = "python -m cluster.cli " + shlex.join(arguments)
+    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(pip), metadata={"submitted_by": "hybridtrain"})
+    return jobs, job_id
+
+
+def status(jobs, job_id: str) -> str:
+    try:
+        return str(jobs.get_job_status(job_id).value)
+    except RuntimeError as error:
+        raise JobError(f"no job {job_id!r} on this cluster ({error})") from error
+
+
+def follow(jobs, job_id: str, *, stream=None) -> str:
+    """Print the job's logs as they come until it ends; return its final status."""
+    stream = stream or sys.stdout
+    status(jobs, job_id)  # a clear error for an unknown job
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            stream.write(lines)
+            stream.flush()
+
+    asyncio.run(tail())
+    final = status(jobs, job_id)
+    while final not in FINISHED:  # the log stream can close a moment before the status settles
+        time.sleep(0.5)
+        final = status(jobs, job_id)
+    return final
+
+
+def exit_code(final_status: str) -> int:
+    return 0 if final_status == "SUCCEEDED" else 1
+
+
+# -- a local head node ---------------------------------------------------------------------------------------
+
+HEAD_STATE = Path.home() / ".hybridtrain" / "head.json"  # what `cluster up` started, for `cluster down`
+
+
+def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None, timeout_s: float = 120.0) -> str:
+    """`ray start --head --block` in its own process group, dashboard on 127.0.0.1; wait until the Jobs API
+    answers; return what to tell the user. `cluster_down` stops exactly that process group (not `ray stop`,
+    which would also stop every other Ray on the machine)."""
+    if HEAD_STATE.is_file():
+        state = json.loads(HEAD_STATE.read_text())
+        if _alive(state["pgid"]):
+            raise JobError(f"a head node started by hybridtrain is already running (dashboard {state['dashboard']}); "
+                           "hybridtrain cluster down stops it")
+    HEAD_STATE.parent.mkdir(parents=True, exist_ok=True)
+    log_path = HEAD_STATE.with_suffix(".log")
+    command = ["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               "--include-dashboard=true", "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
+    # Jobs on this head node run `python -m cluster.cli`: make that this environment's Python.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(_ray_cli(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    HEAD_STATE.write_text(json.dumps({"pgid": process.pid, "address": f"127.0.0.1:{port}", "dashboard": dashboard}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            HEAD_STATE.unlink(missing_ok=True)
+            raise JobError(f"ray start exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        if _answers(dashboard):
+            break
+        time.sleep(1.0)
+    else:
+        cluster_down()
+        raise JobError(f"the head node's dashboard did not answer within {timeout_s:.0f} s; its log: {log_path}")
+    auth = (f"token auth is on: hybridtrain reads the token from {TOKEN_SOURCES}" if read_token() and os.environ.get("RAY_AUTH_MODE") != "disabled"
+            else "token auth is off (no token exists; `ray get-auth-token --generate` before `cluster up` turns it on)")
+    return (f"[hybridtrain] head node started: address 127.0.0.1:{port}, dashboard {dashboard} (log: {log_path})\n[hybridtrain] {auth}\n"
+            f"[hybridtrain] submit with: hybridtrain submit --address {dashboard} -- run --recipe smoke")
+
+
+def cluster_down(*, timeout_s: float = 10.0) -> bool:
+    """Stop the head node `cluster_up` started (its whole process group); False when there was none."""
+    if not HEAD_STATE.is_file():
+        return False
+    pgid = json.loads(HEAD_STATE.read_text())["pgid"]
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _alive(pgid):
+            time.sleep(0.5)
+        if not _alive(pgid):
+            break
+    HEAD_STATE.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _answers(dashboard: str) -> bool:
+    import urllib.request
+
+    token = read_token()
+    request = urllib.request.Request(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except Exception:  # noqa: BLE001 - not up yet (refused, 401 while starting, ...)
+        return False
+
+
+def cluster_status(address: str | None = None) -> str:
+    """Nodes, CPUs and GPUs of the cluster, read through the Jobs API's cluster connection."""
+    import ray
+
+    from cluster.runtime import use_token_if_available
+
+    ray_address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if ray_address.startswith("http"):
+        ray_address = "auto"
+    use_token_if_available()
+    ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        lines = [f"{len(nodes)} node(s) alive"]
+        for node in nodes:
+            resources = node["Resources"]
+            lines.append(f"  {node['NodeManagerAddress']}  CPUs {resources.get('CPU', 0):g}  GPUs {resources.get('GPU', 0):g}"
+                         + ("  (head)" if "node:__internal_head__" in resources else ""))
+        return "\n".join(lines)
+    finally:
+        ray.shutdown()
+
+
+def _ray_cli(command: list[str]) -> list[str]:
+    """`ray ...` from this Python's environment (the venv's `ray` script next to the interpreter)."""
+    script = Path(sys.executable).with_name("ray")
+    return [str(script), *command[1:]] if script.is_file() else command

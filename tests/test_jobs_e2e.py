@@ -1,0 +1,69 @@
+"""Ray jobs end to end: `hybridtrain cluster up` starts a real head node (`ray start --head`), a smoke run is
+submitted through the Job Submission API with the token Ray 2.60 requires, its logs are followed to the end,
+its summary is read, and `cluster down` stops exactly that head node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT, DASHBOARD_PORT = 6391, 8291  # off the defaults: a developer's own cluster may hold them
+DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+
+def _hybridtrain(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def head_node(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path / "home")  # a token of our own, and cluster up's state file, away from the user's
+    token_dir = tmp_path / "home" / ".ray"
+    token_dir.mkdir(parents=True)
+    (token_dir / "auth_token").write_text("hybridtrain-test-token-" + os.urandom(8).hex())
+    up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "token auth is on" in up.stdout
+    try:
+        yield env
+    finally:
+        down = _hybridtrain("cluster", "down", env=env, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        state = tmp_path / "home" / ".hybridtrain" / "head.json"
+        assert not state.exists()
+
+
+def test_a_smoke_run_submitted_as_a_job_is_followed_to_its_end(head_node, tmp_path) -> None:
+    env = head_node
+    run_dir = tmp_path / "job-run"
+    status = _hybridtrain("cluster", "status", "--address", f"127.0.0.1:{PORT}", env=env, timeout=120)
+    assert status.returncode == 0 and "1 node(s) alive" in status.stdout and "CPUs 3" in status.stdout, status.stdout + status.stderr
+
+    # Without the token the Jobs API refuses us, and the error says where the token is looked for.
+    no_token = {**env, "HOME": str(tmp_path / "elsewhere")}
+    refused = _hybridtrain("jobs", "list", "--address", DASHBOARD, env=no_token, timeout=60)
+    assert refused.returncode == 1 and "~/.ray/auth_token" in refused.stderr, refused.stdout + refused.stderr
+
+    submitted = _hybridtrain("submit", "--address", DASHBOARD, "--wait", "--", "run", "--recipe", "smoke", "--output", str(run_dir),
+                             "--set", "train.epochs=2", "--set", "advisor.backend=heuristic", "--no-report", env=env, timeout=600)
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
+    job_id = submitted.stdout.split("submitted job ")[1].split()[0]
+    assert "[hybridtrain] epoch   2/2" in submitted.stdout and f"job {job_id}: SUCCEEDED" in submitted.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["test_accuracy"] > 0.5
+
+    listed = _hybridtrain("jobs", "list", "--address", DASHBOARD, env=env, timeout=60)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    followed = _hybridtrain("jobs", "logs", "--follow", job_id, "--address", DASHBOARD, env=env, timeout=120)
+    assert followed.returncode == 0 and "test accuracy" in followed.stdout
+    unknown = _hybridtrain("jobs", "status", "raysubmit_nope", "--address", DASHBOARD, env=env, timeout=60)
+    assert unknown.returncode == 1 and "no job" in unknown.stderr
