@@ -222,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "tune", "cluster") and (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or args.command == "cluster"):
+        from cluster.runtime import use_token_if_available
+
+        use_token_if_available()  # joining a cluster: before anything imports Ray
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from cluster.jobs import JobError
     from cluster.launch import RunError

@@ -211,12 +211,9 @@ def cluster_status(address: str | None = None) -> str:
     """Nodes, CPUs and GPUs of the cluster, read through the Jobs API's cluster connection."""
     import ray
 
-    from cluster.runtime import use_token_if_available
-
     ray_address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if ray_address.startswith("http"):
         ray_address = "auto"
-    use_token_if_available()
     ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
     try:
         nodes = [node for node in ray.nodes() if node["Alive"]]

@@ -86,7 +86,6 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
         )
         embedded = True
     else:
-        use_token_if_available()
         context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
         embedded = False
     if not config.verbose:
@@ -113,22 +112,17 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
 
 
 def use_token_if_available() -> None:
-    """Before joining an existing cluster: with `RAY_AUTH_MODE` unset and a token at hand (`RAY_AUTH_TOKEN`,
-    `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), send it. `ray start --head` turns token auth on when a token
-    exists, but `ray.init(address=...)` only sends one in token mode, and would fail with InvalidAuthToken."""
+    """For a command about to join an existing cluster, before Ray is imported: with `RAY_AUTH_MODE` unset and
+    a token at hand (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), use token mode. `ray start
+    --head` turns token auth on when a token exists, but `ray.init(address=...)` sends one only in token mode
+    (and fails with InvalidAuthToken). Ray reads the mode once per process, so this must run first; the CLI
+    calls it, library callers set `RAY_AUTH_MODE` themselves."""
     if os.environ.get("RAY_AUTH_MODE"):
         return  # the user chose
     from cluster.jobs import read_token
 
     if read_token():
         os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # Ray reads its config once per process; refresh it as Ray's own token set-up does
-            from ray._raylet import Config
-
-            Config.initialize("")
-        except (ImportError, AttributeError) as error:
-            logger.warning("could not refresh Ray's config for token mode (%s); set RAY_AUTH_MODE=token yourself", error)
-        logger.info("a Ray auth token is available: joining the cluster in token mode")
 
 
 def detect_resources() -> dict[str, float]:
