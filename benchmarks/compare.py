@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -147,6 +148,8 @@ def main() -> int:
                     if (task, condition, method, seed) in done:
                         continue
                     run_dir = out / f"{task}-{condition}-{method}-{seed}"
+                    if run_dir.exists():  # an interrupted run of an earlier invocation: its result was never recorded
+                        shutil.rmtree(run_dir)
                     sets = [*task_overrides(task, out / "data"), *METHODS[method], *(HARD[task] if condition == "hard" else []),
                             f"train.epochs={args.epochs or EPOCHS[task]}", "train.early_stopping_patience=0", f"train.seed={seed}", f"data.seed={seed}",
                             "advisor.num_cpus_per_replica=1"]
