@@ -26,7 +26,7 @@ DROPPED = ("invalid", "stale", "timeout", "error")  # answers that were never ap
 _STYLE = {  # marker, colour, label of each kind of intervention on the learning curves
     "accepted": ("^", "#2ca02c", "accepted"),
     "rejected": ("x", "#d62728", "rejected (rolled back)"),
-    "dropped": ("s", "#ff7f0e", "invalid / stale / timeout"),
+    "dropped": ("s", "#ff7f0e", "not applied (invalid, stale, timeout, error)"),
     "llm": ("^", "#9467bd", "LLM explore"),
     "fallback": ("x", "#ff7f0e", "fallback"),
     "pbt": ("o", "#1f77b4", "PBT explore"),
@@ -263,7 +263,7 @@ def _html(directory: Path, kind: str, figures: list[Figure], tables: list[tuple[
     for figure in figures:
         data = base64.b64encode(figure.png).decode("ascii")
         parts.append(f'<figure><img alt="{html.escape(figure.title)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{html.escape(figure.title)}</figcaption></figure>")
+                     "</figure>")
     for title, table in tables:
         parts.append(f"<h2>{html.escape(title)}</h2>{table}")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}img{max-width:100%}figure{margin:1.5em 0}"
