@@ -137,7 +137,7 @@ def main() -> int:
     # every seed splits the data its own way (data.seed): the anchors are fitted on each of those splits
     per_seed = {task: [anchors(task, out / "data", seed=seed) for seed in range(args.seeds)] for task in args.tasks}
     anchor_rows = {task: {name: [fits[name] for fits in runs] for name in runs[0]} for task, runs in per_seed.items()}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     started_all = time.perf_counter()
     # Condition by condition (the first one named, in every seed, before the next), so an interrupted
     # benchmark has whole seeds of one condition rather than one seed of everything.

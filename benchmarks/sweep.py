@@ -109,7 +109,7 @@ def main() -> int:
     from cluster.experiment import build_config
     from cluster.sweep import run_sweep
 
-    ray.init(num_cpus=max(args.trials * args.workers // 2, 1) + 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(args.trials * args.workers // 2, 1) + 2, include_dashboard=False, log_to_driver=False)
     hard = make_hard_task(out / "hard.npz")
     started_all = time.perf_counter()
     for seed in range(args.seeds):

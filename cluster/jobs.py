@@ -170,7 +170,8 @@ def cluster_down(*, timeout_s: float = 10.0) -> bool:
     """Stop the head node `cluster_up` started (its whole process group); False when there was none."""
     if not HEAD_STATE.is_file():
         return False
-    pgid = json.loads(HEAD_STATE.read_text())["pgid"]
+    state = json.loads(HEAD_STATE.read_text())
+    pgid = state["pgid"]
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pgid, sig)
@@ -182,7 +183,20 @@ def cluster_down(*, timeout_s: float = 10.0) -> bool:
         if not _alive(pgid):
             break
     HEAD_STATE.unlink(missing_ok=True)
+    _forget_current_cluster(state["address"])
     return True
+
+
+def _forget_current_cluster(address: str) -> None:
+    """`ray start` records its address in RAY_TMPDIR/ray/ray_current_cluster and a bare `ray.init()` joins the
+    address recorded there; `ray stop` removes it, and so must we, or later `ray.init()` calls try to join a
+    head node that is gone."""
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        if record.read_text().strip().endswith(":" + address.rsplit(":", 1)[1]):
+            record.unlink()
+    except (OSError, IndexError):
+        pass
 
 
 def _alive(pgid: int) -> bool:

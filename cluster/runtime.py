@@ -76,6 +76,7 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
     elif address is None:
         num_cpus = config.num_cpus or max(os.cpu_count() or 1, min_cpus)
         context = ray.init(
+            address="local",  # a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
             num_cpus=num_cpus,
             namespace=config.namespace,
             include_dashboard=config.dashboard,

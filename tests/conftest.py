@@ -35,5 +35,5 @@ def ray_local(_ray_session):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
     return ray

@@ -40,6 +40,9 @@ def head_node(tmp_path):
         assert down.returncode == 0, down.stdout + down.stderr
         state = tmp_path / "home" / ".hybridtrain" / "head.json"
         assert not state.exists()
+        # `ray start` recorded the head for bare `ray.init()` calls to join; with the head gone, so is the record
+        record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        assert not (record.is_file() and record.read_text().strip().endswith(f":{PORT}"))
 
 
 def test_a_smoke_run_submitted_as_a_job_is_followed_to_its_end(head_node, tmp_path) -> None:
