@@ -130,7 +130,7 @@ def exit_code(final_status: str) -> int:
 HEAD_STATE = Path.home() / ".hybridtrain" / "head.json"  # what `cluster up` started, for `cluster down`
 
 
-def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None, timeout_s: float = 120.0) -> str:
+def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None, timeout_s: float = 300.0) -> str:
     """`ray start --head --block` in its own process group, dashboard on 127.0.0.1; wait until the Jobs API
     answers; return what to tell the user. `cluster_down` stops exactly that process group (not `ray stop`,
     which would also stop every other Ray on the machine)."""
@@ -145,6 +145,8 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | 
                "--include-dashboard=true", "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
     # Jobs on this head node run `python -m cluster.cli`: make that this environment's Python.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Ray gives its dashboard 60 s to come up and then fails the whole start; a loaded laptop can need more
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))
     with open(log_path, "w") as log:
         process = subprocess.Popen(_ray_cli(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"

@@ -30,7 +30,7 @@ def head_node(tmp_path):
     token_dir = tmp_path / "home" / ".ray"
     token_dir.mkdir(parents=True)
     (token_dir / "auth_token").write_text("hybridtrain-test-token-" + os.urandom(8).hex())
-    up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=180)
+    up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=360)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "token auth is on" in up.stdout
     try:
