@@ -92,8 +92,15 @@ def submit(arguments: list[str], *, address: str | None = None, pip: bool = Fals
         raise JobError("submit takes a run or tune command after --, e.g. hybridtrain submit -- run --recipe smoke")
     jobs = client(address)
     entrypoint = "python -m cluster.cli " + shlex.join(arguments)
-    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(pip), metadata={"submitted_by": "hybridtrain"})
-    return jobs, job_id
+    deadline = time.monotonic() + 180
+    while True:  # a head node that has just started answers before its job agent is up
+        try:
+            job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(pip), metadata={"submitted_by": "hybridtrain"})
+            return jobs, job_id
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def status(jobs, job_id: str) -> str:

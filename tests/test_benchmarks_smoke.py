@@ -39,4 +39,4 @@ def test_compare_smoke_runs_real_runs_per_method(tmp_path) -> None:
     assert records[0]["queries"] == 0 and records[1]["queries"] >= 1  # the heuristic advisor was really asked
     for method in ("static", "heuristic"):
         assert (tmp_path / f"digits-hard-{method}-0" / "summary.json").is_file()
-    assert "logistic regression (scikit-learn, same split)" in stdout and (tmp_path / "accuracy.svg").read_text().startswith("<svg")
+    assert "logistic regression (scikit-learn, same splits)" in stdout and (tmp_path / "accuracy.svg").read_text().startswith("<svg")
