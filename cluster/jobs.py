@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.runtime import read_token
+
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What a job's working directory leaves behind: environments, outputs, caches (the upload limit is 500 MiB).
@@ -31,18 +33,6 @@ FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 class JobError(RuntimeError):
     """The cluster cannot be reached, refuses us, or does not know the job."""
-
-
-def read_token() -> str | None:
-    """The Ray auth token from the environment or the token file; None when there is none."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    try:
-        return Path(path).read_text().strip() or None
-    except OSError:
-        return None
 
 
 def dashboard_address(address: str | None) -> str:

@@ -162,34 +162,27 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
     # output does (--verbose); a sweep trial's progress stays in its run directory.
     tail = ProgressTail(run_dir / PROGRESS) if not config.cluster.verbose and coordinator is None else contextlib.nullcontext()
-    try:
-        with tail:
-            result = trainer.fit()
-    except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
-        close_advice(handle, plan, incidents=[], shared=shared)
-        _keep_logs(run_dir, logs_since)
-        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
-                       f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
-    final_file = run_dir / FINAL_METRICS
-    if result.error is not None or not final_file.is_file():
-        close_advice(handle, plan, incidents=[], shared=shared)
-        _keep_logs(run_dir, logs_since)
-        raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
-    metrics = json.loads(final_file.read_text())
-    advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
-    summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _keep_logs(run_dir, logs_since)
+    try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
+        try:
+            with tail:
+                result = trainer.fit()
+        except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
+            close_advice(handle, plan, incidents=[], shared=shared)
+            raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
+                           f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
+        final_file = run_dir / FINAL_METRICS
+        if result.error is not None or not final_file.is_file():
+            close_advice(handle, plan, incidents=[], shared=shared)
+            raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
+        metrics = json.loads(final_file.read_text())
+        advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
+        summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        collect_ray_logs(run_dir / RAY_LOGS, since=logs_since)
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
           f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s -> {run_dir}", flush=True)
     return summary
-
-
-def _keep_logs(run_dir: Path, since: float) -> None:
-    """The full Ray and worker logs of the run, in the run directory (they are off the terminal)."""
-    copied = collect_ray_logs(run_dir / RAY_LOGS, since=since)
-    if copied:
-        logger.debug("copied %d Ray log files to %s", copied, run_dir / RAY_LOGS)
 
 
 def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:

@@ -112,6 +112,18 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
     return info
 
 
+def read_token() -> str | None:
+    """The Ray auth token from the environment or the token file; None when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def use_token_if_available() -> None:
     """For a command about to join an existing cluster, before Ray is imported: with `RAY_AUTH_MODE` unset and
     a token at hand (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), use token mode. `ray start
@@ -120,8 +132,6 @@ def use_token_if_available() -> None:
     calls it, library callers set `RAY_AUTH_MODE` themselves."""
     if os.environ.get("RAY_AUTH_MODE"):
         return  # the user chose
-    from cluster.jobs import read_token
-
     if read_token():
         os.environ["RAY_AUTH_MODE"] = "token"
 
