@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import shlex
 import subprocess
 import sys
@@ -88,8 +89,12 @@ def submit(arguments: list[str], *, address: str | None = None, pip: bool = Fals
             job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(pip), metadata={"submitted_by": "hybridtrain"})
             return jobs, job_id
         except RuntimeError as error:
-            if "No available agent" not in str(error) or time.monotonic() > deadline:
+            if "No available agent" not in str(error):
                 raise
+            if time.monotonic() > deadline:
+                raise JobError(f"the cluster at {address or 'RAY_ADDRESS'} has no job agent to run the job after 180 s: the head "
+                               "node's dashboard agent did not start its HTTP service (is its port, by default 52365, "
+                               "held by another Ray on that machine? see dashboard_agent.log in the head's session logs)") from error
             time.sleep(2.0)
 
 
@@ -124,6 +129,7 @@ def exit_code(final_status: str) -> int:
 
 # -- a local head node ---------------------------------------------------------------------------------------
 
+DEFAULT_AGENT_PORT = 52365  # Ray's dashboard agent HTTP port
 HEAD_STATE = Path.home() / ".hybridtrain" / "head.json"  # what `cluster up` started, for `cluster down`
 
 
@@ -138,8 +144,13 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | 
                            "hybridtrain cluster down stops it")
     HEAD_STATE.parent.mkdir(parents=True, exist_ok=True)
     log_path = HEAD_STATE.with_suffix(".log")
+    # The Jobs API hands each job to the node's dashboard agent over HTTP. Ray's agent port (52365) is held by any
+    # other Ray on the machine (an embedded ray.init() included), and an agent that cannot bind it stays up with
+    # its HTTP service off: every submit then fails with "No available agent". Take a free port in that case.
+    agent_port = DEFAULT_AGENT_PORT if _port_free(DEFAULT_AGENT_PORT) else 0
     command = ["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               "--include-dashboard=true", "--disable-usage-stats"] + ([f"--num-cpus={num_cpus}"] if num_cpus else [])
+               f"--dashboard-agent-listen-port={agent_port}", "--include-dashboard=true", "--disable-usage-stats"]
+    command += [f"--num-cpus={num_cpus}"] if num_cpus else []
     # Jobs on this head node run `python -m cluster.cli`: make that this environment's Python.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Ray gives its dashboard 60 s to come up and then fails the whole start; a loaded laptop can need more
@@ -159,9 +170,10 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | 
     else:
         cluster_down()
         raise JobError(f"the head node's dashboard did not answer within {timeout_s:.0f} s; its log: {log_path}")
+    agent = "" if agent_port else f" (port {DEFAULT_AGENT_PORT} is taken by another Ray: its job agent listens on a free port)"
     auth = (f"token auth is on: hybridtrain reads the token from {TOKEN_SOURCES}" if read_token() and os.environ.get("RAY_AUTH_MODE") != "disabled"
             else "token auth is off (no token exists; `ray get-auth-token --generate` before `cluster up` turns it on)")
-    return (f"[hybridtrain] head node started: address 127.0.0.1:{port}, dashboard {dashboard} (log: {log_path})\n[hybridtrain] {auth}\n"
+    return (f"[hybridtrain] head node started: address 127.0.0.1:{port}, dashboard {dashboard}{agent} (log: {log_path})\n[hybridtrain] {auth}\n"
             f"[hybridtrain] submit with: hybridtrain submit --address {dashboard} -- run --recipe smoke")
 
 
@@ -196,6 +208,15 @@ def _forget_current_cluster(address: str) -> None:
             record.unlink()
     except (OSError, IndexError):
         pass
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pgid: int) -> bool:

@@ -24,7 +24,9 @@ def _hybridtrain(*args: str, env: dict[str, str], timeout: float = 600) -> subpr
 
 
 @pytest.fixture()
-def head_node(tmp_path):
+def head_node(tmp_path, ray_local):
+    """A head node started while an embedded Ray runs on the same machine (as in any test session, or beside a
+    user's notebook): that Ray holds the dashboard agent's default port, which once left the head without a job agent."""
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["HOME"] = str(tmp_path / "home")  # a token of our own, and cluster up's state file, away from the user's
     token_dir = tmp_path / "home" / ".ray"
@@ -33,6 +35,7 @@ def head_node(tmp_path):
     up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=360)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "token auth is on" in up.stdout
+    assert "taken by another Ray" in up.stdout, up.stdout
     try:
         yield env
     finally:
