@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -127,6 +128,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_grafana(subparsers) -> None:
+    grafana = subparsers.add_parser("grafana", help="print (or write) the Grafana dashboard for hybridtrain's live metrics")
+    grafana.add_argument("--output", metavar="FILE.json", help="write it here instead of printing it")
+    grafana.set_defaults(func=_cmd_grafana)
+
+
+def _cmd_grafana(args: argparse.Namespace) -> int:
+    from orchestration.telemetry import grafana_dashboard
+
+    text = json.dumps(grafana_dashboard(), indent=1) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"[hybridtrain] Grafana dashboard written to {args.output}: import it next to Ray's own dashboards")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _add_jobs(subparsers) -> None:
     submit = subparsers.add_parser("submit", help="submit a run or sweep as a Ray job: hybridtrain submit [--wait] -- run --recipe smoke")
     submit.add_argument("--address", help="the cluster's dashboard URL (default: RAY_ADDRESS if it is one, else http://127.0.0.1:8265)")
@@ -214,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(subparsers)
     _add_predict(subparsers)
     _add_report(subparsers)
+    _add_grafana(subparsers)
     _add_jobs(subparsers)
     register_advisor(subparsers)
     return parser

@@ -39,7 +39,8 @@ from typing import Any
 from cluster.experiment import ExperimentConfig, config_from_dict, read_config, write_config
 from cluster.launch import execute_run, plan_run
 from cluster.runtime import check_shared_storage, connect
-from workers.train_loop import PLACEMENT_GROUP
+from workers.train_loop import PLACEMENT_GROUP, TENSORBOARD
+from orchestration.telemetry import Telemetry
 from orchestration.settings import ConfigError, merge
 from tune_search.config import TuneConfig, extreme_values
 from tune_search.search import build_scheduler, param_space
@@ -241,6 +242,35 @@ def _progress_callback(metric: str, every_s: float = 10.0):
     return ProgressTable()
 
 
+def _telemetry_callback(sweep_dir: Path, name: str, metric: str, mode: str):
+    """The population's series (best score, each trial's score, exploits, trials running) to Ray's metrics and to
+    SWEEP_DIR/tensorboard; each trial's run writes its own series under its run directory."""
+    from ray.tune import Callback
+
+    class SweepSeries(Callback):
+        def __init__(self) -> None:
+            self.telemetry = Telemetry({"sweep": name}, tensorboard_dir=sweep_dir / TENSORBOARD)
+            self.best: float | None = None
+            self.results = 0  # the x axis of the population's series: results received so far
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            score = result.get(metric)
+            if score is None or not math.isfinite(score):
+                return
+            if self.best is None or (score > self.best if mode == "max" else score < self.best):
+                self.best = score
+            self.results += 1
+            running = sum(1 for item in trials if item.status == "RUNNING")
+            self.telemetry.emit({"population_best": self.best, "exploits": _count_lines(sweep_dir / EXPLORES), "trials_running": running},
+                                step=self.results)
+            self.telemetry.emit_tagged("trial_score", {trial.trial_id: score}, step=self.results)
+
+        def on_experiment_end(self, trials, **info):
+            self.telemetry.close()
+
+    return SweepSeries()
+
+
 def trial_generator(tune_config: TuneConfig) -> Any:
     """Tune's variant generator, seeded (the same trials for the same seed) and limited to the sweep's concurrency."""
     from ray.tune.search import BasicVariantGenerator
@@ -280,7 +310,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         deploy_advisor(config.advisor)
     population = start_population(config, sweep_dir)
     tune_config = config.tune
-    callbacks = [_progress_callback(tune_config.metric)]
+    callbacks = [_progress_callback(tune_config.metric), _telemetry_callback(sweep_dir, config.name, tune_config.metric, tune_config.mode)]
     explorer = None
     if tune_config.llm_explore:
         import functools

@@ -230,6 +230,12 @@ class Coordinator:
         """Totals for metrics (queries, cache hits, accepted/rejected/invalid proposals, ...)."""
         return self.ledger.counts()
 
+    def telemetry(self) -> dict[str, Any]:
+        """What the live metrics show of the advisor: the ledger's totals, the latest answer's latency, and the
+        alpha of every group a verdict has moved so far."""
+        latencies = [record.latency_s for record in self.ledger.records if record.latency_s is not None]
+        return {"counts": self.ledger.counts(), "latency_s": latencies[-1] if latencies else None, "alphas": dict(self.alphas.alphas)}
+
     def ledger_records(self) -> list[dict[str, Any]]:
         """The ledger as JSON-able rows."""
         return self.ledger.to_state()

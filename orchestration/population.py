@@ -22,7 +22,7 @@ from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import AdvisorPort, Coordinator
 
 # What a worker may call on its run's coordinator through the population.
-RUN_METHODS = frozenset({"on_epoch_end", "report_probation", "report_apply_failed", "report_incident", "summary_counts",
+RUN_METHODS = frozenset({"on_epoch_end", "report_probation", "report_apply_failed", "report_incident", "summary_counts", "telemetry",
                          "ledger_records", "write_ledger", "to_state", "load_state"})
 
 

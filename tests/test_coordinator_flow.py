@@ -323,3 +323,14 @@ def test_worker_incidents_land_in_the_ledger_and_the_counts(advisor):
     record = coordinator.ledger.records[-1]
     assert (record.kind, record.epoch, record.query_id) == ("error", 7, "r:q3")
     assert coordinator.summary_counts()["errors"] == 1
+
+
+def test_telemetry_reports_totals_latency_and_moved_alphas(advisor):
+    coordinator = Coordinator(config(), advisor, run_id="r")
+    assert coordinator.telemetry() == {"counts": coordinator.ledger.counts(), "latency_s": None, "alphas": {}}
+    decision = ask_and_apply(coordinator, advisor, 2)
+    coordinator.report_probation(decision.query_id, BAD, REFERENCE)
+    telemetry = coordinator.telemetry()
+    assert telemetry["counts"]["advisor_queries"] == 1 and telemetry["counts"]["proposals_rejected"] == 1
+    assert telemetry["latency_s"] == pytest.approx(0.25)
+    assert telemetry["alphas"]["features.0.weight"] < 0.1  # a rejection lowered the group's alpha

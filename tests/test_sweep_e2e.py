@@ -79,6 +79,14 @@ def test_other_schedulers_run_a_small_sweep(ray_local, tmp_path, scheduler) -> N
     assert summary["trials"] == 2 and (results.status != "error").all(), results.to_string()
     assert summary["best_score"] is not None and 0.0 <= summary["best_score"] <= 1.0
     assert summary["trials_finished"] >= 1 and summary["best_test_accuracy"] > 0.5
+    # the population's series in SWEEP_DIR/tensorboard: the best score never gets worse and ends at the sweep's best
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / scheduler / "tensorboard"))
+    events.Reload()
+    best = [event.value for event in events.Scalars("population_best")]
+    assert best == sorted(best) and best[-1] == pytest.approx(max(results.best_score.dropna()), abs=1e-6)
+    assert len([tag for tag in events.Tags()["scalars"] if tag.startswith("trial_score/")]) == 2
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path) -> None:

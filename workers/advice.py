@@ -127,6 +127,13 @@ class WorkerAdvice:
             return Verdict(accepted=False, reward=math.nan, reason=self.link.disabled_reason or "no verdict")
         return verdict
 
+    def telemetry(self, *, epoch: int) -> dict[str, Any] | None:
+        """The coordinator's advisor series (`Coordinator.telemetry`) on rank 0; None elsewhere or out of reach."""
+        if self.link is None or not self.link.reachable:
+            return None
+        reached, values = self.link.call("telemetry", epoch=epoch)
+        return values if reached else None
+
     # --- checkpointed state ----------------------------------------------------------------------
 
     def all_incidents(self) -> list[dict[str, Any]]:

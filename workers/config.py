@@ -97,6 +97,7 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoints_to_keep: int = 2
+    tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
     chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestration.protocol import ProbationMetrics
+from orchestration.telemetry import Telemetry, advisor_series
 from workers.config import DataConfig, ModelConfig, TrainConfig, small_data_batch
 from workers.data import Normalizer, load_dataset, probation_batches, shard_batches, stable_seed, stratified_split
 from workers.engine import (
@@ -53,6 +54,7 @@ PLACEMENT = "placement.json"  # in the run directory: the node each rank of the 
 RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
+TENSORBOARD = "tensorboard"  # in the run directory: rank 0's TensorBoard event files
 PROGRESS = "progress.log"  # in the run directory: rank 0's progress lines, which the driver prints live
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
 
@@ -190,6 +192,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              + (f" (lowered from {configured_batch}: train.min_steps_per_epoch {train.min_steps_per_epoch})" if train.batch_size != configured_batch else ""))
 
     state.nodes = nodes
+    # Rank 0 exports the run's series (Ray metrics, TensorBoard); the other ranks send it their throughput.
+    telemetry = (Telemetry({"run": run_dir.name}, tensorboard_dir=run_dir / TENSORBOARD if train.tensorboard else None,
+                           first_step=state.epoch + 1 if state.epoch else None) if rank == 0 else None)
     for epoch in range(state.epoch + 1, train.epochs + 1):
         epoch_start = time.perf_counter()
         # Dropout masks depend only on (seed, epoch, rank): a resumed run replays the same randomness.
@@ -243,6 +248,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if event.rollback_exact is False:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
+        worker_rates = gather_to_all(seen / train_seconds)
+        if telemetry is not None:
+            _emit_epoch(telemetry, row, worker_rates, epoch_s=time.perf_counter() - epoch_start,
+                        advisor=advice.telemetry(epoch=epoch) if advice is not None else None)
         stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
         if digest_checkpoints:
             state.params_digest = params_digest(full_fp32_params(engine))  # collective under ZeRO-3
@@ -255,6 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _log(rank, f"early stopping: no val-loss improvement for {state.bad_epochs} epochs (best {state.best_val_loss:.4f} at epoch {state.best_epoch})")
             break
 
+    if telemetry is not None:
+        telemetry.close()
     # The final model is the best-validation one; the test split is touched exactly once, here.
     if best_params is not None:
         write_full_fp32_params(engine, best_params)
@@ -405,6 +416,16 @@ def _restore(engine, checkpoint, advice=None) -> tuple[LoopState, dict[str, torc
             advice.restore(json.loads(state_file.read_text()) if state_file.is_file() else None,
                            load_file(str(tensor_file)) if tensor_file.is_file() else None)
     return state, best
+
+
+def _emit_epoch(telemetry: Telemetry, row: dict[str, float], worker_rates: list[float], *, epoch_s: float, advisor: dict[str, Any] | None) -> None:
+    epoch = int(row["epoch"])
+    telemetry.emit({name: row[name] for name in ("train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "probation_s")}
+                   | {"epoch": epoch, "epoch_s": epoch_s}, step=epoch)
+    telemetry.emit_tagged("worker_samples_per_s", dict(enumerate(worker_rates)), step=epoch)
+    if advisor is not None:
+        telemetry.emit(advisor_series(advisor), step=epoch)
+        telemetry.emit_tagged("alpha", advisor["alphas"], step=epoch)
 
 
 def _write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
