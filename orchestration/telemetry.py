@@ -21,6 +21,7 @@ PREFIX = "hybridtrain_"
 SERIES: dict[str, tuple[str, str]] = {
     "epoch": ("", "last completed epoch"),
     "train_loss": ("", "mean training loss of the epoch"),
+    "train_accuracy": ("ratio", "accuracy on the epoch's training batches (training mode, before each step)"),
     "val_loss": ("", "validation loss after the epoch"),
     "val_accuracy": ("ratio", "validation accuracy after the epoch"),
     "lr": ("", "learning rate at the end of the epoch"),

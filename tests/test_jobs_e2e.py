@@ -71,5 +71,14 @@ def test_a_smoke_run_submitted_as_a_job_is_followed_to_its_end(head_node, tmp_pa
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     followed = _hybridtrain("jobs", "logs", "--follow", job_id, "--address", DASHBOARD, env=env, timeout=120)
     assert followed.returncode == 0 and "test accuracy" in followed.stdout
+
+    # Ray's own CLI, as the README shows it: the token is sent when RAY_AUTH_MODE=token is set in its environment.
+    ray_cli = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", str(ROOT), "--",
+               "python", "-m", "cluster.cli", "run", "--recipe", "smoke", "--output", str(tmp_path / "ray-cli-run"),
+               "--set", "train.epochs=1", "--set", "advisor.backend=none", "--no-report"]
+    by_ray = subprocess.run(ray_cli, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=600)
+    assert by_ray.returncode == 0 and "[hybridtrain] done: test_accuracy" in by_ray.stdout, by_ray.stdout[-3000:] + by_ray.stderr[-2000:]
+    assert json.loads((tmp_path / "ray-cli-run" / "summary.json").read_text())["epochs"] == 1
+
     unknown = _hybridtrain("jobs", "status", "raysubmit_nope", "--address", DASHBOARD, env=env, timeout=60)
     assert unknown.returncode == 1 and "no job" in unknown.stderr

@@ -51,7 +51,7 @@ def test_a_running_smoke_run_exports_its_series_to_prometheus_and_tensorboard(ra
     summary = outcome["summary"]
 
     assert 1 <= seen[("epoch", "")] <= 6
-    assert 0.1 < seen[("val_accuracy", "")] <= 1.0
+    assert 0.1 < seen[("val_accuracy", "")] <= 1.0 and 0.1 < seen[("train_accuracy", "")] <= 1.0
     assert 0.0 < seen[("val_loss", "")] < 5.0 and seen[("lr", "")] > 0
     assert seen[('worker_samples_per_s', 'rank="0"')] > 0 and seen[('worker_samples_per_s', 'rank="1"')] > 0
     assert seen[("epoch_s", "")] > 0

@@ -37,7 +37,7 @@ def test_two_workers_zero2_writes_a_complete_run(ray_local, tmp_path) -> None:
         assert key in summary
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
+    assert list(metrics.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
     assert list(metrics.epoch) == list(range(1, 9))
     assert metrics.train_loss.iloc[-1] < metrics.train_loss.iloc[0]
     assert (run_dir / "config.yaml").is_file()

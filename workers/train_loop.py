@@ -56,7 +56,7 @@ ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observe
 FINAL_METRICS = "final_metrics.json"
 TENSORBOARD = "tensorboard"  # in the run directory: rank 0's TensorBoard event files
 PROGRESS = "progress.log"  # in the run directory: rank 0's progress lines, which the driver prints live
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
+METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "wall_s", "probation_s"]
 
 
 @dataclass(kw_only=True)
@@ -136,15 +136,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     advice = _make_advice(loop_config.get("advice"), engine, rank=rank, world_size=world_size, run_dir=run_dir, train=train,
                           model_kind=model_config.kind)
 
-    def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
-        """One micro-step on `batch` (indices into the train split); returns the detached loss.
-        `watch_backward` wraps the backward pass (the advisor's gradient-norm hooks)."""
+    def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-step on `batch` (indices into the train split); returns the detached loss and the number of
+        samples the model got right (in training mode, before the step). `watch_backward` wraps the backward pass
+        (the advisor's gradient-norm hooks)."""
         index = torch.from_numpy(split.train[batch])
-        loss = F.cross_entropy(engine(features[index].to(device, dtype)).float(), labels[index].to(device))
+        target = labels[index].to(device)
+        logits = engine(features[index].to(device, dtype)).float()
+        loss = F.cross_entropy(logits, target)
         with watch_backward or contextlib.nullcontext():
             engine.backward(loss)
         engine.step()
-        return loss.detach()
+        return loss.detach(), (logits.detach().argmax(dim=1) == target).sum()
 
     def validate(per_sample: bool = False) -> EvalResult:
         return evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype,
@@ -155,8 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(stable_seed(train.seed, state.epoch, rank, "probation"))
         engine.train()
         batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
-        losses = [float(train_step(batch)) for batch in batches]
-        train_loss, count = _all_reduce_sums(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
+        losses = [float(train_step(batch)[0]) for batch in batches]
+        train_loss, count = _all_reduce_sums(sum(losses), len(losses))
         probe = validate(per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
         return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
                                 sample_losses=tuple(probe.sample_losses.tolist()), sample_correct=tuple(probe.sample_correct.tolist()))
@@ -202,16 +205,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = shard_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=epoch, seed=train.seed, grad_accum_steps=train.grad_accum_steps)
         engine.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
         seen = 0
         for step, batch in enumerate(batches):
             if train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
                 _chaos_kill_once(run_dir)
             last_step = advice is not None and step == len(batches) - 1
-            loss = train_step(batch, advice.observer.watch_grad_norms() if last_step else None)
+            loss, right = train_step(batch, advice.observer.watch_grad_norms() if last_step else None)
             loss_sum += loss.double().cpu() * len(batch)
+            correct += right.double().cpu()
             seen += len(batch)
         train_seconds = time.perf_counter() - epoch_start
-        train_loss, total_seen = _all_reduce_sums(loss_sum, seen)
+        train_loss, train_correct, total_seen = _all_reduce_sums(loss_sum, correct, seen)
         with advice.observer.watch_dead_units() if advice is not None else contextlib.nullcontext():
             val = validate()
 
@@ -226,6 +231,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         row = {
             "epoch": epoch,
             "train_loss": train_loss / total_seen,
+            "train_accuracy": train_correct / total_seen,
             "val_loss": val.loss,
             "val_accuracy": val.accuracy,
             "lr": engine.get_lr()[0],
@@ -369,11 +375,12 @@ def test_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) 
     }
 
 
-def _all_reduce_sums(loss_sum: torch.Tensor, count: int) -> tuple[float, int]:
-    totals = torch.tensor([float(loss_sum), count], dtype=torch.float64)
+def _all_reduce_sums(*values: float | torch.Tensor) -> tuple[float, ...]:
+    """Each value summed over the ranks (float64 on the CPU; gloo's and NCCL's sums alike)."""
+    totals = torch.tensor([float(value) for value in values], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return float(totals[0]), int(totals[1])
+    return tuple(float(total) for total in totals)
 
 
 def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int,
@@ -420,7 +427,7 @@ def _restore(engine, checkpoint, advice=None) -> tuple[LoopState, dict[str, torc
 
 def _emit_epoch(telemetry: Telemetry, row: dict[str, float], worker_rates: list[float], *, epoch_s: float, advisor: dict[str, Any] | None) -> None:
     epoch = int(row["epoch"])
-    telemetry.emit({name: row[name] for name in ("train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s", "probation_s")}
+    telemetry.emit({name: row[name] for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "probation_s")}
                    | {"epoch": epoch, "epoch_s": epoch_s}, step=epoch)
     telemetry.emit_tagged("worker_samples_per_s", dict(enumerate(worker_rates)), step=epoch)
     if advisor is not None:
