@@ -97,7 +97,7 @@ def _ask(args: argparse.Namespace) -> int:
             handle = get_advisor_handle(config)
         else:
             print(f"[hybridtrain] deploying the advisor ({config.backend}) ...", file=sys.stderr, flush=True)
-            handle = deploy_advisor(config)
+            handle = deploy_advisor(config, http=False)  # asked through its handle
         client = AdvisorClient(config, handle)
     else:
         client = make_client(config)

@@ -250,7 +250,7 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
             from serve_llm.deployment import deploy_advisor
 
             print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
-            deploy_advisor(config.advisor)
+            deploy_advisor(config.advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
         name, namespace = plan.coordinator_name, ray.get_runtime_context().namespace
         handle = get_or_create_coordinator(name, namespace, config=config.coordinator,
                                            advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))

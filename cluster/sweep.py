@@ -307,7 +307,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         from serve_llm.deployment import deploy_advisor
 
         print(f"[hybridtrain] starting the shared advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
-        deploy_advisor(config.advisor)
+        deploy_advisor(config.advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
     population = start_population(config, sweep_dir)
     tune_config = config.tune
     callbacks = [_progress_callback(tune_config.metric), _telemetry_callback(sweep_dir, config.name, tune_config.metric, tune_config.mode)]

@@ -169,23 +169,40 @@ def http_url(config: AdvisorConfig) -> str:
     return f"http://{config.http_host}:{config.http_port}{config.route_prefix}"
 
 
-def deploy_advisor(config: AdvisorConfig) -> DeploymentHandle:
+def deploy_advisor(config: AdvisorConfig, *, http: bool = True) -> DeploymentHandle:
     """Deploy the advisor app on the current Ray cluster (ray.init already called) and return its
     handle once every replica has loaded its backend.
 
-    Starts Serve with HTTP bound to `config.http_host` (127.0.0.1 by default: Serve's own
-    default host is configurable by environment and may differ); if Serve is already running,
-    its HTTP options are kept as they are and a mismatch is logged.
+    With `http`, Serve starts its HTTP proxy bound to `config.http_host` (127.0.0.1 by default: Serve's own
+    default host is configurable by environment and may differ) and the app answers at `http_url(config)`.
+    Without it (runs and sweeps, which reach the advisor through its handle) no proxy starts: no port is
+    opened, and two runs on one machine do not contend for 127.0.0.1:8000. If Serve is already running,
+    its proxy settings are kept as they are.
     """
     if config.backend == "none":
         raise ValueError("AdvisorConfig.backend='none' means no advisor: there is nothing to deploy")
-    serve.start(http_options={"host": config.http_host, "port": config.http_port})
+    if http:
+        serve.start(http_options={"host": config.http_host, "port": config.http_port})
+        _require_proxy()
+    else:
+        serve.start(proxy_location="Disabled")
     app = AdvisorDeployment.options(**deployment_options(config)).bind(config.to_dict())
     started = time.perf_counter()
-    handle = serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
-    logger.info("advisor app %r (%s) up in %.1fs at %s", config.app_name, config.backend,
-                time.perf_counter() - started, http_url(config))
+    handle = serve.run(app, name=config.app_name, route_prefix=config.route_prefix if http else None, blocking=False)
+    logger.info("advisor app %r (%s) up in %.1fs%s", config.app_name, config.backend, time.perf_counter() - started,
+                f" at {http_url(config)}" if http else " (handle only, no HTTP)")
     return handle
+
+
+def _require_proxy(timeout_s: float = 30.0) -> None:
+    """Serve keeps the proxy settings it was started with: one started by a run (handle only) has no proxy."""
+    deadline = time.monotonic() + timeout_s
+    while not serve.status().proxies:
+        if time.monotonic() > deadline:
+            raise RuntimeError("Ray Serve is already running on this cluster without an HTTP proxy (a training run started it to "
+                               "reach the advisor through its handle), so the advisor cannot answer over HTTP; shut Serve down "
+                               "(`serve shutdown`, or let the run end) and start the advisor again")
+        time.sleep(0.5)
 
 
 def get_advisor_handle(config: AdvisorConfig) -> DeploymentHandle:

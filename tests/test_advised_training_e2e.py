@@ -103,3 +103,7 @@ def test_real_llm_advisor_through_serve_advises_a_run(ray_local, tmp_path) -> No
     assert summary["proposals_accepted"] + summary["proposals_rejected"] == len(verdicts)
     assert verdicts.reward.notna().all()
     assert summary["test_accuracy"] >= 0.85
+    # The run reached its advisor through the handle: Serve opened no HTTP proxy (no port for two runs to contend for)
+    from ray import serve
+
+    assert serve.status().applications and not serve.status().proxies

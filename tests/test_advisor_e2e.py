@@ -23,6 +23,14 @@ pytestmark = pytest.mark.e2e
 NUM_SNAPSHOTS = 10
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_serve(ray_local) -> None:
+    """Serve with an HTTP proxy: a run earlier in the session may have started it without one (handle only)."""
+    from ray import serve
+
+    serve.shutdown()
+
+
 @pytest.fixture(scope="module")
 def smollm2_advisor(ray_local) -> Iterator[tuple[AdvisorConfig, object]]:
     from ray import serve
