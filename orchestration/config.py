@@ -27,8 +27,11 @@ class CoordinatorConfig:
     plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over plateau_window = overfitting
-    dead_fraction: float = 0.5  # a layer with this fraction of units never active counts as having dead units (a third dead is common and harmless)
+    dead_fraction: float = 0.8  # a layer with this fraction of units never active counts as having dead units (in the advice bench healthy nets have up to 61% silent on the validation set, broken ones 97-100%)
     underfit_update_ratio: float = 0.01  # median per-epoch ||dW||/||W|| below which (at val accuracy < 0.9) learning is "slow"
+    fast_update_ratio: float = 0.12  # median ||dW||/||W|| per epoch above which a stalled or worsening val loss means "lr too high"
+    runaway_update_ratio: float = 0.5  # any group moving this much of its norm in an epoch: "lr too high" on its own
+    overfit_loss_ratio: float = 2.0  # val loss above this multiple of train loss (and 0.1 above it) = overfitting, grown or not
     drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
     wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
@@ -81,6 +84,11 @@ class CoordinatorConfig:
         require(self.divergence_factor > 1, "coordinator.divergence_factor", self.divergence_factor, "must be > 1")
         require(self.overfit_gap_growth > 0, "coordinator.overfit_gap_growth", self.overfit_gap_growth, "must be > 0")
         require(self.underfit_update_ratio >= 0, "coordinator.underfit_update_ratio", self.underfit_update_ratio, "must be >= 0")
+        require(self.fast_update_ratio > self.underfit_update_ratio, "coordinator.fast_update_ratio", self.fast_update_ratio,
+                f"must be > coordinator.underfit_update_ratio ({self.underfit_update_ratio})")
+        require(self.runaway_update_ratio >= self.fast_update_ratio, "coordinator.runaway_update_ratio", self.runaway_update_ratio,
+                f"must be >= coordinator.fast_update_ratio ({self.fast_update_ratio})")
+        require(self.overfit_loss_ratio > 1, "coordinator.overfit_loss_ratio", self.overfit_loss_ratio, "must be > 1")
         require(0 < self.dead_fraction <= 1, "coordinator.dead_fraction", self.dead_fraction, "must be in (0, 1]")
         require(self.drift_threshold > 0, "coordinator.drift_threshold", self.drift_threshold, "must be > 0")
         require(self.cache_similarity >= 0, "coordinator.cache_similarity", self.cache_similarity, "must be >= 0")

@@ -23,17 +23,23 @@ class DiagnosticThresholds:
     plateau_threshold: float = 0.01  # relative val-loss improvement over the window below which = plateau
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over the window = overfitting
-    dead_fraction: float = 0.5  # a layer with this fraction of its units never active is worth a re-draw
+    dead_fraction: float = 0.8  # a layer with this fraction of its units never active is worth a re-draw
     underfit_update_ratio: float = 0.01  # median per-epoch ||dW|| / ||W|| below which the weights barely move
     underfit_accuracy: float = 0.9  # ... and validation accuracy below this = learning far too slowly
+    fast_update_ratio: float = 0.12  # median update ratio above which a stalled or worsening val loss = lr too high
+    runaway_update_ratio: float = 0.5  # any group's update ratio above this = lr too high
+    overfit_loss_ratio: float = 2.0  # val loss above this multiple of train loss (and OVERFIT_MIN_GAP above it) = overfitting
 
     @classmethod
     def from_config(cls, config: CoordinatorConfig) -> DiagnosticThresholds:
         return cls(plateau_window=config.plateau_window, plateau_threshold=config.plateau_threshold,
                    divergence_factor=config.divergence_factor, overfit_gap_growth=config.overfit_gap_growth,
-                   dead_fraction=config.dead_fraction, underfit_update_ratio=config.underfit_update_ratio)
+                   dead_fraction=config.dead_fraction, underfit_update_ratio=config.underfit_update_ratio,
+                   fast_update_ratio=config.fast_update_ratio, runaway_update_ratio=config.runaway_update_ratio,
+                   overfit_loss_ratio=config.overfit_loss_ratio)
 
 
+OVERFIT_MIN_GAP = 0.1  # a val/train loss ratio counts as overfitting only with this much absolute gap
 ACCURACY_DROP = 0.05  # a validation-loss rise counts as divergence only with this much validation accuracy lost
 
 
@@ -112,6 +118,39 @@ def slow_learning(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) 
     return None
 
 
+def too_fast(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds, *, stalled: bool) -> str | None:
+    """Why the learning rate looks too high, or None.
+
+    Too fast iff some parameter group moved more than `runaway_update_ratio` of its norm in the last epoch
+    (in a dead or exploding net the median can be tiny while one group lurches), or the median update ratio is
+    above `fast_update_ratio` while the validation loss is `stalled` (a plateau) or 10 % above its best.
+    Large steps with no progress are the textbook sign of a step size too large; healthy runs in the advice
+    bench move at most 0.15 per epoch at their start and less as they converge.
+    """
+    ratios = sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
+    if not ratios:
+        return None
+    if ratios[-1] > thresholds.runaway_update_ratio:
+        group = max(snapshot.layers, key=lambda layer: layer.update_ratio if math.isfinite(layer.update_ratio) else -1.0)
+        return f"{group.name} moved {ratios[-1]:.2g} of its norm in one epoch"
+    median = ratios[len(ratios) // 2]
+    finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
+    worse = len(finite_val) >= 2 and finite_val[-1] > 1.1 * min(finite_val[:-1])
+    if median > thresholds.fast_update_ratio and (stalled or worse):
+        return f"weights move {median:.2g} per epoch (median update ratio) while validation loss " + ("stalls" if stalled and not worse else "is above its best")
+    return None
+
+
+def overfit_level(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) -> str | None:
+    """Validation loss far above training loss, however it got there (a gap that is large but no longer growing)."""
+    if not snapshot.train_loss or not snapshot.val_loss:
+        return None
+    train, val = snapshot.train_loss[-1], snapshot.val_loss[-1]
+    if math.isfinite(train) and math.isfinite(val) and val > thresholds.overfit_loss_ratio * train and val - train > OVERFIT_MIN_GAP:
+        return f"val loss {val:.3g} is {val / max(train, 1e-12):.3g}x train loss {train:.3g}"
+    return None
+
+
 def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None = None) -> Diagnosis:
     """Read trends from the snapshot's loss curves and per-layer statistics."""
     thresholds = thresholds or DiagnosticThresholds()
@@ -126,19 +165,29 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
         if improvement is not None and improvement < thresholds.plateau_threshold:
             diagnosis.plateau = True
             diagnosis.notes.append(f"plateau: validation loss improved {improvement:.2%} over {window} epochs")
-    slow = None if diagnosis.diverging else slow_learning(snapshot, thresholds)
+    fast = None if diagnosis.diverging else too_fast(snapshot, thresholds, stalled=diagnosis.plateau)
+    if fast is not None:
+        diagnosis.too_fast = True
+        diagnosis.notes.append(f"learning rate too high: {fast}")
+    slow = None if diagnosis.diverging or fast is not None else slow_learning(snapshot, thresholds)
     if slow is not None:
         diagnosis.underfitting = True
         diagnosis.notes.append(f"learning slowly: {slow}")
     growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
+    level = overfit_level(snapshot, thresholds)
     if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):
         diagnosis.overfitting = True
         diagnosis.notes.append(f"overfitting: val-train loss gap grew by {growth:.3g} over {window} epochs")
+    elif level is not None:
+        diagnosis.overfitting = True
+        diagnosis.notes.append(f"overfitting: {level}")
     # Dead units matter only in a net that is not learning well: a healthy ReLU net often has half
     # of a wide hidden layer silent on the validation set, and re-drawing those units only hurts it.
     accuracy = snapshot.val_accuracy[-1] if snapshot.val_accuracy and math.isfinite(snapshot.val_accuracy[-1]) else None
-    struggling = diagnosis.plateau or diagnosis.underfitting or accuracy is None or accuracy < thresholds.underfit_accuracy
+    # Units killed by a learning rate too high die again when re-drawn; and a net that overfits needs regularising.
+    struggling = (diagnosis.plateau or diagnosis.underfitting or accuracy is None or accuracy < thresholds.underfit_accuracy) \
+        and not (diagnosis.too_fast or diagnosis.overfitting)
     diagnosis.dead_groups = [layer.name for layer in snapshot.layers if layer.dead_fraction >= thresholds.dead_fraction] if struggling else []
     if diagnosis.dead_groups:
         diagnosis.notes.append(f"many dead units in {', '.join(diagnosis.dead_groups[:3])}")

@@ -96,9 +96,9 @@ def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | 
 def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Sequence[ProposalOutcome] = ()) -> list[MenuOption]:
     """The options for this state, "keep" first, at most `len(MENU_KEYS)`; each names the finding it answers.
 
-    Remedies come in the order of the cause they address, the deepest first: divergence, dead units,
-    slow learning, plateau, overfitting (a net with dead units also plateaus and learns slowly;
-    curing the plateau would not revive them)."""
+    Remedies come in the order of the cause they address, the deepest first: divergence, a learning rate
+    too high, overfitting, dead units, slow learning, plateau (a net with dead units also plateaus and learns
+    slowly, and curing the plateau would not revive them; units a learning rate too high killed die again)."""
     decay = float(snapshot.hyperparameters.get("weight_decay", 0.0) or 0.0)
     dropout = float(snapshot.hyperparameters.get("dropout", 0.0) or 0.0)
     # (action, what it does, the finding it answers or "", proposal)
@@ -108,6 +108,13 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         candidates.append(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", "diverging",
                            _proposal("diverging: cut lr 3x, weights toward best", alpha=1.0, lr_scale=0.3,
                                      weights=[{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update])))
+    if diagnosis.too_fast and not diagnosis.diverging:
+        candidates.append(("lr_down", "cut the learning rate 3x", "learning rate too high", _proposal("learning rate too high: cut lr 3x", lr_scale=0.3)))
+    if diagnosis.overfitting:
+        new_decay = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(3 * decay, 5e-4))
+        new_dropout = min(HYPERPARAMETER_BOUNDS["dropout"][1], dropout + 0.1)
+        candidates.append(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
+                           _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
     if diagnosis.dead_groups:
         groups = diagnosis.dead_groups[:MAX_RESCUE_GROUPS]
         # A unit is its weight row and its bias: a dead unit re-drawn with its old, very negative bias stays dead.
@@ -118,14 +125,9 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
                                      weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
     if diagnosis.underfitting:
         candidates.append(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
-    if diagnosis.diverging or diagnosis.plateau:
+    if (diagnosis.diverging or diagnosis.plateau) and not diagnosis.too_fast:
         why = "diverging" if diagnosis.diverging else "plateau"
         candidates.append(("lr_down", "halve the learning rate", why, _proposal(f"{why}: halve lr", lr_scale=0.5)))
-    if diagnosis.overfitting:
-        new_decay = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(3 * decay, 5e-4))
-        new_dropout = min(HYPERPARAMETER_BOUNDS["dropout"][1], dropout + 0.1)
-        candidates.append(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
-                           _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
     # Few findings: offer both learning-rate moves anyway, so that choosing is a real decision.
     offered = {candidate[0] for candidate in candidates}
     if len(candidates) < 3:
@@ -153,5 +155,6 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
 def finding_present(diagnosis: Diagnosis, remedy: str) -> bool:
     """Whether the finding an option answered (`MenuOption.remedy`) is still in `diagnosis`."""
     present = {"diverging": diagnosis.diverging, "plateau": diagnosis.plateau, "learning slowly": diagnosis.underfitting,
+               "learning rate too high": diagnosis.too_fast,
                "overfitting": diagnosis.overfitting, "dead units": bool(diagnosis.dead_groups)}
     return present.get(remedy, True)

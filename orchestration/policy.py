@@ -79,10 +79,13 @@ class QueryPolicy:
                 return Query(reason=_finding(diagnosis, "plateau"))
             logger.debug("epoch %d: plateau, but asked %d epochs ago", epoch, epochs_since_query)
 
-        if diagnosis.underfitting:
+        for flagged, prefix in ((diagnosis.too_fast, "learning rate too high"), (diagnosis.underfitting, "learning slowly"),
+                                (diagnosis.overfitting, "overfitting")):
+            if not flagged:
+                continue
             if last_query_epoch is None or epochs_since_query >= config.plateau_window:
-                return Query(reason=_finding(diagnosis, "learning slowly"))
-            logger.debug("epoch %d: learning slowly, but asked %d epochs ago", epoch, epochs_since_query)
+                return Query(reason=_finding(diagnosis, prefix))
+            logger.debug("epoch %d: %s, but asked %d epochs ago", epoch, prefix, epochs_since_query)
 
         if math.isfinite(weight_drift) and weight_drift > config.drift_threshold:
             return Query(reason=f"weight drift {weight_drift:.3g} > {config.drift_threshold:g}")

@@ -90,6 +90,7 @@ class Diagnosis:
     diverging: bool = False
     overfitting: bool = False
     underfitting: bool = False  # learning, but slowly: tiny updates and low accuracy (a learning rate far too low)
+    too_fast: bool = False  # weights lurch: large updates with a stalled or worsening validation loss (a learning rate too high)
     dead_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -98,6 +99,8 @@ class Diagnosis:
         hints = []
         if self.diverging:
             hints.append("cut lr (lr_scale 0.3) and move weights toward_best")
+        elif self.too_fast:
+            hints.append("cut lr (lr_scale 0.3)")
         elif self.plateau:
             hints.append("lower lr (lr_scale 0.5)")
         elif self.underfitting:

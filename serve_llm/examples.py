@@ -19,7 +19,7 @@ def _curve(situation: str, epochs: int, rng: random.Random) -> tuple[list[float]
     train, val = [], []
     for epoch in range(epochs):
         base = 2.3 * (0.55 ** (epoch + 1)) + 0.05
-        if situation == "dead_units":  # half a layer silent: still learning, but slowly and not far
+        if situation == "dead_units":  # most of a layer silent: still learning, but slowly and not far
             base = 2.3 * (0.85 ** (epoch + 1)) + 0.3
         if situation.startswith("plateau") and epoch >= 2:
             base = 2.3 * 0.55**3 + 0.05 + rng.uniform(-0.004, 0.004)
@@ -45,7 +45,7 @@ def example_snapshot(situation: str, seed: int = 0, *, epochs: int = 6) -> Train
             weight_norm=round(rng.uniform(0.5, 8.0), 3),
             grad_norm=round(rng.uniform(0.001, 0.5) * (20.0 if situation == "diverging" else 1.0), 4),
             update_ratio=round(rng.uniform(0.001, 0.05), 4),
-            dead_fraction=round(0.55 if situation in ("dead_units", "plateau_dead") and name.startswith("fc1")
+            dead_fraction=round(0.9 if situation in ("dead_units", "plateau_dead") and name.startswith("fc1")
                                 else rng.uniform(0.0, 0.1), 3),
         )
         for name, size in _LAYERS

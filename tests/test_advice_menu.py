@@ -196,3 +196,31 @@ def test_a_pick_whose_finding_persists_goes_on_probation_and_joins_the_track_rec
     assert coordinator.outcomes[-1].action == "lr_down" and coordinator.outcomes[-1].verdict == "rejected"
     assert finding_present(Diagnosis(plateau=True), "plateau") and not finding_present(Diagnosis(), "plateau")
     assert math.isfinite(coordinator.outcomes[-1].reward)
+
+
+def _layers(*ratios: float, dead: float = 0.0) -> list[LayerStats]:
+    return [LayerStats(name=f"l{index}.weight", num_params=64, update_ratio=ratio, dead_fraction=dead) for index, ratio in enumerate(ratios)]
+
+
+def test_large_steps_without_progress_read_as_a_learning_rate_too_high_and_cut_it_before_anything_else() -> None:
+    # the median group moves 0.2 of its norm per epoch while validation loss sits 20 % above its best
+    lurching = state(val_loss=[1.0, 0.6, 0.5, 0.7, 0.62, 0.6], train_loss=[1.0, 0.7, 0.55, 0.6, 0.58, 0.56], layers=_layers(0.2, 0.25, 0.18, dead=0.98))
+    diagnosis = diagnose(lurching)
+    assert diagnosis.too_fast and any(note.startswith("learning rate too high") for note in diagnosis.notes)
+    assert not diagnosis.dead_groups and not diagnosis.underfitting  # units a too-high rate killed would die again
+    menu = build_menu(lurching, diagnosis)
+    first = next(option for option in menu if option.remedy)
+    assert first.action == "lr_down" and first.proposal["hyperparameters"]["lr_scale"] == 0.3
+    assert finding_present(diagnosis, first.remedy)
+    # one group lurching is enough, even with the median tiny (a dead net whose head thrashes)
+    assert diagnose(state(layers=_layers(0.0001, 0.0002, 0.9))).too_fast
+    # the same step sizes while validation loss keeps falling are a healthy start, not a finding
+    assert not diagnose(state(layers=_layers(0.2, 0.25, 0.18))).too_fast
+
+
+def test_a_large_gap_is_overfitting_even_when_it_no_longer_grows() -> None:
+    steady_gap = state(train_loss=[0.3, 0.2, 0.1, 0.06, 0.05, 0.05], val_loss=[0.35, 0.3, 0.25, 0.2, 0.19, 0.185])
+    diagnosis = diagnose(steady_gap)
+    assert diagnosis.overfitting and "3.7x train loss" in diagnosis.notes[-1]
+    assert next(option for option in build_menu(steady_gap, diagnosis) if option.remedy).action == "regularise"
+    assert not diagnose(state(train_loss=[0.3, 0.2, 0.1, 0.06, 0.05, 0.03], val_loss=[0.3, 0.2, 0.12, 0.08, 0.07, 0.07])).overfitting  # gap < 0.1
