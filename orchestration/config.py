@@ -28,7 +28,7 @@ class CoordinatorConfig:
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over plateau_window = overfitting
     dead_fraction: float = 0.8  # a layer with this fraction of units never active counts as having dead units (in the advice bench healthy nets have up to 61% silent on the validation set, broken ones 97-100%)
-    underfit_update_ratio: float = 0.01  # median per-epoch ||dW||/||W|| below which (at val accuracy < 0.9) learning is "slow"
+    underfit_update_ratio: float = 0.03  # median per-epoch ||dW||/||W|| below which (at val accuracy < 0.9) learning is "slow" (healthy nets in the advice bench move >= 0.036)
     fast_update_ratio: float = 0.12  # median ||dW||/||W|| per epoch above which a stalled or worsening val loss means "lr too high"
     runaway_update_ratio: float = 0.5  # any group moving this much of its norm in an epoch: "lr too high" on its own
     overfit_loss_ratio: float = 2.0  # val loss above this multiple of train loss (and 0.1 above it) = overfitting, grown or not

@@ -24,7 +24,7 @@ class DiagnosticThresholds:
     divergence_factor: float = 1.5  # loss above factor * (best val / previous train) = divergence
     overfit_gap_growth: float = 0.02  # val-train loss gap widening by this much over the window = overfitting
     dead_fraction: float = 0.8  # a layer with this fraction of its units never active is worth a re-draw
-    underfit_update_ratio: float = 0.01  # median per-epoch ||dW|| / ||W|| below which the weights barely move
+    underfit_update_ratio: float = 0.03  # median per-epoch ||dW|| / ||W|| below which the weights barely move
     underfit_accuracy: float = 0.9  # ... and validation accuracy below this = learning far too slowly
     fast_update_ratio: float = 0.12  # median update ratio above which a stalled or worsening val loss = lr too high
     runaway_update_ratio: float = 0.5  # any group's update ratio above this = lr too high
