@@ -258,7 +258,7 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
     ray.get(handle.open_run.remote(plan.run_key, config.coordinator, plan.run_id))
     return handle, AdviceSettings(coordinator=name, namespace=namespace, run_id=plan.run_id, run_key=plan.run_key,
                                   history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
-                                  call_timeout_s=config.coordinator.wait_for_answer_s + 120.0)
+                                  call_timeout_s=max(config.coordinator.wait_for_answer_s, config.coordinator.wait_on_findings_s) + 120.0)
 
 
 def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:

@@ -35,6 +35,7 @@ class CoordinatorConfig:
     drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
     wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
+    wait_on_findings_s: float = 0.0  # the same wait, only for a query a finding triggered (on short epochs a late answer misses its moment)
 
     # --- what the advisor answers ----------------------------------------------------------
     advice_mode: AdviceMode = "choose"  # choose: pick from a menu built from the diagnosis | invent: write a whole proposal
@@ -79,6 +80,7 @@ class CoordinatorConfig:
             require(getattr(self, name) >= 1, f"coordinator.{name}", getattr(self, name), "must be >= 1")
         require(self.max_answer_age_epochs >= 0, "coordinator.max_answer_age_epochs", self.max_answer_age_epochs, "must be >= 0")
         require(0 <= self.wait_for_answer_s <= 3600, "coordinator.wait_for_answer_s", self.wait_for_answer_s, "must be in [0, 3600]")
+        require(0 <= self.wait_on_findings_s <= 3600, "coordinator.wait_on_findings_s", self.wait_on_findings_s, "must be in [0, 3600]")
         require(self.max_recent_proposals >= 0, "coordinator.max_recent_proposals", self.max_recent_proposals, "must be >= 0")
         require(self.plateau_threshold >= 0, "coordinator.plateau_threshold", self.plateau_threshold, "must be >= 0")
         require(self.divergence_factor > 1, "coordinator.divergence_factor", self.divergence_factor, "must be > 1")

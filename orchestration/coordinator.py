@@ -339,9 +339,12 @@ class Coordinator:
         pending = self._pending
         assert pending is not None
         age = snapshot.epoch - pending.epoch
-        if not pending.future.done() and self.config.wait_for_answer_s > 0:
-            # Opt-in synchronous mode: hold this epoch boundary until the answer comes (or the wait ends).
-            concurrent.futures.wait([pending.future], timeout=self.config.wait_for_answer_s)
+        wait_s = self.config.wait_for_answer_s
+        if pending.snapshot.diagnosis is not None and pending.snapshot.diagnosis.has_findings():
+            wait_s = max(wait_s, self.config.wait_on_findings_s)
+        if not pending.future.done() and wait_s > 0:
+            # Opt-in: hold this epoch boundary until the answer comes (or the wait ends).
+            concurrent.futures.wait([pending.future], timeout=wait_s)
         if not pending.future.done():
             if age <= self.config.max_answer_age_epochs:
                 logger.debug("epoch %d: still waiting for %s (%d epochs)", snapshot.epoch, pending.query_id, age)

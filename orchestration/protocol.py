@@ -94,6 +94,10 @@ class Diagnosis:
     dead_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def has_findings(self) -> bool:
+        """Whether anything calls for a remedy."""
+        return self.plateau or self.diverging or self.overfitting or self.underfitting or self.too_fast or bool(self.dead_groups)
+
     def remedies(self) -> list[str]:
         """The textbook response to each finding, as short hints for the prompt."""
         hints = []

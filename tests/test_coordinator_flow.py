@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from concurrent.futures import Future
@@ -334,3 +335,24 @@ def test_telemetry_reports_totals_latency_and_moved_alphas(advisor):
     assert telemetry["counts"]["advisor_queries"] == 1 and telemetry["counts"]["proposals_rejected"] == 1
     assert telemetry["latency_s"] == pytest.approx(0.25)
     assert telemetry["alphas"]["features.0.weight"] < 0.1  # a rejection lowered the group's alpha
+
+
+def test_a_query_a_finding_triggered_is_waited_for_and_a_routine_one_is_not(advisor):
+    import threading
+
+    # learning slowly: tiny updates at low accuracy, validation loss not above training loss
+    slow = [LayerStats(name="features.0.weight", grad_norm=0.3, update_ratio=0.001)]
+
+    def answer_soon() -> None:
+        threading.Timer(0.3, lambda: advisor.answer(FakeAnswer(PROPOSAL))).start()
+
+    waiting = Coordinator(config(wait_on_findings_s=10.0, query_interval=0, plateau_window=1), advisor, run_id="r")
+    at = lambda epoch: dataclasses.replace(snapshot_at(epoch), layers=slow, train_loss=snapshot_at(epoch).val_loss)  # noqa: E731
+    assert "learning slowly" in waiting.on_epoch_end(at(2)).reason
+    answer_soon()
+    assert isinstance(waiting.on_epoch_end(at(3)), Apply)  # held the boundary until the answer came
+
+    routine = Coordinator(config(wait_on_findings_s=10.0), advisor, run_id="r2")
+    assert "interval" in routine.on_epoch_end(snapshot_at(2)).reason
+    answer_soon()
+    assert routine.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r2:q1")  # no finding: no wait
