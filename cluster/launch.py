@@ -286,7 +286,8 @@ def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, A
             ray.kill(coordinator)
     ledger = Ledger.from_state(state["ledger"]) if state else Ledger()
     for incident in incidents:
-        ledger.append(InterventionRecord(kind="error", epoch=int(incident.get("epoch", 0)), reason=str(incident["problem"])))
+        if not incident.get("recorded", False):  # the coordinator's ledger already holds the ones it was told of
+            ledger.append(InterventionRecord(kind="error", epoch=int(incident.get("epoch", 0)), reason=str(incident["problem"])))
     ledger.write_csv(plan.run_dir / LEDGER)
     counts.update(ledger.counts())
     counts["advice_incidents"] = [incident["problem"] for incident in incidents]

@@ -74,9 +74,45 @@ def test_an_unreachable_coordinator_stops_advice_and_leaves_a_record() -> None:
     link = CoordinatorLink(handle=_DeadCoordinator(), run="r", call_timeout_s=1.0)
     assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
     assert not link.reachable and "unreachable" in link.disabled_reason
-    assert link.incidents == [{"epoch": 3, "problem": link.disabled_reason + "; advice off for the rest of this attempt"}]
+    assert link.incidents == [{"epoch": 3, "problem": link.disabled_reason + "; advice off for the rest of this attempt", "recorded": False}]
     assert link.call("on_epoch_end", object(), 0.0, epoch=4) == (False, None)  # no second attempt, no second record
     assert len(link.incidents) == 1
+
+
+class _RaisingCoordinator:
+    """`call` raises a task error for `on_epoch_end` and records `report_incident` calls."""
+
+    def __init__(self) -> None:
+        self.reported: list[str] = []
+        outer = self
+
+        class _Call:
+            def remote(self, run, method, *args, **kwargs):
+                if method == "report_incident":
+                    outer.reported.append(args[0])
+                    return "recorded"
+                return "raises"
+
+        self.call = _Call()
+
+
+def test_a_raising_coordinator_is_recorded_once(monkeypatch) -> None:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from workers.coordinator_link import CoordinatorLink
+
+    def get(ref, timeout=None):
+        if ref == "raises":
+            raise RayTaskError("call", "Traceback ...", AttributeError("no attribute 'x'"))
+        return None
+
+    monkeypatch.setattr(ray, "get", get)
+    coordinator = _RaisingCoordinator()
+    link = CoordinatorLink(handle=coordinator, run="r", call_timeout_s=1.0)
+    assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
+    assert link.reachable and len(coordinator.reported) == 1  # advice goes on; the ledger has the incident
+    assert [incident["recorded"] for incident in link.incidents] == [True]  # so the driver does not add it again
 
 
 @pytest.mark.e2e
@@ -96,10 +132,11 @@ def test_closing_advice_writes_incidents_and_falls_back_to_the_checkpointed_ledg
     incident = {"epoch": 5, "problem": "coordinator unreachable in on_epoch_end: GetTimeoutError"}
     live = get_or_create_coordinator("close-advice-live", config=CoordinatorConfig())
     ray_local.get(live.open_run.remote(plan.run_key))
-    counts = close_advice(live, plan, incidents=[incident])
+    recorded = {"epoch": 6, "problem": "coordinator.on_epoch_end raised: X", "recorded": True}  # already in the live ledger
+    counts = close_advice(live, plan, incidents=[incident, recorded])
     ledger = pd.read_csv(plan.run_dir / LEDGER)
     assert list(ledger.kind) == ["error"] and ledger.reason[0] == incident["problem"]
-    assert counts["errors"] == 1 and counts["advice_incidents"] == [incident["problem"]]
+    assert counts["errors"] == 1 and counts["advice_incidents"] == [incident["problem"], recorded["problem"]]
 
     # The coordinator is gone at the end: the ledger comes from the newest checkpoint, and the summary says so.
     checkpointed = Coordinator(CoordinatorConfig(), None, "r")

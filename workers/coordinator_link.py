@@ -27,7 +27,7 @@ class CoordinatorLink:
     run: str  # this run's key in the coordinator (one actor may coordinate a whole sweep)
     call_timeout_s: float = 60.0
     disabled_reason: str = ""
-    incidents: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "problem"}: what went wrong, oldest first
+    incidents: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "problem", "recorded"}: what went wrong, oldest first
 
     @classmethod
     def connect(cls, name: str, namespace: str, *, run: str, call_timeout_s: float) -> CoordinatorLink:
@@ -52,8 +52,7 @@ class CoordinatorLink:
         except RayTaskError as error:
             problem = f"coordinator.{method} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{method} raised: {error}"
             logger.warning("%s", problem)
-            self._note(epoch, problem)
-            self.report(problem, epoch=epoch)
+            self._note(epoch, problem, recorded=self.report(problem, epoch=epoch))
             return False, None
         except Exception as error:  # noqa: BLE001 - a dead or stuck coordinator must not take training down
             self.disabled_reason = f"coordinator unreachable in {method}: {type(error).__name__}: {error}"
@@ -62,18 +61,21 @@ class CoordinatorLink:
             self.handle = None
             return False, None
 
-    def report(self, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> None:
-        """Record a worker-side problem in the coordinator's ledger (best effort: a failure to do so is
-        itself kept in `incidents`)."""
+    def report(self, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> bool:
+        """Record a worker-side problem in the coordinator's ledger; True if it was recorded (best effort: a
+        failure to do so is itself kept in `incidents`, for the driver to add to the ledger)."""
         import ray
 
         if self.handle is None:
-            return
+            return False
         try:
             ray.get(self.handle.call.remote(self.run, "report_incident", problem, epoch=epoch, step=step, query_id=query_id),
                     timeout=self.call_timeout_s)
+            return True
         except Exception as error:  # noqa: BLE001
             self._note(epoch, f"could not record an incident in the ledger ({type(error).__name__}): {problem}")
+            return False
 
-    def _note(self, epoch: int, problem: str) -> None:
-        self.incidents.append({"epoch": epoch, "problem": problem})
+    def _note(self, epoch: int, problem: str, *, recorded: bool = False) -> None:
+        """Keep `problem` for the summary; `recorded` says the ledger already holds it (the driver adds the rest)."""
+        self.incidents.append({"epoch": epoch, "problem": problem, "recorded": recorded})
