@@ -36,10 +36,10 @@ def head_node(tmp_path, ray_local):
 
     agent_port_taken = not _port_free(DEFAULT_AGENT_PORT)  # normally by the embedded Ray; another Ray on the machine may hold it instead
     up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=360)
-    assert up.returncode == 0, up.stdout + up.stderr
-    assert "token auth is on" in up.stdout
-    assert ("taken by another Ray" in up.stdout) == agent_port_taken, up.stdout
-    try:
+    try:  # whatever fails from here on, the head node is stopped (a failed check must not leave it holding the ports)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "token auth is on" in up.stdout
+        assert ("taken by another Ray" in up.stdout) == agent_port_taken, up.stdout
         yield env
     finally:
         down = _hybridtrain("cluster", "down", env=env, timeout=120)
