@@ -29,6 +29,8 @@ _QUIET_LOGGERS = ("ray.serve", "ray.train", "ray.tune", "ray.data")
 
 def quiet_driver_loggers() -> None:
     """Ray internals at INFO stay off the terminal; warnings (a token missing, a fallback) still show."""
+    import ray.serve  # noqa: F401 - Serve sets its logger to INFO when first imported: import it before quieting it
+
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
