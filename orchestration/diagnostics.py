@@ -99,6 +99,11 @@ def gap_growth(train_loss: Sequence[float], val_loss: Sequence[float], window: i
     return (val_loss[-1] - train_loss[-1]) - (val_loss[-1 - window] - train_loss[-1 - window])
 
 
+def _update_ratios(snapshot: TrainingSnapshot) -> list[float]:
+    """The groups' per-epoch update ratios that are finite and non-zero, ascending."""
+    return sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
+
+
 def slow_learning(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) -> str | None:
     """Why the run looks like it learns far too slowly (a learning rate too low), or None.
 
@@ -106,7 +111,7 @@ def slow_learning(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) 
     `underfit_update_ratio`, the latest validation accuracy is below `underfit_accuracy`, and the
     validation loss is not above the training loss by more than 10 % (no overfitting to blame).
     """
-    ratios = sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
+    ratios = _update_ratios(snapshot)
     if not ratios or not snapshot.val_accuracy or not snapshot.train_loss or not snapshot.val_loss:
         return None
     median = ratios[len(ratios) // 2]
@@ -127,11 +132,11 @@ def too_fast(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds, *, st
     Large steps with no progress are the textbook sign of a step size too large; healthy runs in the advice
     bench move at most 0.15 per epoch at their start and less as they converge.
     """
-    ratios = sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
+    ratios = _update_ratios(snapshot)
     if not ratios:
         return None
     if ratios[-1] > thresholds.runaway_update_ratio:
-        group = max(snapshot.layers, key=lambda layer: layer.update_ratio if math.isfinite(layer.update_ratio) else -1.0)
+        group = next(layer for layer in snapshot.layers if layer.update_ratio == ratios[-1])
         return f"{group.name} moved {ratios[-1]:.2g} of its norm in one epoch"
     median = ratios[len(ratios) // 2]
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
@@ -175,11 +180,10 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
         diagnosis.notes.append(f"learning slowly: {slow}")
     growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
-    level = overfit_level(snapshot, thresholds)
     if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):
         diagnosis.overfitting = True
         diagnosis.notes.append(f"overfitting: val-train loss gap grew by {growth:.3g} over {window} epochs")
-    elif level is not None:
+    elif (level := overfit_level(snapshot, thresholds)) is not None:
         diagnosis.overfitting = True
         diagnosis.notes.append(f"overfitting: {level}")
     # Dead units matter only in a net that is not learning well: a healthy ReLU net often has half
