@@ -87,3 +87,70 @@ def test_cli_names_a_malformed_data_file(capsys, tmp_path) -> None:
     assert code == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "not a readable .npz" in err
+
+
+def _empty_csv(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    return path, path, "the file is empty"
+
+
+def _truncated_npz(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "cut.npz"
+    np.savez(path, x=np.zeros((30, 4)), y=np.arange(30) % 3)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path, path, "not a readable .npz file, truncated"
+
+
+def _single_class_csv(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i},cat\n" for i in range(30)))
+    return path, path, "a single class ('cat', 30 samples)"
+
+
+def _small_class_csv(tmp_path):
+    path = tmp_path / "small.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i},{'dog' if i < 2 else 'cat'}\n" for i in range(30)))
+    return path, path, "class 'dog' (2 samples)"
+
+
+def _csv_without_label(tmp_path):
+    path = tmp_path / "nolabel.csv"
+    path.write_text("a,b\n1,2\n3,4\n")
+    return path, path, "label column 'label' not found"
+
+
+def _unreadable_image(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (6, 6), (i, 0, 0)).save(root / name / f"{i}.png")
+    bad = root / "dog" / "notes.png"
+    bad.write_text("not an image")
+    return root, bad, "not a readable image"
+
+
+@pytest.mark.parametrize("make", [_empty_csv, _truncated_npz, _single_class_csv, _small_class_csv, _csv_without_label, _unreadable_image])
+def test_cli_refuses_bad_data_before_starting_anything(capsys, tmp_path, monkeypatch, make) -> None:
+    import sys
+
+    import cluster.launch
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("bad data reached cluster.connect: Ray would have started")
+
+    monkeypatch.setattr(cluster.launch, "connect", no_cluster)
+    data_path, named, problem = make(tmp_path)
+    run_dir = tmp_path / "r"
+    code = main(["run", "--set", f"data.path={data_path}", "--output", str(run_dir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{named}: " in err and problem in err, err
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+    assert not run_dir.exists() and not (run_dir / "config.yaml").exists()  # nothing started, nothing written

@@ -77,12 +77,18 @@ def load_dataset(config: DataConfig) -> Dataset:
     if not path.exists():
         raise DataError(f"data.path {str(path)!r} does not exist")
     if path.is_dir():
-        return load_image_folder(path, image_size=config.image_size, grayscale=config.grayscale)
-    if path.suffix == ".npz":
-        return load_npz(path)
-    if path.suffix == ".csv":
-        return load_csv(path, label_column=config.label_column)
-    raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .npz, .csv or a folder of class sub-folders")
+        dataset = load_image_folder(path, image_size=config.image_size, grayscale=config.grayscale)
+    elif path.suffix == ".npz":
+        dataset = load_npz(path)
+    elif path.suffix == ".csv":
+        dataset = load_csv(path, label_column=config.label_column)
+    else:
+        raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .npz, .csv or a folder of class sub-folders")
+    try:  # every class must reach the train, val and test splits; say so here, where the file is known
+        stratified_split(dataset.y, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed, classes=dataset.classes)
+    except DataError as error:
+        raise DataError(f"{path}: {error}") from error
+    return dataset
 
 
 def load_digits() -> Dataset:
@@ -94,11 +100,18 @@ def load_digits() -> Dataset:
     return Dataset(x=x, y=bunch.target.astype(np.int64), classes=[str(c) for c in bunch.target_names], source="sklearn:digits")
 
 
+def _check_not_empty(path: Path) -> None:
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes)")
+
+
 def _labels_to_indices(labels: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
     if labels.ndim != 1:
         raise DataError(f"{path}: labels must be one-dimensional, got shape {labels.shape}")
     if np.issubdtype(labels.dtype, np.floating):
-        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        if not np.all(np.isfinite(labels)):
+            raise DataError(f"{path}: labels contain NaN or infinite values ({int((~np.isfinite(labels)).sum())} of {len(labels)})")
+        if not np.all(labels == np.round(labels)):
             raise DataError(f"{path}: labels must be integers (or class names), found non-integer values")
         labels = labels.astype(np.int64)
     classes, indices = np.unique(labels, return_inverse=True)
@@ -107,8 +120,15 @@ def _labels_to_indices(labels: np.ndarray, path: Path) -> tuple[np.ndarray, list
 
 def load_npz(path: Path) -> Dataset:
     """A `.npz` with `x` (N×H×W, N×C×H×W or N×F) and integer labels `y` (N,)."""
+    _check_not_empty(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as error:  # zipfile/pickle/format errors all mean the same thing to a user
+        raise DataError(f"{path}: not a readable .npz file, truncated or not written by numpy.savez ({error})") from error
+    if not hasattr(loaded, "files"):  # np.load read a bare .npy array
+        raise DataError(f"{path}: not a readable .npz file: it holds a single array (.npy format), not an archive with x and y")
+    try:
+        with loaded as archive:
             missing = {"x", "y"} - set(archive.files)
             if missing:
                 raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(archive.files)}")
@@ -116,16 +136,23 @@ def load_npz(path: Path) -> Dataset:
     except DataError:
         raise
     except Exception as error:  # zipfile/pickle/format errors all mean the same thing to a user
-        raise DataError(f"{path}: not a readable .npz file ({error})") from error
+        raise DataError(f"{path}: not a readable .npz file, truncated or corrupt ({error})") from error
     if x.ndim not in (2, 3, 4):
         raise DataError(f"{path}: x must be N×F, N×H×W or N×C×H×W, got shape {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{path}: labels y must be one-dimensional (N,), got shape {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: no samples (x has shape {x.shape})")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{path}: x has shape {x.shape}: each sample is empty")
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x must be numeric, got dtype {x.dtype}")
     x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{path}: x contains NaN or infinite values")
+    bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if bad.any():
+        raise DataError(f"{path}: x contains NaN or infinite values ({int(bad.sum())} of {len(x)} samples, the first is sample {int(np.argmax(bad))})")
     if x.ndim == 3:
         x = x[:, None, :, :]
     indices, classes = _labels_to_indices(np.asarray(y), path)
@@ -136,12 +163,20 @@ def load_csv(path: Path, *, label_column: str) -> Dataset:
     """A CSV with one label column and numeric feature columns (read with pandas)."""
     import pandas as pd
 
+    _check_not_empty(path)
     try:
         frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError as error:
+        raise DataError(f"{path}: the file is empty (no header row, no data)") from error
     except Exception as error:
         raise DataError(f"{path}: not a readable CSV file ({error})") from error
     if label_column not in frame.columns:
         raise DataError(f"{path}: label column {label_column!r} not found; columns are {list(frame.columns)} (set data.label_column)")
+    if len(frame) == 0:
+        raise DataError(f"{path}: no data rows, only a header ({list(frame.columns)})")
+    missing_labels = frame[label_column].isna().to_numpy()
+    if missing_labels.any():
+        raise DataError(f"{path}: label column {label_column!r} is empty in {int(missing_labels.sum())} row(s), the first is data row {int(np.argmax(missing_labels)) + 1}")
     features = frame.drop(columns=[label_column])
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
@@ -149,8 +184,11 @@ def load_csv(path: Path, *, label_column: str) -> Dataset:
     if features.shape[1] == 0:
         raise DataError(f"{path}: no feature columns besides {label_column!r}")
     x = features.to_numpy(dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{path}: features contain missing or infinite values")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: features contain missing or infinite values ({int(bad.any(axis=1).sum())} row(s); the first is "
+                        f"column {features.columns[column]!r} in data row {row + 1})")
     indices, classes = _labels_to_indices(frame[label_column].to_numpy(), path)
     return Dataset(x=x, y=indices, classes=classes, source=str(path))
 
@@ -178,27 +216,68 @@ def load_image_folder(path: Path, *, image_size: int | None, grayscale: bool) ->
                     if image.size != size:
                         image = image.resize(size)
                     array = np.asarray(image, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as error:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 raise DataError(f"{file}: not a readable image ({error})") from error
             images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
             labels.append(label)
     return Dataset(x=np.stack(images), y=np.asarray(labels, dtype=np.int64), classes=[p.name for p in class_dirs], source=str(path))
 
 
-def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Seeded, stratified train/val/test split (80/10/10 by default); every class lands in every split."""
+def _describe_classes(counts: np.ndarray, which: np.ndarray, names: list[str]) -> str:
+    """`class 'dog' (2 samples)` or `classes 'dog' (2 samples), 'cow' (1 sample)`, smallest first."""
+    order = sorted(which.tolist(), key=lambda c: (counts[c], c))
+    listed = ", ".join(f"{names[c]!r} ({counts[c]} sample{'' if counts[c] == 1 else 's'})" for c in order[:5])
+    return ("class " if len(order) == 1 else "classes ") + listed + (f" and {len(order) - 5} more" if len(order) > 5 else "")
+
+
+def _enough_per_class(val_fraction: float, test_fraction: float) -> int:
+    """The fewest samples a class needs to be sure of landing in all three splits (rounding down at each cut)."""
+    holdout = val_fraction + test_fraction
+    for n in range(3, 10_000):
+        rest = math.floor(n * holdout + 1e-9)
+        if (math.floor(n * (1 - holdout) + 1e-9) >= 1 and rest >= 2
+                and math.floor(rest * val_fraction / holdout + 1e-9) >= 1 and math.floor(rest * test_fraction / holdout + 1e-9) >= 1):
+            return n
+    return 10_000
+
+
+def stratified_split(labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int, classes: list[str] | None = None) -> Split:
+    """Seeded, stratified train/val/test split (80/10/10 by default); every class lands in every split.
+
+    `classes` (label names by index) only make the error messages name a class the way the data does.
+    """
     from sklearn.model_selection import train_test_split
 
+    if len(labels) == 0:
+        raise DataError("no samples to split")
     counts = np.bincount(labels)
-    if len(counts) < 2 or counts.min() < 3:
-        raise DataError(f"need at least 2 classes with at least 3 samples each to split stratified; class counts are {counts.tolist()}")
+    names = list(classes) if classes is not None and len(classes) >= len(counts) else [str(c) for c in range(len(counts))]
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise DataError(f"a single class ({names[present[0]]!r}, {counts[present[0]]} samples): classification needs at least 2 classes")
+    if counts[present].min() < 3:
+        raise DataError(f"too few samples in {_describe_classes(counts, present[counts[present] < 3], names)}: every class needs "
+                        f"at least 3 samples to appear in each of the train, val and test splits")
     indices = np.arange(len(labels))
     holdout = val_fraction + test_fraction
+    shares = f"{1 - holdout:.0%}/{val_fraction:.0%}/{test_fraction:.0%}"
+    enough = _enough_per_class(val_fraction, test_fraction)
+    advice = f"give each class at least {enough} samples or change data.val_fraction/data.test_fraction"
     try:
         train, rest = train_test_split(indices, test_size=holdout, stratify=labels, random_state=seed)
         val, test = train_test_split(rest, test_size=test_fraction / holdout, stratify=labels[rest], random_state=seed)
     except ValueError as error:
-        raise DataError(f"cannot split {len(labels)} samples stratified into {1 - holdout:.0%}/{val_fraction:.0%}/{test_fraction:.0%}: {error}") from error
+        small = present[counts[present] < enough]
+        if len(small) == 0:  # more classes than one of the splits has samples, not one small class
+            raise DataError(f"cannot split {len(labels)} samples of {len(present)} classes stratified into {shares} so that every class "
+                            f"appears in every split ({error}); change data.val_fraction/data.test_fraction or add samples") from error
+        raise DataError(f"cannot split {len(labels)} samples stratified into {shares} so that every class appears in every split: "
+                        f"too few samples in {_describe_classes(counts, small, names)}; {advice}") from error
+    for part, chosen in (("train", train), ("val", val), ("test", test)):
+        missing = np.setdiff1d(present, labels[chosen])
+        if len(missing):
+            raise DataError(f"cannot split {len(labels)} samples stratified into {shares}: {_describe_classes(counts, missing, names)} "
+                            f"would be missing from the {part} split; {advice}")
     return Split(train=np.sort(train), val=np.sort(val), test=np.sort(test))
 
 
