@@ -6,6 +6,7 @@ Validated on construction so that a bad value fails before Ray starts, with the 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,9 @@ class AdvisorConfig:
         require(self.script is None or (isinstance(self.script, str) and bool(self.script.strip())), "advisor.script", self.script,
                 "must be a file path or None")
         require(is_int(self.nice) and 0 <= self.nice <= 19, "advisor.nice", self.nice, "must be an integer in [0, 19]")
+        # The value is not echoed: a key pasted here by mistake must not reach the terminal or a log.
+        require(isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", self.api_key_env) is not None,
+                "advisor.api_key_env", "(not shown)", "must be the NAME of an environment variable holding the key, never the key itself")
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_number("temperature", self.temperature, allow_zero=True)
         _positive_number("request_timeout_s", self.request_timeout_s)

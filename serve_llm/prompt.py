@@ -103,7 +103,7 @@ def _recent(snapshot: TrainingSnapshot) -> str:
     items = []
     for outcome in snapshot.recent_proposals:  # at most coordinator.max_recent_proposals
         reward = "" if outcome.reward is None else f", reward {outcome.reward:+.3g}"
-        items.append(f"epoch {outcome.epoch}: {_one_line(outcome.summary, 80)} -> {outcome.verdict}{reward}")
+        items.append(f"epoch {_one_line(outcome.epoch, 12)}: {_one_line(outcome.summary, 80)} -> {_one_line(outcome.verdict, 12)}{reward}")
     return "; ".join(items) or "none"
 
 
@@ -111,7 +111,7 @@ def _ranked(snapshot: TrainingSnapshot) -> str:
     """Past judged proposals sorted by reward, best first (as optimisation by prompting does)."""
     judged = [outcome for outcome in snapshot.recent_proposals if outcome.reward is not None]
     judged.sort(key=lambda outcome: outcome.reward, reverse=True)
-    items = [f"{_one_line(outcome.summary, 60)} -> {outcome.verdict}, reward {outcome.reward:+.3g}" for outcome in judged]
+    items = [f"{_one_line(outcome.summary, 60)} -> {_one_line(outcome.verdict, 12)}, reward {outcome.reward:+.3g}" for outcome in judged]
     return "; ".join(items) or "none yet"
 
 
@@ -126,13 +126,14 @@ def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> P
     groups = generation_groups([layer.name for layer in snapshot.layers])
     values = {
         "model_kind": _one_line(snapshot.model_kind, 24),
-        "epoch": snapshot.epoch,
-        "total_epochs": snapshot.total_epochs or "?",
+        "epoch": _one_line(snapshot.epoch, 12),
+        "total_epochs": _one_line(snapshot.total_epochs or "?", 12),
         "histories": _histories(snapshot),
         "hyperparameters": _hyperparameters(snapshot),
         "layers": _layers(snapshot),
-        "findings": "; ".join(signals.notes),
-        "hints": "; ".join(signals.remedies()),
+        # Findings and hints quote group names (a dead or runaway layer): untrusted text like any other.
+        "findings": "; ".join(_one_line(note, 200) for note in signals.notes),
+        "hints": "; ".join(_one_line(hint, 120) for hint in signals.remedies()),
         "recent": _recent(snapshot),
         "ranked": _ranked(snapshot),
         "menu": _menu(snapshot) or "none",

@@ -40,6 +40,10 @@ MAX_NESTING_DEPTH = 6  # proposal -> weights -> op -> values is depth 4
 _TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason")
 _OP_FIELDS = ("op", "group", "amount", "values")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+# Unicode categories a reason may not hold: controls, format characters (bidi overrides, zero-width),
+# line/paragraph separators, and lone surrogates (a JSON "\ud800" escape), which no UTF-8 file or
+# terminal can take: one in a reason would crash the ledger's CSV write and every print of it.
+_STRIPPED_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -185,9 +189,9 @@ def _clamp(value: float, bounds: tuple[float, float], where: str, problems: list
 
 
 def sanitize_reason(text: str, problems: list[str]) -> str:
-    """Strip control and format characters (newlines, bidi overrides, zero-width), squeeze
+    """Strip control and format characters (newlines, bidi overrides, zero-width, lone surrogates), squeeze
     whitespace, and cut to `MAX_REASON_CHARS`: the reason lands in prompts and ledgers."""
-    cleaned = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+    cleaned = "".join(" " if unicodedata.category(ch) in _STRIPPED_CATEGORIES else ch for ch in text)
     cleaned = " ".join(cleaned.split())
     if cleaned != text.strip():
         problems.append("removed control characters or extra whitespace from reason")
@@ -381,7 +385,7 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
             violations.append(f"weights[{index}].values set on op {op.op!r}")
     if not isinstance(proposal.reason, str) or len(proposal.reason) > MAX_REASON_CHARS:
         violations.append("reason is not a string of at most MAX_REASON_CHARS characters")
-    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in proposal.reason):
+    elif any(unicodedata.category(ch) in _STRIPPED_CATEGORIES for ch in proposal.reason):
         violations.append("reason holds control characters")
     return violations
 
