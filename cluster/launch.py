@@ -211,7 +211,8 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
         train_loop_per_worker,
         train_loop_config={"data": dataclasses.asdict(config.data), "model": dataclasses.asdict(config.model),
                            "train": dataclasses.asdict(train), "run_dir": str(plan.run_dir), "advice": advice,
-                           "initial_checkpoint": initial_checkpoint, "digest_checkpoints": digest_checkpoints},
+                           "initial_checkpoint": initial_checkpoint, "digest_checkpoints": digest_checkpoints,
+                           "checkpoint_root": str(plan.storage_path / RAY_RUN_NAME)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -256,9 +257,11 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
                                            advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
     # Fail here, not in a worker, if the actor cannot start.
     ray.get(handle.open_run.remote(plan.run_key, config.coordinator, plan.run_id))
+    opening_state = ray.get(handle.call.remote(plan.run_key, "to_state"))
     return handle, AdviceSettings(coordinator=name, namespace=namespace, run_id=plan.run_id, run_key=plan.run_key,
                                   history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
-                                  call_timeout_s=max(config.coordinator.wait_for_answer_s, config.coordinator.wait_on_findings_s) + 120.0)
+                                  call_timeout_s=max(config.coordinator.wait_for_answer_s, config.coordinator.wait_on_findings_s) + 120.0,
+                                  coordinator_config=config.coordinator, opening_state=opening_state)
 
 
 def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:
@@ -326,6 +329,8 @@ def summarize(plan: RunPlan, metrics: dict[str, Any], advice_counts: dict[str, A
         "advisor": config.advisor.backend,
         **advice_counts,
         "probation_s": metrics["probation_s"],
+        "checkpoint_s": metrics.get("checkpoint_s", 0.0),
+        "checkpoint_problems": metrics.get("checkpoint_problems", []),
         "rollbacks_verified": metrics["rollbacks_verified"],
         "use_gpu": use_gpu,
         "data": plan.data,

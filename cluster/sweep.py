@@ -131,6 +131,8 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, 
     context = tune.get_context()
     name = context.get_trial_name()
     config = dataclasses.replace(trial_config(base, params), name=name)
+    # Every epoch a Tune checkpoint: a scheduler may pause, or PBT clone, a trial at any report.
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every=1))
     trial_root = Path(sweep_dir) / "trials" / name
     attempt = len(list(trial_root.glob("run-*")))
     free_placement_groups(trial_root)  # of this trial's earlier runs, killed by a pause

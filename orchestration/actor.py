@@ -19,6 +19,7 @@ from orchestration.coordinator import AdvisorPort
 from orchestration.population import Population
 
 MAX_CONCURRENT_CALLS = 64  # threads of the actor: at least the runs that may wait for an answer at once
+MAX_RESTARTS = 3  # the actor is restarted this often if its process dies (workers restore each run's state)
 
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENT_CALLS)
@@ -56,7 +57,8 @@ def get_or_create_coordinator(name: str, namespace: str | None = None, *, config
     Later calls return the existing actor and ignore the other arguments, so every run of a sweep
     (and a restarted driver, with `detached=True`) reaches the same coordinator.
     """
-    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    # A dead coordinator comes back (empty); each run's rank 0 opens its run again with the state it last saw.
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True, "max_restarts": MAX_RESTARTS}
     if detached:
         options["lifetime"] = "detached"
     return CoordinatorActor.options(**options).remote(config, advisor_factory=advisor_factory)

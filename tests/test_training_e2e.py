@@ -57,12 +57,14 @@ def test_zero3_consolidates_partitioned_weights(ray_local, tmp_path) -> None:
 
 def test_run_survives_a_killed_worker_process(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "chaos"
-    config = build_config(recipe="smoke", overrides=[*SMALL, "train.chaos_kill_epoch=3", "train.max_failures=1"])
+    config = build_config(recipe="smoke", overrides=[*SMALL, "train.chaos_kill_epoch=3", "train.max_failures=1", "train.checkpoint_every=2"])
     summary = run_experiment(config, run_dir)
     assert (run_dir / ".chaos_killed").exists()  # the worker really was killed
     assert summary["restarts"] == 1
     assert summary["epochs"] == 4
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2, 3, 4]  # epoch 3 redone once, from the epoch-2 checkpoint
+    assert "resumed from checkpoint after epoch 2" in (run_dir / "progress.log").read_text()
+    assert summary["checkpoint_s"] > 0
 
 
 def test_resume_continues_a_stopped_run(ray_local, tmp_path) -> None:
@@ -73,8 +75,10 @@ def test_resume_continues_a_stopped_run(ray_local, tmp_path) -> None:
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2]
     assert not (run_dir / "summary.json").exists()
 
+    # The default interval (5) saved no checkpoint in 2 epochs: the run starts again from the beginning.
     summary = run_experiment(None, run_dir, resume=True)  # config comes from the run directory
     assert summary["epochs"] == 4 and summary["restarts"] == 1
+    assert "restarting from the beginning" in (run_dir / "progress.log").read_text()
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2, 3, 4]
     assert summary["test_accuracy"] >= 0.85
     with pytest.raises(ConfigError, match="already finished"):

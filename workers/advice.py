@@ -43,6 +43,8 @@ class AdviceSettings:
     history_window: int  # epochs of curves in each snapshot (coordinator.history_window)
     verify_rollback: bool = False
     call_timeout_s: float = 180.0
+    coordinator_config: Any = None  # the run's CoordinatorConfig: to open the run again in a restarted coordinator actor
+    opening_state: dict[str, Any] | None = None  # the coordinator's state as the driver opened the run: a start without a checkpoint rewinds to it
 
 
 @dataclass(kw_only=True)
@@ -73,7 +75,8 @@ class WorkerAdvice:
     @classmethod
     def create(cls, settings: AdviceSettings, engine: Any, *, rank: int, world_size: int, model_kind: str, total_epochs: int,
                batch_size: int, rollback_dir: Path) -> WorkerAdvice:
-        link = (CoordinatorLink.connect(settings.coordinator, settings.namespace, run=settings.run_key, call_timeout_s=settings.call_timeout_s)
+        link = (CoordinatorLink.connect(settings.coordinator, settings.namespace, run=settings.run_key, call_timeout_s=settings.call_timeout_s,
+                                        config=settings.coordinator_config, run_id=settings.run_id, state=settings.opening_state)
                 if rank == 0 else None)
         return cls(settings=settings, engine=engine, rank=rank, model_kind=model_kind, total_epochs=total_epochs, batch_size=batch_size,
                    observer=AdviceObserver(engine=engine, world_size=world_size), link=link,
@@ -142,13 +145,18 @@ class WorkerAdvice:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.observer.state_tensors()
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """JSON-able advice state for rank 0's checkpoint: the coordinator's state (fetched from the
-        actor) and the incidents so far. Rank 0 only."""
-        coordinator_state = None
+    def remember_state(self, *, epoch: int) -> None:
+        """Fetch the coordinator's state at this epoch end (rank 0): what the next checkpoint holds, and
+        what a restarted coordinator actor gets back, so its ledger matches the weights."""
         if self.link is not None and self.link.reachable:
-            _, coordinator_state = self.link.call("to_state", epoch=-1)
-        return {"coordinator": coordinator_state, "incidents": self.all_incidents()}
+            reached, state = self.link.call("to_state", epoch=epoch)
+            if reached:
+                self.link.state = state
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """JSON-able advice state for rank 0's checkpoint: the coordinator's state at this epoch's end
+        (`remember_state`) and the incidents so far. Rank 0 only."""
+        return {"coordinator": self.link.state if self.link is not None else None, "incidents": self.all_incidents()}
 
     def restore(self, state: dict[str, Any] | None, tensors: dict[str, torch.Tensor] | None) -> None:
         """Take back what `checkpoint_state` and `state_tensors` saved. The coordinator is rewound to
@@ -158,5 +166,16 @@ class WorkerAdvice:
         if not state:
             return
         self.incidents = list(state.get("incidents", []))
-        if self.link is not None and state.get("coordinator") is not None:
-            self.link.call("load_state", state["coordinator"], epoch=-1)
+        if state.get("coordinator") is not None:
+            self._rewind(state["coordinator"])
+
+    def start_fresh(self) -> None:
+        """A start without a checkpoint (the first, or a restart before any checkpoint): rewind the
+        coordinator to the state the driver opened the run with, so an earlier attempt's rows go."""
+        if self.settings.opening_state is not None:
+            self._rewind(self.settings.opening_state)
+
+    def _rewind(self, coordinator_state: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.call("load_state", coordinator_state, epoch=-1)
+            self.link.state = coordinator_state

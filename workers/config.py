@@ -96,9 +96,11 @@ class TrainConfig:
     early_stopping_min_delta: float = 1e-4
     seed: int = 0
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    checkpoint_every: int = 5  # epochs between checkpoints (the last epoch and an early stop always save one); a restart redoes at most this many
     checkpoints_to_keep: int = 2
     tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
     chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
+    chaos_kill_in: str = "epoch"  # testing only: where in chaos_kill_epoch: "epoch" (its training steps) or "probation" (a proposal's)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
@@ -118,6 +120,8 @@ class TrainConfig:
         require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
         require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
+        require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        require(self.chaos_kill_in in ("epoch", "probation"), "train.chaos_kill_in", self.chaos_kill_in, "must be 'epoch' or 'probation'")
         require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         require(
             self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,

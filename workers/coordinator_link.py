@@ -4,7 +4,10 @@ Two kinds of failure, told apart:
 
 - the coordinator *raised* (a bug, a protocol mismatch): the call's answer is lost, the incident is
   recorded in the ledger (`report_incident`) and advice goes on;
-- the coordinator is *unreachable* (actor dead, call timed out): advice stops for the rest of this
+- the coordinator *restarted* (its actor died and Ray brought it back empty): the link opens the run
+  again, loads the coordinator state it last saw at an epoch end (`state`), records that in the
+  ledger, and repeats the call once;
+- the coordinator is *unreachable* (actor dead for good, call timed out): advice stops for the rest of this
   worker group's life and training goes on. The reason is kept in `incidents`, which the loop saves
   in every checkpoint and in the final metrics, and the driver adds to the ledger and the summary,
   so a run that lost its advisor says so.
@@ -15,6 +18,7 @@ Only rank 0 holds a link; the others get rank 0's decisions by broadcast.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +32,18 @@ class CoordinatorLink:
     call_timeout_s: float = 60.0
     disabled_reason: str = ""
     incidents: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "problem", "recorded"}: what went wrong, oldest first
+    config: Any = None  # the run's CoordinatorConfig and id, to open the run again in a restarted actor
+    run_id: str = "run"
+    state: dict[str, Any] | None = None  # the coordinator's state at the last epoch end (or as opened): what a restarted actor gets back
+    reopened: int = 0  # times the run was opened again in a restarted actor
 
     @classmethod
-    def connect(cls, name: str, namespace: str, *, run: str, call_timeout_s: float) -> CoordinatorLink:
+    def connect(cls, name: str, namespace: str, *, run: str, call_timeout_s: float, config: Any = None, run_id: str = "run",
+                state: dict[str, Any] | None = None) -> CoordinatorLink:
         import ray
 
-        return cls(handle=ray.get_actor(name, namespace=namespace), run=run, call_timeout_s=call_timeout_s)
+        return cls(handle=ray.get_actor(name, namespace=namespace), run=run, call_timeout_s=call_timeout_s, config=config, run_id=run_id,
+                   state=state)
 
     @property
     def reachable(self) -> bool:
@@ -43,23 +53,69 @@ class CoordinatorLink:
         """`(True, result)` of `coordinator.<method>(*args, **kwargs)`, or `(False, None)` after
         recording why there is no result (see the module docstring)."""
         import ray
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         if self.handle is None:
             return False, None
-        try:
-            return True, ray.get(self.handle.call.remote(self.run, method, *args, **kwargs), timeout=self.call_timeout_s)
-        except RayTaskError as error:
-            problem = f"coordinator.{method} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{method} raised: {error}"
-            logger.warning("%s", problem)
-            self._note(epoch, problem, recorded=self.report(problem, epoch=epoch))
-            return False, None
-        except Exception as error:  # noqa: BLE001 - a dead or stuck coordinator must not take training down
-            self.disabled_reason = f"coordinator unreachable in {method}: {type(error).__name__}: {error}"
-            logger.warning("%s; training goes on without advice", self.disabled_reason)
-            self._note(epoch, self.disabled_reason + "; advice off for the rest of this attempt")
-            self.handle = None
-            return False, None
+        for attempt in (0, 1):
+            try:
+                return True, ray.get(self.handle.call.remote(self.run, method, *args, **kwargs), timeout=self.call_timeout_s)
+            except RayTaskError as error:
+                if attempt == 0 and _run_not_open(error) and self._reopen(f"the coordinator no longer knew this run ({method})", epoch=epoch):
+                    continue
+                return self._raised(method, error, epoch=epoch)
+            except RayActorError as error:  # died with the call in flight; Ray restarts it (max_restarts)
+                if attempt == 0 and self._reopen(f"the coordinator actor died during {method} ({type(error).__name__})", epoch=epoch):
+                    continue
+                return self._unreachable(method, error, epoch=epoch)
+            except Exception as error:  # noqa: BLE001 - a dead or stuck coordinator must not take training down
+                return self._unreachable(method, error, epoch=epoch)
+        return False, None
+
+    def _raised(self, method: str, error: Any, *, epoch: int) -> tuple[bool, Any]:
+        problem = f"coordinator.{method} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{method} raised: {error}"
+        logger.warning("%s", problem)
+        self._note(epoch, problem, recorded=self.report(problem, epoch=epoch))
+        return False, None
+
+    def _unreachable(self, method: str, error: BaseException, *, epoch: int) -> tuple[bool, Any]:
+        self.disabled_reason = f"coordinator unreachable in {method}: {type(error).__name__}: {error}"
+        logger.warning("%s; training goes on without advice", self.disabled_reason)
+        self._note(epoch, self.disabled_reason + "; advice off for the rest of this attempt")
+        self.handle = None
+        return False, None
+
+    def _reopen(self, why: str, *, epoch: int, wait_s: float = 60.0) -> bool:
+        """Open this run again in a restarted coordinator and give it back `state`; True if that worked.
+        A restarting actor queues calls until it is up; one that stays dead raises, and advice stops."""
+        import ray
+
+        if self.config is None:
+            return False
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                ray.get(self.handle.open_run.remote(self.run, self.config, self.run_id), timeout=wait_s)
+                if self.state is not None:
+                    ray.get(self.handle.call.remote(self.run, "load_state", self.state), timeout=wait_s)
+                break
+            except RayActorError as error:  # still restarting
+                if time.monotonic() > deadline:
+                    logger.warning("the coordinator did not come back within %.0f s: %s", wait_s, error)
+                    return False
+                time.sleep(1.0)
+            except Exception as error:  # noqa: BLE001
+                logger.warning("could not reopen the run in the coordinator: %s: %s", type(error).__name__, error)
+                return False
+        self.reopened += 1
+        rows = (self.state or {}).get("ledger") or []
+        problem = (f"{why}; the run was opened again in the restarted coordinator with its state at the last epoch end "
+                   f"({len(rows)} ledger rows); a query in flight then is lost")
+        logger.warning("%s", problem)
+        self._note(epoch, problem, recorded=self.report(problem, epoch=epoch))
+        return True
 
     def report(self, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> bool:
         """Record a worker-side problem in the coordinator's ledger; True if it was recorded (best effort: a
@@ -79,3 +135,9 @@ class CoordinatorLink:
     def _note(self, epoch: int, problem: str, *, recorded: bool = False) -> None:
         """Keep `problem` for the summary; `recorded` says the ledger already holds it (the driver adds the rest)."""
         self.incidents.append({"epoch": epoch, "problem": problem, "recorded": recorded})
+
+
+def _run_not_open(error: Any) -> bool:
+    """The coordinator raised because it does not know the run: a restarted actor starts empty."""
+    cause = getattr(error, "cause", None)
+    return isinstance(cause, KeyError) and "is not open in this coordinator" in str(cause)

@@ -45,6 +45,7 @@ from workers.engine import (
     write_hyperparameters,
 )
 from workers.advice import AdviceSettings, WorkerAdvice
+from workers.checkpoints import checkpoint_problem, choose_checkpoint, write_manifest
 from workers.models import build_model, resolve_kind
 
 CHECKPOINT_TAG = "state"
@@ -52,6 +53,7 @@ ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's stat
 PLACEMENT_GROUP = "placement_group.txt"  # in the run directory: the id of the worker group's placement group
 PLACEMENT = "placement.json"  # in the run directory: the node each rank of the (latest) worker group ran on
 RESTORED_FROM = "restored_from.json"  # in the run directory: what an outside checkpoint brought, and what the config changed
+STARTED = ".started"  # in the run directory: an attempt of this run has started (a later one without a checkpoint is a restart)
 ADVICE_TENSORS = "advice_tensors.safetensors"  # in each checkpoint: the observer's reference weights
 FINAL_METRICS = "final_metrics.json"
 TENSORBOARD = "tensorboard"  # in the run directory: rank 0's TensorBoard event files
@@ -71,6 +73,7 @@ class LoopState:
     wall_s: float = 0.0  # training wall time over all attempts
     restarts: int = 0
     probation_s: float = 0.0  # of wall_s, time spent trying advisor proposals on probation
+    checkpoint_s: float = 0.0  # of wall_s, time spent saving checkpoints and reporting them
     rollbacks_verified: int = 0  # rejected proposals whose rollback was checked bit for bit
     configured: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, momentum, dropout as the config set them
     params_digest: str = ""  # SHA-256 of the checkpointed weights (sweep trials only: proves a PBT clone)
@@ -158,7 +161,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(stable_seed(train.seed, state.epoch, rank, "probation"))
         engine.train()
         batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
-        losses = [float(train_step(batch)[0]) for batch in batches]
+        losses = []
+        for step, batch in enumerate(batches):
+            if train.chaos_kill_in == "probation" and train.chaos_kill_epoch == state.epoch and step == len(batches) // 2 and rank == world_size - 1:
+                _chaos_kill_once(run_dir, "during a proposal's probation")
+            losses.append(float(train_step(batch)[0]))
         train_loss, count = _all_reduce_sums(sum(losses), len(losses))
         probe = validate(per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
         return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
@@ -170,14 +177,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     initial = loop_config.get("initial_checkpoint")
     digest_checkpoints = bool(loop_config.get("digest_checkpoints"))
-    if checkpoint is not None:
-        state, best_params = _restore(engine, checkpoint, advice)
+    # The newest intact checkpoint on disk, which may be newer than the one Train registered (or than none).
+    chosen, checkpoint_problems = choose_checkpoint(loop_config.get("checkpoint_root"), checkpoint.path if checkpoint is not None else None)
+    for problem in checkpoint_problems:
+        _log(rank, f"checkpoint unusable: {problem}")
+    if checkpoint is not None and chosen is None:
+        raise RuntimeError(f"no intact checkpoint to resume from: {'; '.join(checkpoint_problems)}")
+    if chosen is not None:
+        state, best_params = _restore(engine, chosen, advice)
         state.restarts += 1
-        _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})")
+        unregistered = checkpoint is None or Path(checkpoint.path) != chosen
+        _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})"
+             + (f", the newest intact one ({chosen.name})" if checkpoint_problems else "")
+             + (", which Ray Train had not registered yet" if unregistered and not checkpoint_problems else ""))
     elif initial:
         # A checkpoint handed over from outside this Train run: a sweep trial's own (after a pause) or a
         # better trial's (PBT exploit). Its hyperparameters are the old run's; this run's config wins.
-        state, best_params = _restore(engine, ray.train.Checkpoint(initial), advice)
+        problem = checkpoint_problem(initial)
+        if problem is not None:
+            raise RuntimeError(f"the checkpoint this trial starts from is unusable: {problem}")
+        state, best_params = _restore(engine, Path(initial), advice)
         restored_lr = engine.get_lr()[0]
         digest = params_digest(full_fp32_params(engine)) if digest_checkpoints else ""  # collective under ZeRO-3
         changed = _apply_configured_hyperparameters(engine, state.configured, configured, batch_size=train.batch_size)
@@ -189,6 +208,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.configured = configured
         _log(rank, f"started from {initial} after epoch {state.epoch}" + (f"; config changed {', '.join(changed)}" if changed else ""))
     else:
+        if advice is not None:
+            advice.start_fresh()
+        earlier = run_dir / STARTED
+        if rank == 0 and earlier.exists():  # an earlier attempt of this run died before its first checkpoint
+            state.restarts = 1
+            _log(rank, "restarting from the beginning: the last attempt saved no checkpoint")
+        elif rank == 0:
+            earlier.write_text(json.dumps({"pid": os.getpid()}))
         _log(rank, f"training {model_config.kind} (width {model_config.width}, depth {model_config.depth}, dropout {model_config.dropout:g}) on "
              f"{dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, {world_size} workers, ZeRO-{spec.zero_stage}, "
              f"{spec.precision}, {spec.device}; batch {train.batch_size} per worker"
@@ -208,8 +235,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         correct = torch.zeros((), dtype=torch.float64)
         seen = 0
         for step, batch in enumerate(batches):
-            if train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
-                _chaos_kill_once(run_dir)
+            if train.chaos_kill_in == "epoch" and train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
+                _chaos_kill_once(run_dir, "mid-epoch")
             last_step = advice is not None and step == len(batches) - 1
             loss, right = train_step(batch, advice.observer.watch_grad_norms() if last_step else None)
             loss_sum += loss.double().cpu() * len(batch)
@@ -254,18 +281,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if event.rollback_exact is False:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
+        tail_start = time.perf_counter()
+        if advice is not None:
+            advice.remember_state(epoch=epoch)
         worker_rates = gather_to_all(seen / train_seconds)
         if telemetry is not None:
             _emit_epoch(telemetry, row, worker_rates, epoch_s=time.perf_counter() - epoch_start,
                         advisor=advice.telemetry(epoch=epoch) if advice is not None else None)
         stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
-        if digest_checkpoints:
+        save = epoch % train.checkpoint_every == 0 or stop or epoch == train.epochs
+        if save and digest_checkpoints:
             state.params_digest = params_digest(full_fp32_params(engine))  # collective under ZeRO-3
-        _checkpoint_and_report(engine, state, best_params, row, rank=rank, advice=advice)
+        saving_start = time.perf_counter()
+        _checkpoint_and_report(engine, state if save else None, best_params, row, rank=rank, advice=advice)
+        state.checkpoint_s += time.perf_counter() - saving_start
         if rank == 0:
             _write_metrics_csv(run_dir, state.history)
             _log(rank, f"epoch {epoch:3d}/{train.epochs}  train_loss {row['train_loss']:.4f}  val_loss {val.loss:.4f}  "
                        f"val_acc {val.accuracy:.4f}  lr {row['lr']:.2e}  {row['samples_per_s']:,.0f} samples/s" + ("  *" if improved else ""))
+        # The epoch's tail (throughput gather, metrics, checkpoint, report) is training wall time too: the
+        # next row's wall_s includes this one's, so wall_s differences are whole epochs end to end.
+        state.wall_s += time.perf_counter() - tail_start
         if stop:
             _log(rank, f"early stopping: no val-loss improvement for {state.bad_epochs} epochs (best {state.best_val_loss:.4f} at epoch {state.best_epoch})")
             break
@@ -279,7 +315,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     final_params = full_fp32_params(engine)
     final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
                                      "wall_s": state.wall_s, "restarts": state.restarts,
-                                     "probation_s": state.probation_s, "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision,
+                                     "probation_s": state.probation_s, "checkpoint_s": state.checkpoint_s, "checkpoint_problems": checkpoint_problems, "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision,
                                      "advice_incidents": advice.all_incidents() if advice is not None else []}
     if rank == 0:
         final_metrics.update(test_metrics(test.predictions, test.labels, len(dataset.classes)))
@@ -383,9 +419,10 @@ def _all_reduce_sums(*values: float | torch.Tensor) -> tuple[float, ...]:
     return tuple(float(total) for total in totals)
 
 
-def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int,
+def _checkpoint_and_report(engine, state: LoopState | None, best_params: dict[str, torch.Tensor] | None, row: dict[str, float], *, rank: int,
                            advice=None) -> None:
     """Every rank saves its shard, barrier, one report (saving from rank 0 alone loses ZeRO shards, ray#33369).
+    Without a `state` (not a checkpoint epoch: `train.checkpoint_every`), only the report.
 
     Rank 0 adds what is the same on every rank: the loop state, the best weights, and the advice
     state (the coordinator's alphas, cache, track record and ledger; the observer's reference
@@ -394,6 +431,9 @@ def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torc
     import ray.train
     from safetensors.torch import save_file
 
+    if state is None:
+        ray.train.report(dict(row))
+        return
     with tempfile.TemporaryDirectory(prefix="hybridtrain-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"loop_state": asdict(state)})
         if rank == 0:
@@ -405,23 +445,23 @@ def _checkpoint_and_report(engine, state: LoopState, best_params: dict[str, torc
                 tensors = advice.state_tensors()
                 if tensors:
                     save_file(tensors, str(Path(directory) / ADVICE_TENSORS))
+        write_manifest(directory, rank=rank, world_size=dist.get_world_size() if dist.is_initialized() else 1)
         if dist.is_initialized():
             dist.barrier()
         ray.train.report(dict(row), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _restore(engine, checkpoint, advice=None) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+def _restore(engine, directory: Path, advice=None) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
     from safetensors.torch import load_file
 
-    with checkpoint.as_directory() as directory:
-        load_engine_checkpoint(engine, directory, CHECKPOINT_TAG)
-        state = LoopState(**json.loads((Path(directory) / "loop_state.json").read_text()))
-        best_file = Path(directory) / "best.safetensors"
-        best = load_file(str(best_file)) if best_file.exists() else None
-        if advice is not None:
-            state_file, tensor_file = Path(directory) / ADVICE_STATE, Path(directory) / ADVICE_TENSORS
-            advice.restore(json.loads(state_file.read_text()) if state_file.is_file() else None,
-                           load_file(str(tensor_file)) if tensor_file.is_file() else None)
+    load_engine_checkpoint(engine, str(directory), CHECKPOINT_TAG)
+    state = LoopState(**json.loads((directory / "loop_state.json").read_text()))
+    best_file = directory / "best.safetensors"
+    best = load_file(str(best_file)) if best_file.exists() else None
+    if advice is not None:
+        state_file, tensor_file = directory / ADVICE_STATE, directory / ADVICE_TENSORS
+        advice.restore(json.loads(state_file.read_text()) if state_file.is_file() else None,
+                       load_file(str(tensor_file)) if tensor_file.is_file() else None)
     return state, best
 
 
@@ -460,13 +500,13 @@ def _save_model(run_dir: Path, params: dict[str, torch.Tensor], buffers: dict[st
     (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
 
-def _chaos_kill_once(run_dir: Path) -> None:
+def _chaos_kill_once(run_dir: Path, where: str) -> None:
     """Testing aid: kill this worker's process the hard way, once per run (a marker file remembers)."""
     marker = run_dir / ".chaos_killed"
     if marker.exists():
         return
     marker.write_text(str(os.getpid()))
-    sys.__stdout__.write(f"[hybridtrain] chaos: killing worker process {os.getpid()} mid-epoch\n")
+    sys.__stdout__.write(f"[hybridtrain] chaos: killing worker process {os.getpid()} {where}\n")
     sys.__stdout__.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 

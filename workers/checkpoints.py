@@ -1,0 +1,83 @@
+"""Checkpoint integrity: every rank lists what it wrote (size and SHA-256 of each file) in a manifest
+beside its files, and a checkpoint is used only if every rank's manifest is there and every file
+matches it. A truncated or corrupt checkpoint is named with its first problem, and the loop resumes
+from the newest one that is intact (`choose_checkpoint`).
+
+Checkpoints written before manifests existed carry none; they are taken as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MANIFEST = "manifest-rank{rank}.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, *, rank: int, world_size: int) -> Path:
+    """List every file under `directory` (this rank's part of a checkpoint) in its manifest."""
+    directory = Path(directory)
+    files = {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.startswith("manifest-rank")}
+    manifest = directory / MANIFEST.format(rank=rank)
+    manifest.write_text(json.dumps({"rank": rank, "world_size": world_size, "files": files}))
+    return manifest
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """The first reason `directory` is not a complete, intact checkpoint, or None if it is."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return f"{directory}: not a directory"
+    manifests = sorted(directory.glob("manifest-rank*.json"))
+    if not manifests:
+        return None  # written before manifests existed: nothing to check against
+    world_size = None
+    for manifest in manifests:
+        try:
+            listed = json.loads(manifest.read_text())
+            world_size = int(listed["world_size"])
+            files = dict(listed["files"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{manifest}: unreadable manifest ({type(error).__name__}: {error})"
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{path}: missing"
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                return f"{path}: {size} bytes, {expected['bytes']} written (truncated or overwritten)"
+            if _sha256(path) != expected["sha256"]:
+                return f"{path}: content differs from what was written (corrupt)"
+    missing = sorted(set(range(world_size or 0)) - {int(p.stem.rsplit("rank", 1)[1]) for p in manifests})
+    if missing:
+        return f"{directory}: no manifest from rank(s) {missing} of {world_size} (an incomplete checkpoint)"
+    return None
+
+
+def choose_checkpoint(root: str | Path | None, registered: str | Path | None) -> tuple[Path | None, list[str]]:
+    """Where a (re)started worker group resumes: the newest intact checkpoint under `root` (the run's
+    Train storage), or `registered` (the one Ray Train hands over) when `root` is not a local folder.
+
+    Train registers a checkpoint only after every worker has written it: a group that dies in between
+    is handed the previous one, or none, though a complete newer one is on disk. Returns the choice
+    (None: start from the beginning) and the problems of the newer checkpoints passed over."""
+    candidates = sorted((path for path in Path(root).glob("checkpoint_*") if path.is_dir()), reverse=True) if root and Path(root).is_dir() else []
+    if registered is not None and Path(registered) not in candidates:
+        candidates.insert(0, Path(registered))
+    problems = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate, problems
+        problems.append(problem)
+    return None, problems
