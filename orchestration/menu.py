@@ -158,3 +158,9 @@ def finding_present(diagnosis: Diagnosis, remedy: str) -> bool:
                "learning rate too high": diagnosis.too_fast,
                "overfitting": diagnosis.overfitting, "dead units": bool(diagnosis.dead_groups)}
     return present.get(remedy, True)
+
+
+def remedies(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> list[MenuOption]:
+    """The menu's options that answer a finding, deepest cause first; empty when nothing calls for one.
+    What the heuristic advisor proposes and what the prompt hints at, in invent mode as in choose mode."""
+    return [option for option in build_menu(snapshot, diagnosis) if option.remedy]

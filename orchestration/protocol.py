@@ -98,23 +98,6 @@ class Diagnosis:
         """Whether anything calls for a remedy."""
         return self.plateau or self.diverging or self.overfitting or self.underfitting or self.too_fast or bool(self.dead_groups)
 
-    def remedies(self) -> list[str]:
-        """The textbook response to each finding, as short hints for the prompt."""
-        hints = []
-        if self.diverging:
-            hints.append("cut lr (lr_scale 0.3) and move weights toward_best")
-        elif self.too_fast:
-            hints.append("cut lr (lr_scale 0.3)")
-        elif self.plateau:
-            hints.append("lower lr (lr_scale 0.5)")
-        elif self.underfitting:
-            hints.append("raise lr (lr_scale 3)")
-        if self.dead_groups:
-            hints.append(f"reinit_dead on {self.dead_groups[0]}")
-        if self.overfitting:
-            hints.append("raise weight_decay or dropout")
-        return hints or ["keep everything: null values and no weight ops"]
-
 
 @dataclass(kw_only=True, slots=True)
 class MenuOption:

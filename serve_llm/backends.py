@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from serve_llm.decoding import RegexLogitsConstraint, generation_json_schema, ge
 from serve_llm.prompt import render_prompt
 from orchestration.protocol import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
 from orchestration.diagnostics import diagnose
+from orchestration.menu import remedies
 from serve_llm.validate import AdvisorResponse, validate_choice, validate_proposal
 
 logger = logging.getLogger(__name__)
@@ -309,33 +311,10 @@ class HeuristicBackend:
         self.model = "rules-v1"
 
     def proposal_dict(self, snapshot: TrainingSnapshot) -> dict[str, Any]:
-        """The rule-made proposal as a raw dict (it is validated like any other answer)."""
-        signals = snapshot.diagnosis or diagnose(snapshot)
-        hyperparameters: dict[str, float] = {}
-        weights: list[dict[str, Any]] = []
-        reasons: list[str] = []
-        by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)
-        if signals.diverging:
-            hyperparameters["lr_scale"] = 0.3
-            weights += [{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update[:4]]
-            reasons.append("loss diverging: cut lr, pull weights toward best checkpoint")
-        elif signals.plateau:
-            hyperparameters["lr_scale"] = 0.5
-            reasons.append("loss plateau: halve lr")
-        if signals.dead_groups:
-            room = MAX_WEIGHT_OPS - len(weights)
-            weights += [{"op": "reinit_dead", "group": name, "amount": 0.5} for name in signals.dead_groups[:room]]
-            reasons.append("dead units: re-draw half of them")
-        if signals.overfitting:
-            current_decay = float(snapshot.hyperparameters.get("weight_decay", 0.0))
-            current_dropout = float(snapshot.hyperparameters.get("dropout", 0.0))
-            hyperparameters["weight_decay"] = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(2 * current_decay, 1e-4))
-            hyperparameters["dropout"] = min(HYPERPARAMETER_BOUNDS["dropout"][1], current_dropout + 0.1)
-            reasons.append("train/val gap growing: more weight decay and dropout")
-        proposal: dict[str, Any] = {"hyperparameters": hyperparameters, "weights": weights, "reason": "; ".join(reasons)}
-        if hyperparameters or weights:
-            proposal["alpha"] = 1.0 if signals.diverging else 0.5
-        return proposal
+        """Invent mode: the remedy of the deepest finding, as the menu would offer it (validated like any
+        other answer), or keep everything."""
+        answering = remedies(snapshot, snapshot.diagnosis or diagnose(snapshot))
+        return dict(answering[0].proposal) if answering else {"hyperparameters": {}, "weights": [], "reason": "keep: nothing needs fixing"}
 
     @staticmethod
     def choice(snapshot: TrainingSnapshot) -> str:
@@ -362,17 +341,22 @@ class ScriptedBackend:
     """Replays canned answers in order, cycling, for deterministic accept/reject tests.
 
     Entries are proposal dicts or raw strings (so tests can script malformed answers too); each
-    still goes through the validator. `delay_s` makes every call slow, to exercise timeouts.
+    still goes through the validator. `delay_s` makes calls slow, to exercise timeouts: one number
+    delays every call; a list delays the n-th call by `delay_s[n % len(delay_s)]` (so a script can
+    mix slow and fast answers, e.g. `[0, 5]`: every second answer is late).
     The script file holds either a JSON list of entries or `{"proposals": [...], "delay_s": s}`.
     """
 
-    def __init__(self, proposals: Sequence[dict[str, Any] | str], *, delay_s: float = 0.0) -> None:
+    def __init__(self, proposals: Sequence[dict[str, Any] | str], *, delay_s: float | Sequence[float] = 0.0) -> None:
         if not proposals:
             raise ValueError("ScriptedBackend needs at least one scripted proposal, got an empty list")
+        delays = [delay_s] if isinstance(delay_s, (int, float)) else list(delay_s)
+        if not delays or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and d >= 0 for d in delays):
+            raise ValueError(f"ScriptedBackend delay_s must be a number >= 0 or a non-empty list of them, got {delay_s!r}")
         self.name = "scripted"
         self.model = "script"
         self._proposals = list(proposals)
-        self._delay_s = delay_s
+        self._delays = [float(d) for d in delays]
         self._next = 0
         self._lock = threading.Lock()
 
@@ -380,7 +364,7 @@ class ScriptedBackend:
     def from_file(cls, path: str | os.PathLike[str]) -> ScriptedBackend:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if isinstance(data, dict):
-            return cls(data.get("proposals", []), delay_s=float(data.get("delay_s", 0.0)))
+            return cls(data.get("proposals", []), delay_s=data.get("delay_s", 0.0))
         if not isinstance(data, list):
             raise ValueError(f"script {path} must hold a JSON list of proposals, got {type(data).__name__}")
         return cls(data)
@@ -389,11 +373,13 @@ class ScriptedBackend:
         responses = []
         for snapshot in snapshots:
             started = time.perf_counter()
-            if self._delay_s:
-                time.sleep(self._delay_s)
             with self._lock:
-                entry = self._proposals[self._next % len(self._proposals)]
+                call = self._next
                 self._next += 1
+            delay = self._delays[call % len(self._delays)]
+            if delay:
+                time.sleep(delay)
+            entry = self._proposals[call % len(self._proposals)]
             responses.append(validate_proposal(
                 entry, snapshot, backend=self.name, model=self.model, latency_s=time.perf_counter() - started
             ))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 from orchestration.diagnostics import diagnose
-from orchestration.protocol import ALPHA_BOUNDS, HYPERPARAMETER_BOUNDS, WEIGHT_OP_AMOUNT_BOUNDS, TrainingSnapshot
+from orchestration.menu import remedies
+from orchestration.protocol import ALPHA_BOUNDS, HYPERPARAMETER_BOUNDS, WEIGHT_OP_AMOUNT_BOUNDS, Proposal, TrainingSnapshot
 from serve_llm.decoding import GENERATION_MAX_OPS, generation_groups
 
 MAX_LAYERS_SHOWN = 12  # groups beyond this are summarised by count
@@ -119,6 +120,13 @@ def _menu(snapshot: TrainingSnapshot) -> str:
     return "\n".join(f"{_one_line(option.key, 1)}. {_one_line(option.label, 160)}" for option in snapshot.menu)
 
 
+def _hints(snapshot: TrainingSnapshot, diagnosis) -> str:
+    """The menu's remedy for each finding, in the schema's words (`lr_scale=0.3; toward_best(fc1,0.5)`)."""
+    first = {option.remedy: option for option in reversed(remedies(snapshot, diagnosis))}  # the deepest remedy of each finding
+    hints = [f"for {remedy}: {Proposal.from_dict(option.proposal).summary()}" for remedy, option in reversed(first.items())]
+    return "; ".join(_one_line(hint, 160) for hint in hints) or "keep everything: null values and no weight ops"
+
+
 def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> Prompt:
     """The chat prompt for one snapshot, from template file `template`."""
     system, user = load_template(template)
@@ -133,7 +141,7 @@ def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> P
         "layers": _layers(snapshot),
         # Findings and hints quote group names (a dead or runaway layer): untrusted text like any other.
         "findings": "; ".join(_one_line(note, 200) for note in signals.notes),
-        "hints": "; ".join(_one_line(hint, 120) for hint in signals.remedies()),
+        "hints": _hints(snapshot, signals),
         "recent": _recent(snapshot),
         "ranked": _ranked(snapshot),
         "menu": _menu(snapshot) or "none",

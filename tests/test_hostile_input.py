@@ -842,3 +842,16 @@ def test_a_key_given_as_the_variable_name_is_refused_without_echoing_it() -> Non
         AdvisorConfig(backend="openai", endpoint="http://127.0.0.1:9/v1", api_key_env="sk-live-0123456789abcdef")
     assert "sk-live" not in str(raised.value) and "advisor.api_key_env" in str(raised.value)
     assert AdvisorConfig(backend="openai", endpoint="http://127.0.0.1:9/v1", api_key_env="MY_KEY").api_key_env == "MY_KEY"
+
+
+def test_every_endpoint_the_project_opens_listens_on_localhost_by_default() -> None:
+    import inspect
+
+    from cluster import jobs
+    from cluster.runtime import ClusterConfig
+    from serve_llm.config import AdvisorConfig
+
+    assert ClusterConfig().dashboard_host == "127.0.0.1"  # the embedded Ray's dashboard
+    assert AdvisorConfig().http_host == "127.0.0.1"  # `hybridtrain advisor serve` (runs open no HTTP proxy at all)
+    assert "--dashboard-host=127.0.0.1" in inspect.getsource(jobs)  # `hybridtrain cluster up`
+    assert jobs.DEFAULT_DASHBOARD.startswith("http://127.0.0.1:")
