@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Ask every epoch; each answer goes on probation, so the probation seed and the coordinator's state matter.
 ADVISED = ["train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
            "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "advisor.backend=scripted", "cluster.num_cpus=4",
-           "cluster.dashboard=false"]
+           "cluster.dashboard=false", "train.checkpoint_every=1"]
 PROPOSALS = [{"hyperparameters": {"lr_scale": 0.8}, "weights": [{"op": "shrink", "group": "classifier.4.weight", "amount": 0.05}],
               "reason": "a gentle step"},
              {"weights": [{"op": "noise", "group": "features.0.weight", "amount": 0.3}], "reason": "shake the first layer"}]
@@ -121,3 +121,19 @@ def test_a_seeded_run_repeats_exactly_in_a_fresh_process(tmp_path) -> None:
     assert len(verdicts_a) >= 2 and list(verdicts_a.reward) == list(verdicts_b.reward)
     lr_zero = ledger_a[(ledger_a.kind == "error") & ledger_a.reason.str.contains("learning rate that is 0")]
     assert len(lr_zero) == 1 and summary_a["errors"] >= 1
+
+
+def test_two_runs_started_at_once_on_one_machine_both_finish(tmp_path) -> None:
+    """Two `hybridtrain run`s at once, each with its own embedded Ray, dashboard and a served advisor:
+    the advisor is reached by handle (no HTTP proxy, no port 8000 to fight over) and each Ray takes free ports."""
+    common = ["--recipe", "smoke", "--set", "train.epochs=3", "--set", "train.early_stopping_patience=0", "--set", "advisor.backend=heuristic",
+              "--set", "advisor.serve=true", "--set", "cluster.num_cpus=4", "--set", "coordinator.query_interval=1"]
+    processes = {name: _hybridtrain("run", "--output", str(tmp_path / name), *common) for name in ("first", "second")}
+    outputs = {name: process.communicate(timeout=900)[0] for name, process in processes.items()}
+    for name, process in processes.items():
+        assert process.returncode == 0, f"{name}:\n{outputs[name][-4000:]}"
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["epochs"] == 3 and summary["advisor_queries"] >= 1 and summary["test_accuracy"] > 0.5
+    urls = [re.search(r"dashboard[^\n]*?(http://\S+)", output) for output in outputs.values()]
+    if all(urls):  # each embedded Ray has its own dashboard
+        assert urls[0].group(1) != urls[1].group(1)
