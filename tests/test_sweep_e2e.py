@@ -119,3 +119,38 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path) -> N
     assert summary["trials"] == 3 and summary["trials_finished"] == 3
     assert [path.name for path in finished[0].parent.glob("run-*")] == ["run-0"]  # not trained again
     assert (sweep_dir / "report" / "trials.png").is_file() and "could not write the report" not in resumed.stdout
+
+
+def test_a_crashing_trial_is_reported_while_the_others_finish(ray_local, tmp_path) -> None:
+    """One trial's training worker is SIGKILLed after its first epoch and it has no retries left: the trial
+    fails, the sweep goes on, the other trial finishes and the failure is named in the summary."""
+    import os
+    import signal
+    import threading
+    import time
+
+    sweep_dir = tmp_path / "crash"
+    killed: dict[str, str] = {}
+
+    def kill_one_trial() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            for placement in sweep_dir.glob("trials/*/run-*/placement.json"):
+                if (placement.parent / "metrics.csv").is_file():
+                    workers = json.loads(placement.read_text())["workers"]
+                    os.kill(workers[-1]["pid"], signal.SIGKILL)
+                    killed["trial"] = placement.parent.parent.name
+                    return
+            time.sleep(0.2)
+
+    overrides = ["tune.scheduler=random", "tune.num_samples=2", "train.epochs=4", "train.max_failures=0", "tune.max_concurrent_trials=1",
+                 "tune.space={train.lr: {loguniform: [1.0e-3, 3.0e-3]}}"]
+    killer = threading.Thread(target=kill_one_trial, daemon=True)
+    killer.start()
+    summary = run_sweep(build_config(recipe="smoke", sweep=True, overrides=overrides), sweep_dir)
+    killer.join(timeout=5)
+    results = pd.read_csv(sweep_dir / "results.csv")
+    assert killed and summary["trials"] == 2 and sorted(results.status) == ["error", "finished"], results.to_string()
+    failed = results[results.status == "error"].trial.tolist()  # Tune's trial directory: the trial name and its parameters
+    assert list(summary["trials_failed"]) == failed and len(failed) == 1 and failed[0].startswith(killed["trial"] + "_")
+    assert summary["best_test_accuracy"] > 0.5  # the surviving trial's result is the sweep's
