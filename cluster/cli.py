@@ -128,6 +128,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(subparsers) -> None:
+    audit = subparsers.add_parser("audit", help="check a finished run for loss: every epoch once, a consistent ledger, counts, a model that loads")
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    audit.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cluster.audit import audit_run
+
+    problems = audit_run(args.run_dir)
+    for problem in problems:
+        print(f"[hybridtrain] audit: {problem}")
+    print(f"[hybridtrain] audit of {args.run_dir}: " + ("nothing lost" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
 def _add_grafana(subparsers) -> None:
     grafana = subparsers.add_parser("grafana", help="print (or write) the Grafana dashboard for hybridtrain's live metrics")
     grafana.add_argument("--output", metavar="FILE.json", help="write it here instead of printing it")
@@ -233,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(subparsers)
     _add_predict(subparsers)
     _add_report(subparsers)
+    _add_audit(subparsers)
     _add_grafana(subparsers)
     _add_jobs(subparsers)
     register_advisor(subparsers)

@@ -114,3 +114,12 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_used(ray_local, tm
     assert f"checkpoint unusable: {damaged}" in progress
     assert "resumed from checkpoint after epoch 1 (restart 1), the newest intact one" in progress
     assert_nothing_lost(run_dir, summary, epochs=4)
+
+    # `hybridtrain audit` says the same, and notices a repeated epoch.
+    from cluster.cli import main
+
+    assert main(["audit", str(run_dir)]) == 0
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    pd.concat([metrics, metrics.tail(1)]).to_csv(run_dir / "metrics.csv", index=False)
+    assert main(["audit", str(run_dir)]) == 1
+    assert any("metrics.csv epochs" in problem for problem in audit_run(run_dir))
