@@ -144,13 +144,17 @@ def test_cli_refuses_bad_data_before_starting_anything(capsys, tmp_path, monkeyp
     def no_cluster(*args, **kwargs):
         raise AssertionError("bad data reached cluster.connect: Ray would have started")
 
+    def ray_up() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
     monkeypatch.setattr(cluster.launch, "connect", no_cluster)
     data_path, named, problem = make(tmp_path)
     run_dir = tmp_path / "r"
+    before = ray_up()  # an earlier test module's embedded Ray may still be up; this command must not start one
     code = main(["run", "--set", f"data.path={data_path}", "--output", str(run_dir)])
     assert code == 2
     err = capsys.readouterr().err
     assert f"{named}: " in err and problem in err, err
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
+    assert ray_up() == before
     assert not run_dir.exists() and not (run_dir / "config.yaml").exists()  # nothing started, nothing written
