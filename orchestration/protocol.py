@@ -54,6 +54,11 @@ ALPHA_BOUNDS = (0.0, 1.0)
 MAX_REASON_CHARS = 280
 VERDICTS = ("accepted", "rejected", "invalid", "stale", "timeout", "cached")
 
+# Research modes (`workers.modes`): what a proposal may change in how training runs, when the run enables it.
+ACTIVATIONS = ("relu", "prelu", "rational")  # what an adaptive activation may be switched to
+CURRICULUM_PACE_BOUNDS = (0.02, 1.0)  # fraction of the training set added to the curriculum's pool per epoch
+MAX_UNFREEZE_BLOCKS = 4  # blocks one proposal may unfreeze (transfer learning)
+
 
 @dataclass(kw_only=True, slots=True)
 class LayerStats:
@@ -132,6 +137,10 @@ class TrainingSnapshot:
     recent_proposals: list[ProposalOutcome] = field(default_factory=list)
     diagnosis: Diagnosis | None = None  # set by the coordinator on the copy it sends to the advisor
     menu: list[MenuOption] = field(default_factory=list)  # set by the coordinator: the advisor picks one (empty: it writes a proposal)
+    # The research modes this run enables and where they stand (`workers.modes.TrainingModes.describe`); only
+    # enabled ones appear: curriculum_pace, curriculum_pool (fraction of the training set in use),
+    # batch_selection ("on"/"off"), activations ({layer: kind}), frozen_blocks / trainable_blocks (lists of names).
+    modes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +177,35 @@ class HyperparameterChange:
 
 
 @dataclass(kw_only=True, slots=True)
+class TrainingChange:
+    """Requested changes to how training runs (the research modes, `workers.modes`); `None` = leave it.
+
+    Each is only valid when the run enables the mode, which the snapshot's `modes` says:
+    `curriculum_pace` (curriculum learning), `batch_selection` (loss-prioritised batches, on or off),
+    `activation_layer` + `activation` (switch one adaptive activation, one of `ACTIVATIONS`),
+    `unfreeze` (transfer learning: unfreeze this many more frozen blocks, from the head down)."""
+
+    curriculum_pace: float | None = None
+    batch_selection: bool | None = None
+    activation_layer: str | None = None
+    activation: str | None = None
+    unfreeze: int | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+    def summary_parts(self) -> list[str]:
+        parts = [f"curriculum_pace={self.curriculum_pace:g}"] if self.curriculum_pace is not None else []
+        if self.batch_selection is not None:
+            parts.append(f"batch_selection={'on' if self.batch_selection else 'off'}")
+        if self.activation_layer is not None:
+            parts.append(f"activation({self.activation_layer},{self.activation})")
+        if self.unfreeze is not None:
+            parts.append(f"unfreeze={self.unfreeze}")
+        return parts
+
+
+@dataclass(kw_only=True, slots=True)
 class WeightOp:
     """One bounded operation on a named parameter group (see `WEIGHT_OP_AMOUNT_BOUNDS`)."""
 
@@ -185,9 +223,10 @@ class Proposal:
     weights: list[WeightOp] = field(default_factory=list)
     alpha: float | None = None
     reason: str = ""
+    training: TrainingChange = field(default_factory=TrainingChange)
 
     def is_noop(self) -> bool:
-        return self.hyperparameters.is_empty() and not self.weights
+        return self.hyperparameters.is_empty() and not self.weights and self.training.is_empty()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +239,7 @@ class Proposal:
             weights=[WeightOp(**op) for op in data.get("weights", [])],
             alpha=data.get("alpha"),
             reason=data.get("reason", ""),
+            training=TrainingChange(**(data.get("training") or {})),
         )
 
     def summary(self) -> str:
@@ -210,6 +250,7 @@ class Proposal:
             if getattr(self.hyperparameters, name) is not None
         ]
         parts += [f"{op.op}({op.group},{op.amount:g})" for op in self.weights]
+        parts += self.training.summary_parts()
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha:g}")
         return "; ".join(parts) or "no-op"

@@ -11,6 +11,8 @@ MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 INITS = ("default", "zero", "normal", "xavier", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
+ACTIVATION_CHOICES = ("relu", "prelu", "rational", "adaptive")  # adaptive: starts as ReLU, the advisor may switch each layer's
+BATCH_SELECTION = ("off", "on", "advised")  # advised: starts off, the advisor may switch it on and off
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,9 +59,12 @@ class ModelConfig:
     depth: int | None = None  # conv stages (cnn) or hidden layers (mlp) or residual blocks per stage (resnet)
     dropout: float | None = None
     init: str = "default"  # weight init: default (PyTorch's), zero, normal, xavier, kaiming
+    activation: str = "relu"  # relu | prelu | rational (learnable) | adaptive (ReLU the advisor may switch per layer)
+    pretrained: str | None = None  # transfer learning: a run directory (or its model.safetensors) whose matching layers start this model
 
     def __post_init__(self) -> None:
         require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
+        require(self.activation in ACTIVATION_CHOICES, "model.activation", self.activation, f"must be one of {ACTIVATION_CHOICES}")
         require(self.init in INITS, "model.init", self.init, f"must be one of {INITS}")
         require(self.width is None or 1 <= self.width <= 4096, "model.width", self.width, "must be in [1, 4096]")
         require(1 <= self.hidden <= 65536, "model.hidden", self.hidden, "must be in [1, 65536]")
@@ -98,6 +103,16 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch and an early stop always save one); a restart redoes at most this many
     checkpoints_to_keep: int = 2
+    # --- research modes (off by default; `workers.modes`) ---
+    curriculum: bool = False  # easiest samples first (loss under the current model), the pool widening each epoch
+    curriculum_start: float = 0.3  # fraction of the training set in the first epoch's pool
+    curriculum_pace: float = 0.15  # fraction added to the pool per epoch (the advisor may change it)
+    batch_selection: str = "off"  # off | on | advised: batches drawn by loss, importance-weighted so the gradient stays unbiased
+    selection_floor: float = 0.2  # share of uniform probability mixed in (bounds each importance weight by 1 / floor)
+    freeze_pretrained: bool = True  # with model.pretrained: train the head only at first
+    unfreeze_every: int = 0  # with frozen blocks: unfreeze the next one every this many epochs; 0 = only when the advisor asks
+    layer_lr_decay: float = 0.3  # discriminative learning rates: a block k below the head trains at lr * layer_lr_decay**k
+    l2sp: float = 0.0  # with model.pretrained: strength of the L2 pull toward the pretrained weights (L2-SP)
     tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
     chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
     chaos_kill_in: str = "epoch"  # testing only: where in chaos_kill_epoch: "epoch" (its training steps) or "probation" (a proposal's)
@@ -122,6 +137,13 @@ class TrainConfig:
         require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         require(self.chaos_kill_in in ("epoch", "probation"), "train.chaos_kill_in", self.chaos_kill_in, "must be 'epoch' or 'probation'")
+        require(0 < self.curriculum_start <= 1, "train.curriculum_start", self.curriculum_start, "must be in (0, 1]")
+        require(0.02 <= self.curriculum_pace <= 1, "train.curriculum_pace", self.curriculum_pace, "must be in [0.02, 1]")
+        require(self.batch_selection in BATCH_SELECTION, "train.batch_selection", self.batch_selection, f"must be one of {BATCH_SELECTION}")
+        require(0 < self.selection_floor <= 1, "train.selection_floor", self.selection_floor, "must be in (0, 1]")
+        require(self.unfreeze_every >= 0, "train.unfreeze_every", self.unfreeze_every, "must be >= 0")
+        require(0 <= self.layer_lr_decay <= 1, "train.layer_lr_decay", self.layer_lr_decay, "must be in [0, 1]")
+        require(self.l2sp >= 0, "train.l2sp", self.l2sp, "must be >= 0")
         require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         require(
             self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,
