@@ -115,6 +115,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export a finished run's model to ONNX, checked with onnxruntime against PyTorch")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", metavar="PATH", help="the .onnx file (default: RUN_DIR/model.onnx); the check's figures go to PATH.json")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset, 18 or later (default: the exporter's)")
+    export.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cluster.export import VerificationError, export_onnx
+
+    try:
+        result = export_onnx(args.run_dir, args.out, opset=args.opset)
+    except VerificationError as error:
+        print(f"hybridtrain: {error}", file=sys.stderr)
+        return 1
+    check = result.comparison
+    print(f"[hybridtrain] ONNX model (opset {result.opset}) -> {result.path}  (onnxruntime vs PyTorch on {check.samples} inputs, {result.inputs}: "
+          f"max |logit difference| {check.max_abs_diff:.2g} <= {check.tolerance:.2g}, argmax agreement {check.agreement:.0%})", flush=True)
+    return 0
+
+
 def _add_report(subparsers) -> None:
     report = subparsers.add_parser("report", help="write an HTML report (plots embedded) and PNGs for a run or sweep directory")
     report.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")
@@ -248,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(subparsers)
     _add_tune(subparsers)
     _add_predict(subparsers)
+    _add_export(subparsers)
     _add_report(subparsers)
     _add_audit(subparsers)
     _add_grafana(subparsers)
