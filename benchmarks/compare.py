@@ -16,6 +16,9 @@ chooses: the default advisor), `llm-wait` (the same, waiting up to 60 s for an a
 triggered), and ablations of the LLM advisor: `llm-no-gate` (every proposal kept),
 `llm-alpha1` (weights replaced, not blended: alpha 1), `llm-no-cache`, `llm-no-record` (no track
 record in the prompt or the menu's prior), `llm-invent` (it writes whole proposals, the old design).
+Research modes: `curriculum`, `selection` (batch selection the advisor switches), `selection-on`, `activation`
+(adaptive activations the advisor switches), `prelu`, `rational`, `transfer` (from a run of the other image
+task, head first, the advisor unfreezes) and `transfer-schedule` (one block thawed every 2 epochs).
 
 Printed per task, condition and method: test accuracy (mean and std over seeds), epochs to the task's
 target validation accuracy (median, and how many runs reached it), training wall time, proposals
@@ -48,7 +51,19 @@ METHODS = {
     "llm-no-cache": ["advisor.backend=smollm2", "coordinator.cache_enabled=false"],
     "llm-no-record": ["advisor.backend=smollm2", "coordinator.track_record=false", "coordinator.max_recent_proposals=0"],
     "llm-invent": ["advisor.backend=smollm2", "coordinator.advice_mode=invent"],
+    # Research modes (`workers.modes`), each with the heuristic advisor where the advisor may steer it, or alone.
+    "curriculum": ["advisor.backend=heuristic", "train.curriculum=true"],
+    "selection": ["advisor.backend=heuristic", "train.batch_selection=advised"],
+    "selection-on": ["advisor.backend=none", "train.batch_selection=on"],
+    "activation": ["advisor.backend=heuristic", "model.activation=adaptive"],
+    "prelu": ["advisor.backend=none", "model.activation=prelu"],
+    "rational": ["advisor.backend=none", "model.activation=rational"],
+    "transfer": ["advisor.backend=heuristic", "model.pretrained={source}"],
+    "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "train.unfreeze_every=2"],
 }
+# Transfer learning starts from a run of the other image task (the CNN's conv layers fit both; the head is
+# fresh). The tabular task has no related source: its transfer rows are skipped.
+SOURCE_TASKS = {"digits": "shapes", "shapes": "digits"}
 BASE_LR = 3e-3  # train.lr's default
 # The hard start: a learning rate 30x too low on every task. Not 10x too high: digits recovers from that by
 # itself (static 0.978 at lr 0.03, 12 epochs), and from about 25x too high the net is dead after the first
@@ -112,6 +127,23 @@ def plot(records: list[dict], path: Path) -> None:
     path.write_text("\n".join(parts + ["</svg>"]))
 
 
+def _transfer_source(task: str, seed: int, out: Path) -> Path:
+    """A finished static run of `task` (good defaults) to start transfer runs from; made once per seed."""
+    from cluster.experiment import build_config
+    from cluster.launch import execute_run, plan_run
+    from cluster.runtime import connect
+
+    run_dir = out / "sources" / f"{task}-{seed}"
+    if not (run_dir / "model.safetensors").is_file():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        config = build_config(overrides=[*task_overrides(task, out / "data"), "advisor.backend=none", f"train.epochs={EPOCHS[task]}",
+                                         f"train.seed={seed}", f"data.seed={seed}"])
+        summary = execute_run(plan_run(config, run_dir), cluster=connect(config.cluster, quiet=True))
+        print(f"[compare] transfer source {task} seed {seed}: test accuracy {summary['test_accuracy']:.4f}", flush=True)
+    return run_dir
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -149,10 +181,16 @@ def main() -> int:
                 for method in args.methods:
                     if (task, condition, method, seed) in done:
                         continue
+                    source = ""
+                    if "{source}" in " ".join(METHODS[method]):
+                        if task not in SOURCE_TASKS:
+                            continue
+                        source = str(_transfer_source(SOURCE_TASKS[task], seed, out))
                     run_dir = out / f"{task}-{condition}-{method}-{seed}"
                     if run_dir.exists():  # an interrupted run of an earlier invocation: its result was never recorded
                         shutil.rmtree(run_dir)
-                    sets = [*task_overrides(task, out / "data"), *METHODS[method], *(HARD[task] if condition == "hard" else []),
+                    sets = [*task_overrides(task, out / "data"), *(item.format(source=source) for item in METHODS[method]),
+                            *(HARD[task] if condition == "hard" else []),
                             f"train.epochs={args.epochs or EPOCHS[task]}", "train.early_stopping_patience=0", f"train.seed={seed}", f"data.seed={seed}",
                             "advisor.num_cpus_per_replica=1"]
                     config = build_config(overrides=sets)

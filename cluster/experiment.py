@@ -32,6 +32,17 @@ class ExperimentConfig:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # used by `hybridtrain tune` only
 
+    def __post_init__(self) -> None:
+        if self.train.l2sp > 0 and not self.model.pretrained:
+            raise ConfigError(f"train.l2sp={self.train.l2sp!r} pulls weights toward pretrained ones: set model.pretrained too")
+        if self.model.pretrained:
+            from workers.modes import pretrained_file
+
+            try:
+                pretrained_file(self.model.pretrained)
+            except FileNotFoundError as error:
+                raise ConfigError(str(error)) from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -2,7 +2,9 @@
 
 Snapshots become fixed-length, quantised feature vectors (`snapshot_features`); a lookup is a
 nearest-neighbour search by Euclidean distance among entries of the same model signature
-(model kind and parameter-group names, so a cached proposal never names groups a model lacks).
+(model kind and parameter-group names, so a cached proposal never names groups a model lacks)
+whose training change still fits the run's research modes (`orchestration.menu.fit_training`: no
+unfreeze once nothing is frozen, no switch to the activation a layer already has).
 
 One cache can serve a whole population (a sweep's trials, through `orchestration.population`):
 every entry remembers the run that stored it, so a hit answered for another run is counted
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from orchestration.config import CoordinatorConfig
+from orchestration.menu import fit_training, run_modes
 from orchestration.protocol import Proposal, TrainingSnapshot
 
 logger = logging.getLogger(__name__)
@@ -115,7 +118,8 @@ class CacheEntry:
 class ResponseCache:
     """Nearest-neighbour cache of accepted proposals, keyed by snapshot features.
 
-    A hit is the nearest entry with the same model signature at distance `<= similarity`.
+    A hit is the nearest entry with the same model signature, whose training change fits the asking
+    snapshot's modes as it is, at distance `<= similarity`.
     Entries whose proposal is later rejected are evicted; beyond `max_entries` the oldest go.
     """
 
@@ -160,7 +164,7 @@ class ResponseCache:
             best: CacheEntry | None = None
             best_distance = math.inf
             for entry in self.entries:
-                if entry.signature != signature:
+                if entry.signature != signature or not _fits_modes(entry.proposal, snapshot):
                     continue
                 distance = float(np.linalg.norm(entry.features - features))
                 if distance < best_distance:
@@ -259,6 +263,15 @@ class ResponseCache:
 
 def _entry_key(entry: CacheEntry) -> tuple[str, tuple[float, ...], str]:
     return entry.signature, tuple(entry.features.tolist()), json.dumps(entry.proposal.to_dict(), sort_keys=True)
+
+
+def _fits_modes(proposal: Proposal, snapshot: TrainingSnapshot) -> bool:
+    """Whether the proposal's training change applies unchanged in this snapshot's modes: the modes move on
+    (blocks thaw, an activation was switched, the curriculum is off in another run of the population)."""
+    if proposal.training.is_empty():
+        return True
+    _, done = fit_training(proposal.training, run_modes(snapshot))
+    return not done
 
 
 def _last(history: Sequence[float]) -> float | None:

@@ -10,25 +10,151 @@ and a scoring backend multiplies into its own probabilities (`action_prior`).
 
 `action_of` names the family of any proposal (menu-made, free-form or cached), so the track record
 covers every mode.
+
+When the run enables research modes (`TrainingSnapshot.modes`), their actions join the menu: switch the
+activation after a layer with dead units to PReLU, unfreeze the next frozen block, widen the curriculum
+faster, switch batch selection on or off. `fit_training` is the one reading of what the modes let a
+proposal's `TrainingChange` do; the validator and the response cache go through it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from orchestration.protocol import (
+    ACTIVATIONS,
+    CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
+    MAX_UNFREEZE_BLOCKS,
     Diagnosis,
     MenuOption,
     Proposal,
     ProposalOutcome,
+    TrainingChange,
     TrainingSnapshot,
 )
 
-ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue")
+ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection")
 MENU_KEYS = "ABCDEF"
 MAX_RESCUE_GROUPS = 4
+MAX_MODE_NAME_CHARS = 80  # a layer or block name longer than this, or not printable, is neither offered nor accepted
+_INDEXED_MODULE = re.compile(r"^(.*)\.(\d+)$")  # "features.0" -> ("features", 0)
+
+
+# --- what the run's research modes let a proposal do ------------------------------------------------
+
+
+def _usable_name(name: Any) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= MAX_MODE_NAME_CHARS and name.isprintable()
+
+
+def run_modes(snapshot: TrainingSnapshot) -> Mapping[str, Any]:
+    """The snapshot's `modes`, or no modes when it holds anything but a mapping."""
+    return snapshot.modes if isinstance(snapshot.modes, Mapping) else {}
+
+
+def mode_activations(modes: Mapping[str, Any]) -> dict[str, str]:
+    """The run's adaptive activations, {layer module name: kind}, in the order the run lists them (forward
+    order); empty without them. Names that are not short printable strings are left out."""
+    activations = modes.get("activations")
+    if not isinstance(activations, Mapping):
+        return {}
+    return {name: kind for name, kind in activations.items() if _usable_name(name) and isinstance(kind, str)}
+
+
+def mode_frozen_blocks(modes: Mapping[str, Any]) -> list[str]:
+    """The run's frozen blocks in forward order; an unfreeze thaws them from the last (nearest the head)."""
+    blocks = modes.get("frozen_blocks")
+    return [block for block in blocks if _usable_name(block)] if isinstance(blocks, list) else []
+
+
+def fit_training(change: TrainingChange, modes: Mapping[str, Any]) -> tuple[TrainingChange, list[str]]:
+    """The part of `change` the run's `modes` let through, and what was done to get it (empty: it fits as is).
+
+    Dropped: a field whose mode the run does not enable; an activation switch naming a layer the run lacks,
+    a kind outside `ACTIVATIONS`, half a switch (a layer without a kind or the reverse) or the kind the layer
+    already has; a batch-selection switch to the state it is in. Clamped: `curriculum_pace` to
+    `CURRICULUM_PACE_BOUNDS`, `unfreeze` to [1, min(MAX_UNFREEZE_BLOCKS, frozen blocks)]. Field types are the
+    caller's to check (the validator rejects malformed ones before this)."""
+    done: list[str] = []
+    fitted: dict[str, Any] = {}
+    if change.curriculum_pace is not None:
+        if "curriculum_pace" not in modes:
+            done.append("dropped training.curriculum_pace: the run has no curriculum")
+        else:
+            low, high = CURRICULUM_PACE_BOUNDS
+            pace = min(max(change.curriculum_pace, low), high)
+            if pace != change.curriculum_pace:
+                done.append(f"clamped training.curriculum_pace from {change.curriculum_pace:g} to {pace:g} (bounds [{low:g}, {high:g}])")
+            fitted["curriculum_pace"] = pace
+    if change.batch_selection is not None:
+        state = modes.get("batch_selection")
+        if state not in ("on", "off"):
+            done.append("dropped training.batch_selection: the run does not let the advisor switch batch selection")
+        elif (state == "on") == change.batch_selection:
+            done.append(f"dropped training.batch_selection: batch selection is already {state}")
+        else:
+            fitted["batch_selection"] = change.batch_selection
+    if change.activation_layer is not None or change.activation is not None:
+        activations = mode_activations(modes)
+        layer, kind = change.activation_layer, change.activation
+        if not activations:
+            done.append("dropped training.activation: the run has no adaptive activations")
+        elif layer is None or kind is None:
+            done.append("dropped training.activation: a switch needs both activation_layer and activation")
+        elif layer not in activations:
+            done.append(f"dropped training.activation: no adaptive activation {layer[:80]!r}")
+        elif kind not in ACTIVATIONS:
+            done.append(f"dropped training.activation: unknown activation {kind[:40]!r} (one of {', '.join(ACTIVATIONS)})")
+        elif activations[layer] == kind:
+            done.append(f"dropped training.activation: {layer} already is {kind}")
+        else:
+            fitted.update(activation_layer=layer, activation=kind)
+    if change.unfreeze is not None:
+        frozen = mode_frozen_blocks(modes)
+        if not frozen:
+            done.append("dropped training.unfreeze: the run has no frozen blocks")
+        else:
+            high = min(MAX_UNFREEZE_BLOCKS, len(frozen))
+            count = min(max(change.unfreeze, 1), high)
+            if count != change.unfreeze:
+                done.append(f"clamped training.unfreeze from {change.unfreeze} to {count} (bounds [1, {high}], {len(frozen)} blocks frozen)")
+            fitted["unfreeze"] = count
+    return TrainingChange(**fitted), done
+
+
+def activation_after(group: str, activations: Mapping[str, str], parameter_order: Sequence[str] = ()) -> str | None:
+    """The adaptive activation that takes the output of parameter group `group` ("features.0.weight"), or None.
+
+    In a `Sequential` the activation after the layer at index i sits at i + 1 ("features.1"); past a batch
+    norm, at the next larger index of the same parent ("stem.0" -> "stem.2"). A layer whose name ends in no
+    index (a residual block's "blocks.0.conv2") takes the first activation of the same parent module whose
+    parameters come after its own in `parameter_order` (the snapshot's groups, in registration order:
+    "blocks.0.act2.prelu.weight" after "blocks.0.conv2.weight"). Nothing outside the layer's parent qualifies."""
+    module = group.rpartition(".")[0]
+    match = _INDEXED_MODULE.match(module)
+    if match is not None:
+        parent, index = match.group(1), int(match.group(2))
+        following = []
+        for name in activations:
+            candidate = _INDEXED_MODULE.match(name)
+            if candidate is not None and candidate.group(1) == parent and int(candidate.group(2)) > index:
+                following.append((int(candidate.group(2)), name))
+        return min(following)[1] if following else None
+    parent = module.rpartition(".")[0]
+    siblings = [name for name in activations if name.rpartition(".")[0] == parent]
+    order = list(parameter_order)
+    if not siblings or group not in order:
+        return None
+    for later in order[order.index(group) + 1:]:
+        owner = next((name for name in siblings if later.startswith(name + ".")), None)
+        if owner is not None:
+            return owner
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +171,19 @@ class TrackRecord:
 
 
 def action_of(proposal: Proposal) -> str:
-    """The action family of a proposal: what it mainly does (see `ACTIONS`; "other" otherwise)."""
+    """The action family of a proposal: what it mainly does (see `ACTIONS`; "other" otherwise). A change to how
+    training runs outweighs any hyperparameter or weight change that comes with it."""
     if proposal.is_noop():
         return "keep"
+    training = proposal.training
+    if training.unfreeze is not None:
+        return "unfreeze"
+    if training.activation_layer is not None:
+        return "activation"
+    if training.curriculum_pace is not None:
+        return "curriculum"
+    if training.batch_selection is not None:
+        return "selection"
     change = proposal.hyperparameters
     ops = {op.op for op in proposal.weights}
     if change.lr_scale is not None and change.lr_scale < 1 and "toward_best" in ops:
@@ -89,8 +225,70 @@ def action_prior(option: MenuOption, records: dict[str, TrackRecord], *, finding
     return weight * records.get(option.action, TrackRecord()).prior / 0.5
 
 
-def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | None = None, **hyperparameters: float) -> dict:
-    return {"hyperparameters": hyperparameters, "weights": weights or [], "alpha": alpha, "reason": reason}
+def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | None = None, training: dict | None = None,
+              **hyperparameters: float) -> dict:
+    proposal = {"hyperparameters": hyperparameters, "weights": weights or [], "alpha": alpha, "reason": reason}
+    if training:
+        proposal["training"] = training
+    return proposal
+
+
+# (action, what it does, the finding it answers or "", proposal)
+_Candidate = tuple[str, str, str, dict]
+
+
+def _mode_options(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> dict[str, list[_Candidate]]:
+    """The research modes' options for this state, by where they go on the menu: "overfitting", "dead units",
+    "learning slowly" and "plateau" before the textbook remedy of that finding (each answers the finding's cause
+    in this run more directly), "after lr" after every learning-rate remedy, "filler" where lr moves would go."""
+    modes = run_modes(snapshot)
+    options: dict[str, list[_Candidate]] = {}
+    # Stuck (learning slowly, or not at all) with a sane learning rate: a rate too high or diverging comes first.
+    stuck = "" if diagnosis.diverging or diagnosis.too_fast else "learning slowly" if diagnosis.underfitting else "plateau" if diagnosis.plateau else ""
+    selection = modes.get("batch_selection")
+    if diagnosis.overfitting and selection == "on":
+        options.setdefault("overfitting", []).append(
+            ("selection", "switch batch selection off (a focus on hard samples overfits)", "overfitting",
+             _proposal("overfitting: batch selection off", training={"batch_selection": False})))
+    activations = mode_activations(modes)
+    if diagnosis.dead_groups and activations:
+        order = [layer.name for layer in snapshot.layers]
+        layers = [activation_after(group, activations, order) for group in diagnosis.dead_groups]
+        layer = next((layer for layer in layers if layer is not None and activations[layer] != "prelu"), None)
+        if layer is not None:
+            # A PReLU passes gradient for negative inputs: it revives dead units without re-drawing any weight.
+            options.setdefault("dead units", []).append(
+                ("activation", f"switch {layer} to prelu (passes gradient to dead units)", "dead units",
+                 _proposal(f"dead units: {layer} to prelu", training={"activation_layer": layer, "activation": "prelu"})))
+    frozen = mode_frozen_blocks(modes)
+    if stuck and frozen:
+        # A frozen backbone keeps most update ratios at 0 (read as learning slowly) and caps what the net can fit.
+        options.setdefault(stuck, []).append(
+            ("unfreeze", f"unfreeze the next block ({frozen[-1]})", stuck, _proposal(f"{stuck}: unfreeze {frozen[-1]}", training={"unfreeze": 1})))
+    pool, pace = modes.get("curriculum_pool"), modes.get("curriculum_pace")
+    if stuck and _is_number(pool) and pool < 1 and _is_number(pace):
+        faster = min(CURRICULUM_PACE_BOUNDS[1], max(CURRICULUM_PACE_BOUNDS[0], 2 * pace))
+        if faster != pace:
+            # Stuck on the easy part of the data: a plateau while the pool is partial is the curriculum's to lift.
+            where = "plateau" if stuck == "plateau" else "after lr"
+            options.setdefault(where, []).append(
+                ("curriculum", f"widen the curriculum faster (pace x2, to {faster:.2g}; {pool:.0%} of the data in use)", stuck,
+                 _proposal(f"{stuck}: curriculum pace x2", training={"curriculum_pace": faster})))
+    if stuck and selection == "off":
+        options.setdefault("after lr", []).append(
+            ("selection", "switch batch selection on (train on the samples the model gets wrong)", stuck,
+             _proposal(f"{stuck}: batch selection on", training={"batch_selection": True})))
+    if diagnosis.plateau and activations:
+        layer = next((name for name, kind in activations.items() if kind != "rational"), None)
+        if layer is not None:
+            options.setdefault("filler", []).append(
+                ("activation", f"switch {layer} to rational (a learnable activation)", "",
+                 _proposal(f"{layer} to rational", training={"activation_layer": layer, "activation": "rational"})))
+    return options
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Sequence[ProposalOutcome] = ()) -> list[MenuOption]:
@@ -98,36 +296,51 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
 
     Remedies come in the order of the cause they address, the deepest first: divergence, a learning rate
     too high, overfitting, dead units, slow learning, plateau (a net with dead units also plateaus and learns
-    slowly, and curing the plateau would not revive them; units a learning rate too high killed die again)."""
+    slowly, and curing the plateau would not revive them; units a learning rate too high killed die again).
+    The research modes' options (`_mode_options`) go before the textbook remedy of the finding they answer;
+    when there are more options than keys, the textbook remedies stay and the modes' options go first, then
+    fillers (`_fit_to_keys`)."""
     decay = float(snapshot.hyperparameters.get("weight_decay", 0.0) or 0.0)
     dropout = float(snapshot.hyperparameters.get("dropout", 0.0) or 0.0)
-    # (action, what it does, the finding it answers or "", proposal)
-    candidates: list[tuple[str, str, str, dict]] = [("keep", "keep everything as it is", "", _proposal("keep: nothing needs fixing"))]
+    mode_options = _mode_options(snapshot, diagnosis) if run_modes(snapshot) else {}
+    candidates: list[_Candidate] = [("keep", "keep everything as it is", "", _proposal("keep: nothing needs fixing"))]
+    textbook: list[_Candidate] = []  # the remedies a run without modes gets: never crowded out by a mode's option
+
+    def add_remedy(candidate: _Candidate) -> None:
+        textbook.append(candidate)
+        candidates.append(candidate)
+
     if diagnosis.diverging:
         by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)[:MAX_RESCUE_GROUPS]
-        candidates.append(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", "diverging",
-                           _proposal("diverging: cut lr 3x, weights toward best", alpha=1.0, lr_scale=0.3,
-                                     weights=[{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update])))
+        add_remedy(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", "diverging",
+                    _proposal("diverging: cut lr 3x, weights toward best", alpha=1.0, lr_scale=0.3,
+                              weights=[{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update])))
     if diagnosis.too_fast and not diagnosis.diverging:
-        candidates.append(("lr_down", "cut the learning rate 3x", "learning rate too high", _proposal("learning rate too high: cut lr 3x", lr_scale=0.3)))
+        add_remedy(("lr_down", "cut the learning rate 3x", "learning rate too high", _proposal("learning rate too high: cut lr 3x", lr_scale=0.3)))
+    candidates += mode_options.get("overfitting", [])
     if diagnosis.overfitting:
         new_decay = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(3 * decay, 5e-4))
         new_dropout = min(HYPERPARAMETER_BOUNDS["dropout"][1], dropout + 0.1)
-        candidates.append(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
-                           _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
+        add_remedy(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
+                    _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
+    candidates += mode_options.get("dead units", [])
     if diagnosis.dead_groups:
         groups = diagnosis.dead_groups[:MAX_RESCUE_GROUPS]
         # A unit is its weight row and its bias: a dead unit re-drawn with its old, very negative bias stays dead.
         known = {layer.name for layer in snapshot.layers}
         targets = list(dict.fromkeys(name for group in groups for name in (group, group.removesuffix(".weight") + ".bias") if name in known))
-        candidates.append(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
-                           _proposal("dead units: re-draw half", alpha=1.0,
-                                     weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
+        add_remedy(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
+                    _proposal("dead units: re-draw half", alpha=1.0,
+                              weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
+    candidates += mode_options.get("learning slowly", [])
     if diagnosis.underfitting:
-        candidates.append(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
+        add_remedy(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
+    candidates += mode_options.get("plateau", [])
     if (diagnosis.diverging or diagnosis.plateau) and not diagnosis.too_fast:
         why = "diverging" if diagnosis.diverging else "plateau"
-        candidates.append(("lr_down", "halve the learning rate", why, _proposal(f"{why}: halve lr", lr_scale=0.5)))
+        add_remedy(("lr_down", "halve the learning rate", why, _proposal(f"{why}: halve lr", lr_scale=0.5)))
+    candidates += mode_options.get("after lr", [])
+    candidates += mode_options.get("filler", [])
     # Few findings: offer both learning-rate moves anyway, so that choosing is a real decision.
     offered = {candidate[0] for candidate in candidates}
     if len(candidates) < 3:
@@ -135,21 +348,39 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
             candidates.append(("lr_down", "halve the learning rate", "", _proposal("halve lr", lr_scale=0.5)))
         if "lr_up" not in offered:
             candidates.append(("lr_up", "double the learning rate", "", _proposal("double lr", lr_scale=2.0)))
+    candidates = _fit_to_keys(candidates, textbook)
     records = track_records(outcomes)
     findings = any(remedy for _, _, remedy, _ in candidates)
     menu = []
-    for key, (action, does, remedy, proposal) in zip(MENU_KEYS, candidates):
+    for key, (action, does, remedy_of, proposal) in zip(MENU_KEYS, candidates):
         if action == "keep":
             label = f"{does}; right when there is no problem"
         else:
-            label = f"{does}; for: {remedy}" if remedy else f"{does}; no finding calls for it"
+            label = f"{does}; for: {remedy_of}" if remedy_of else f"{does}; no finding calls for it"
         record = records.get(action)
         if record is not None and action != "keep":
             label += f" (tried {record.tried}x in this run, kept {record.kept}x)"
-        option = MenuOption(key=key, action=action, label=label, proposal=proposal, remedy=remedy)
+        option = MenuOption(key=key, action=action, label=label, proposal=proposal, remedy=remedy_of)
         option.prior = action_prior(option, records, findings=findings)
         menu.append(option)
     return menu
+
+
+def _fit_to_keys(candidates: list[_Candidate], textbook: list[_Candidate]) -> list[_Candidate]:
+    """At most `len(MENU_KEYS)` candidates in their menu order. Which stay: "keep", the textbook remedies, the
+    other remedies (the modes'), then fillers, each in menu order."""
+    if len(candidates) <= len(MENU_KEYS):
+        return candidates
+
+    textbook_ids = {id(candidate) for candidate in textbook}
+
+    def rank(position: int) -> tuple[int, int]:
+        action, _, remedy, _ = candidate = candidates[position]
+        tier = 0 if action == "keep" else 1 if id(candidate) in textbook_ids else 2 if remedy else 3
+        return tier, position
+
+    kept = sorted(sorted(range(len(candidates)), key=rank)[: len(MENU_KEYS)])
+    return [candidates[position] for position in kept]
 
 
 def finding_present(diagnosis: Diagnosis, remedy: str) -> bool:

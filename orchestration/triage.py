@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orchestration.config import CoordinatorConfig
-from orchestration.protocol import HyperparameterChange, Proposal
+from orchestration.protocol import HyperparameterChange, Proposal, TrainingChange
 
 USABLE_STATUSES = ("valid", "clamped")
 TriageKind = Literal["usable", "noop", "stale", "timeout", "error", "invalid"]
@@ -32,12 +32,14 @@ class Triage:
 
 
 def restrict_to_allowed(proposal: Proposal, config: CoordinatorConfig) -> Proposal:
-    """The part of `proposal` the config lets through (`apply_weights`, `apply_hyperparameters`)."""
+    """The part of `proposal` the config lets through (`apply_weights`, `apply_hyperparameters`; a training
+    change, like a hyperparameter change, changes how training runs, not the weights)."""
     return Proposal(
         hyperparameters=dataclasses.replace(proposal.hyperparameters) if config.apply_hyperparameters else HyperparameterChange(),
         weights=list(proposal.weights) if config.apply_weights else [],
         alpha=proposal.alpha,
         reason=proposal.reason,
+        training=dataclasses.replace(proposal.training) if config.apply_hyperparameters else TrainingChange(),
     )
 
 

@@ -11,15 +11,27 @@ from __future__ import annotations
 import functools
 import math
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from orchestration.diagnostics import diagnose
-from orchestration.menu import remedies
-from orchestration.protocol import ALPHA_BOUNDS, HYPERPARAMETER_BOUNDS, WEIGHT_OP_AMOUNT_BOUNDS, Proposal, TrainingSnapshot
+from orchestration.menu import mode_activations, mode_frozen_blocks, remedies, run_modes
+from orchestration.protocol import (
+    ACTIVATIONS,
+    ALPHA_BOUNDS,
+    CURRICULUM_PACE_BOUNDS,
+    HYPERPARAMETER_BOUNDS,
+    MAX_UNFREEZE_BLOCKS,
+    WEIGHT_OP_AMOUNT_BOUNDS,
+    Proposal,
+    TrainingSnapshot,
+)
 from serve_llm.decoding import GENERATION_MAX_OPS, generation_groups
 
 MAX_LAYERS_SHOWN = 12  # groups beyond this are summarised by count
+MAX_ACTIVATIONS_SHOWN = 6  # adaptive activations beyond this are summarised by count
 _HISTORY_NAMES = (
     ("train_loss", "train loss"),
     ("val_loss", "val loss"),
@@ -90,6 +102,44 @@ def _hyperparameters(snapshot: TrainingSnapshot) -> str:
     return " ".join(items) or "unknown"
 
 
+def _mode_settings(modes: Mapping[str, Any]) -> str:
+    """Where the run's research modes stand, on one line: "" when it enables none."""
+    parts = []
+    if "curriculum_pace" in modes:
+        pool = modes.get("curriculum_pool")
+        in_use = f", {pool:.0%} of the data in use" if isinstance(pool, (int, float)) and not isinstance(pool, bool) and math.isfinite(pool) else ""
+        parts.append(f"curriculum pace {_number(modes['curriculum_pace'])} per epoch{in_use}")
+    if "batch_selection" in modes:
+        parts.append(f"batch selection {_one_line(modes['batch_selection'], 3)}")
+    activations = mode_activations(modes)
+    if activations:
+        shown = [f"{_one_line(name, 60)}={_one_line(kind, 12)}" for name, kind in list(activations.items())[:MAX_ACTIVATIONS_SHOWN]]
+        if len(activations) > len(shown):
+            shown.append(f"+{len(activations) - len(shown)} more")
+        parts.append(f"activations {' '.join(shown)}")
+    if "frozen_blocks" in modes:
+        frozen = mode_frozen_blocks(modes)
+        trainable = modes.get("trainable_blocks")
+        blocks = f"{len(frozen)} blocks frozen" + (f" (next to unfreeze: {_one_line(frozen[-1], 60)})" if frozen else "")
+        parts.append(blocks + (f", {len(trainable)} trainable" if isinstance(trainable, list) else ""))
+    return "\nModes: " + "; ".join(parts) if parts else ""
+
+
+def _training_options(modes: Mapping[str, Any]) -> str:
+    """The "training" object's fields the run enables, for the answer format: "" when it enables none."""
+    fields = []
+    if "curriculum_pace" in modes:
+        fields.append(f"curriculum_pace {_bounds(CURRICULUM_PACE_BOUNDS)} (data added per epoch)")
+    if modes.get("batch_selection") in ("on", "off"):
+        fields.append("batch_selection true or false")
+    if mode_activations(modes):
+        fields.append(f"activation_layer (a layer under Modes) with activation {' or '.join(ACTIVATIONS)}")
+    frozen = mode_frozen_blocks(modes)
+    if frozen:
+        fields.append(f"unfreeze 1-{min(MAX_UNFREEZE_BLOCKS, len(frozen))} (blocks, from the head down)")
+    return f" Optional \"training\": {{{', '.join(fields)}}}, null keeps it." if fields else ""
+
+
 def _layers(snapshot: TrainingSnapshot) -> str:
     shown = snapshot.layers[:MAX_LAYERS_SHOWN]
     items = [
@@ -132,12 +182,15 @@ def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> P
     system, user = load_template(template)
     signals = snapshot.diagnosis or diagnose(snapshot)  # the coordinator's own reading when it sent one
     groups = generation_groups([layer.name for layer in snapshot.layers])
+    modes = run_modes(snapshot)
     values = {
         "model_kind": _one_line(snapshot.model_kind, 24),
         "epoch": _one_line(snapshot.epoch, 12),
         "total_epochs": _one_line(snapshot.total_epochs or "?", 12),
         "histories": _histories(snapshot),
         "hyperparameters": _hyperparameters(snapshot),
+        "modes": _mode_settings(modes),  # empty, and the line absent, when the run enables no research mode
+        "training_options": _training_options(modes),
         "layers": _layers(snapshot),
         # Findings and hints quote group names (a dead or runaway layer): untrusted text like any other.
         "findings": "; ".join(_one_line(note, 200) for note in signals.notes),

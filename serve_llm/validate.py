@@ -3,30 +3,38 @@ recorded refusal) out.
 
 Nothing an advisor writes is trusted. Hard faults (unparseable text, wrong types, NaN/inf,
 too many operations, absurd nesting) reject the whole answer; soft faults (an unknown group,
-an out-of-bound number, an over-long reason) are repaired by dropping or clamping, and every
-repair is written to `problems` so the ledger can show what was changed.
+an out-of-bound number, an over-long reason, a training change the run's modes do not enable)
+are repaired by dropping or clamping, and every repair is written to `problems` so the ledger
+can show what was changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orchestration.menu import fit_training, mode_activations, mode_frozen_blocks, run_modes
 from orchestration.protocol import (
+    ACTIVATIONS,
     ALPHA_BOUNDS,
+    CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
     MAX_ABS_EXPLICIT_VALUE,
     MAX_EXPLICIT_VALUES,
     MAX_REASON_CHARS,
+    MAX_UNFREEZE_BLOCKS,
     MAX_WEIGHT_OPS,
     WEIGHT_OP_AMOUNT_BOUNDS,
     WEIGHT_OPS,
     HyperparameterChange,
     Proposal,
+    TrainingChange,
     TrainingSnapshot,
     WeightOp,
 )
@@ -37,8 +45,10 @@ USABLE_STATUSES = ("valid", "clamped")
 
 MAX_RAW_CHARS = 32_000  # the largest legal proposal (8 `values` ops of 64 numbers) is ~12k characters
 MAX_NESTING_DEPTH = 6  # proposal -> weights -> op -> values is depth 4
-_TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason")
+_TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason", "training")
 _OP_FIELDS = ("op", "group", "amount", "values")
+_TRAINING_FIELDS = tuple(change_field.name for change_field in dataclasses.fields(TrainingChange))
+_SWITCH_WORDS = {"on": True, "off": False}
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 # Unicode categories a reason may not hold: controls, format characters (bidi overrides, zero-width),
 # line/paragraph separators, and lone surrogates (a JSON "\ud800" escape), which no UTF-8 file or
@@ -269,6 +279,39 @@ def _weights(value: Any, group_sizes: dict[str, int], problems: list[str]) -> li
     return [op for op in ops if op is not None]
 
 
+def _training(value: Any, modes: Mapping[str, Any], problems: list[str]) -> TrainingChange:
+    """The checked training change: malformed types reject the answer; what the run's modes do not let through
+    is dropped or clamped (`orchestration.menu.fit_training`), and recorded."""
+    if value is None:
+        return TrainingChange()
+    if not isinstance(value, dict):
+        raise _Rejected(f"training must be an object, got {type(value).__name__}")
+    extra = sorted(set(value) - set(_TRAINING_FIELDS))
+    if extra:
+        problems.append(f"ignored unknown fields {[key[:40] for key in extra]} in training")
+    pace = value.get("curriculum_pace")
+    if pace is not None:
+        pace = _number(pace, "training.curriculum_pace")
+    selection = value.get("batch_selection")
+    if isinstance(selection, str) and selection in _SWITCH_WORDS:
+        selection = _SWITCH_WORDS[selection]
+    if selection is not None and not isinstance(selection, bool):
+        raise _Rejected(f"training.batch_selection must be true or false (or \"on\"/\"off\"), got {type(selection).__name__}")
+    layer, kind = value.get("activation_layer"), value.get("activation")
+    if not all(item is None or isinstance(item, str) for item in (layer, kind)):
+        raise _Rejected("training.activation_layer and training.activation must be strings")
+    unfreeze = value.get("unfreeze")
+    if unfreeze is not None:
+        count = _number(unfreeze, "training.unfreeze")
+        if not count.is_integer():
+            raise _Rejected(f"training.unfreeze must be a whole number of blocks, got {count:g}")
+        unfreeze = int(count)
+    change = TrainingChange(curriculum_pace=pace, batch_selection=selection, activation_layer=layer, activation=kind, unfreeze=unfreeze)
+    fitted, done = fit_training(change, modes)
+    problems.extend(done)
+    return fitted
+
+
 def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]) -> Proposal:
     extra = sorted(set(data) - set(_TOP_LEVEL_FIELDS))
     if extra:
@@ -276,6 +319,7 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
     group_sizes = {layer.name: int(layer.num_params) for layer in snapshot.layers}
     hyperparameters = _hyperparameters(data.get("hyperparameters"), problems)
     weights = _weights(data.get("weights"), group_sizes, problems)
+    training = _training(data.get("training"), run_modes(snapshot), problems)
     alpha = data.get("alpha")
     if alpha is not None:
         alpha = _clamp(_number(alpha, "alpha"), ALPHA_BOUNDS, "alpha", problems)
@@ -289,6 +333,7 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
         weights=weights,
         alpha=alpha,
         reason=sanitize_reason(reason, problems),
+        training=training,
     )
 
 
@@ -383,10 +428,39 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
                     check(value, (-MAX_ABS_EXPLICIT_VALUE, MAX_ABS_EXPLICIT_VALUE), f"weights[{index}].values")
         elif op.values is not None:
             violations.append(f"weights[{index}].values set on op {op.op!r}")
+    violations += _training_violations(proposal.training, run_modes(snapshot))
     if not isinstance(proposal.reason, str) or len(proposal.reason) > MAX_REASON_CHARS:
         violations.append("reason is not a string of at most MAX_REASON_CHARS characters")
     elif any(unicodedata.category(ch) in _STRIPPED_CATEGORIES for ch in proposal.reason):
         violations.append("reason holds control characters")
+    return violations
+
+
+def _training_violations(change: TrainingChange, modes: Mapping[str, Any]) -> list[str]:
+    """Every way a training change breaks its bounds or asks for a mode the run does not enable."""
+    violations: list[str] = []
+    pace = change.curriculum_pace
+    if pace is not None:
+        if "curriculum_pace" not in modes:
+            violations.append("training.curriculum_pace set in a run without a curriculum")
+        elif isinstance(pace, bool) or not isinstance(pace, (int, float)) or not CURRICULUM_PACE_BOUNDS[0] <= pace <= CURRICULUM_PACE_BOUNDS[1]:
+            violations.append(f"training.curriculum_pace={pace!r} outside {CURRICULUM_PACE_BOUNDS}")
+    if change.batch_selection is not None:
+        if modes.get("batch_selection") not in ("on", "off"):
+            violations.append("training.batch_selection set in a run that does not let the advisor switch it")
+        elif not isinstance(change.batch_selection, bool):
+            violations.append(f"training.batch_selection={change.batch_selection!r} is not a bool")
+    if (change.activation_layer is None) != (change.activation is None):
+        violations.append("training.activation_layer and training.activation must be set together")
+    elif change.activation_layer is not None:
+        if change.activation_layer not in mode_activations(modes):
+            violations.append(f"training.activation_layer {change.activation_layer!r} is no adaptive activation of the run")
+        if change.activation not in ACTIVATIONS:
+            violations.append(f"training.activation {change.activation!r} not one of {ACTIVATIONS}")
+    if change.unfreeze is not None:
+        high = min(MAX_UNFREEZE_BLOCKS, len(mode_frozen_blocks(modes)))
+        if isinstance(change.unfreeze, bool) or not isinstance(change.unfreeze, int) or not 1 <= change.unfreeze <= high:
+            violations.append(f"training.unfreeze={change.unfreeze!r} outside [1, {high}]")
     return violations
 
 

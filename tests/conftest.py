@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -37,3 +38,34 @@ def ray_local(_ray_session):
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
     return ray
+
+
+def _single_process_env(port: int) -> dict[str, str]:
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
+@pytest.fixture(scope="session")
+def _process_group():
+    """A gloo process group of one (rank 0 of 1) in this process. One per session: DeepSpeed keeps the first
+    group it sees, so a second group in the same process breaks it. Yields its environment."""
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = _single_process_env(port)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield env  # the variables are set only while a module uses the group: a Ray started later must not inherit them
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_process_group(_process_group):
+    """The session's process group of one, with its environment set for this module (DeepSpeed engines without Ray)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in _process_group.items():
+            patch.setenv(key, value)
+        yield

@@ -3,11 +3,8 @@ are right under every ZeRO stage."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from workers.config import ModelConfig, TrainConfig
@@ -17,24 +14,6 @@ from workers.observer import AdviceObserver
 
 pytestmark = pytest.mark.e2e
 STAGES = [0, 1, 2, 3]
-
-
-@pytest.fixture(scope="module")
-def single_process_group(monkeypatch_module):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch_module.setenv(key, value)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def _engine(stage: int):

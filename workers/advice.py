@@ -70,18 +70,19 @@ class WorkerAdvice:
     observer: AdviceObserver
     probation: ProbationRunner
     link: CoordinatorLink | None = None  # rank 0 only
+    modes: Any = None  # the run's `workers.modes.TrainingModes`: described in each snapshot
     incidents: list[dict[str, Any]] = field(default_factory=list)  # carried over from earlier attempts
 
     @classmethod
     def create(cls, settings: AdviceSettings, engine: Any, *, rank: int, world_size: int, model_kind: str, total_epochs: int,
-               batch_size: int, rollback_dir: Path) -> WorkerAdvice:
+               batch_size: int, rollback_dir: Path, modes: Any = None) -> WorkerAdvice:
         link = (CoordinatorLink.connect(settings.coordinator, settings.namespace, run=settings.run_key, call_timeout_s=settings.call_timeout_s,
                                         config=settings.coordinator_config, run_id=settings.run_id, state=settings.opening_state)
                 if rank == 0 else None)
         return cls(settings=settings, engine=engine, rank=rank, model_kind=model_kind, total_epochs=total_epochs, batch_size=batch_size,
-                   observer=AdviceObserver(engine=engine, world_size=world_size), link=link,
+                   observer=AdviceObserver(engine=engine, world_size=world_size), link=link, modes=modes,
                    probation=ProbationRunner(engine=engine, rank=rank, batch_size=batch_size, rollback_dir=rollback_dir,
-                                             verify_rollback=settings.verify_rollback))
+                                             verify_rollback=settings.verify_rollback, modes=modes))
 
     def on_epoch_end(self, *, epoch: int, step: int, history: list[dict[str, float]], best_params: dict[str, torch.Tensor] | None,
                      run_probation: Callable[[int], ProbationMetrics], epoch_metrics: ProbationMetrics) -> AdviceEvent:
@@ -113,7 +114,8 @@ class WorkerAdvice:
         drift = self.observer.weight_drift(params)
         snapshot = self.observer.snapshot(run_id=self.settings.run_id, model_kind=self.model_kind, total_epochs=self.total_epochs,
                                           epoch=epoch, step=step, history=history, params=params,
-                                          hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window)
+                                          hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window,
+                                          modes=self.modes.describe() if self.modes is not None else {})
         reached, decision = self.link.call("on_epoch_end", snapshot, drift, epoch=epoch)
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")
 

@@ -144,6 +144,7 @@ class TrainConfig:
         require(self.unfreeze_every >= 0, "train.unfreeze_every", self.unfreeze_every, "must be >= 0")
         require(0 <= self.layer_lr_decay <= 1, "train.layer_lr_decay", self.layer_lr_decay, "must be in [0, 1]")
         require(self.l2sp >= 0, "train.l2sp", self.l2sp, "must be >= 0")
+        require(self.l2sp == 0 or self.zero_stage < 3, "train.l2sp", self.l2sp, "needs train.zero_stage 0-2 (ZeRO-3 partitions the weights the pull reads)")
         require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
         require(
             self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,

@@ -55,8 +55,9 @@ def deepspeed_config(train: TrainConfig, *, precision: str, world_size: int) -> 
     }
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def build_optimizer(model: nn.Module, train: TrainConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over `groups` (parameter groups with their own lr; `workers.modes`) or all parameters."""
+    params = groups if groups is not None else model.parameters()
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train.lr, betas=(train.momentum, 0.999), weight_decay=train.weight_decay)
     if train.optimizer == "adam":
@@ -76,7 +77,8 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int, micro_steps_per_epoch: int, device: torch.device):
+def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int, micro_steps_per_epoch: int, device: torch.device,
+                 param_groups: list[dict[str, Any]] | None = None):
     """Wrap `model` in a DeepSpeed engine with the configured ZeRO stage, optimizer and schedule.
 
     Import DeepSpeed here, inside the worker: importing it in a CPU-only driver can fail on some
@@ -88,7 +90,7 @@ def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int, micro
     optimizer_steps_per_epoch = micro_steps_per_epoch // train.grad_accum_steps
     warmup_steps = round(train.warmup_epochs * optimizer_steps_per_epoch)
     total_steps = train.epochs * optimizer_steps_per_epoch
-    optimizer = build_optimizer(model, train)
+    optimizer = build_optimizer(model, train, param_groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=train.min_lr_ratio),
@@ -180,6 +182,15 @@ def load_engine_checkpoint(engine, directory: str, tag: str) -> None:
     path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {directory} (tag {tag!r})")
+    _link_optimizer_state(engine)
+
+
+def _link_optimizer_state(engine) -> None:
+    """Link every ZeRO-1/2 weight fragment to its optimizer-state fragment again.
+
+    DeepSpeed 0.19 links them once, right after the first parameter group's first step, for all groups at
+    once: with several groups (transfer learning's per-block rates) the later groups have no state yet then
+    and stay unlinked. It links nothing again after a checkpoint load either."""
     optimizer = engine.optimizer
     if getattr(optimizer, "_hp_optimizer_states_linked", False) and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._hp_optimizer_states_linked = False
@@ -261,6 +272,8 @@ def write_hyperparameters(engine, values: dict[str, float], *, batch_size: int) 
 def optimizer_state_keys(engine) -> list[str]:
     """The per-parameter tensors the optimizer keeps (exp_avg, momentum_buffer, ...), the same on
     every rank. Collective: a rank whose ZeRO partition is empty must still ask for the same keys."""
+    if len(engine.lr_scheduler.optimizer.param_groups) > 1:
+        _link_optimizer_state(engine)
     keys: set[str] = set()
     for per_param in engine.lr_scheduler.optimizer.state.values():
         keys.update(k for k, v in per_param.items() if torch.is_tensor(v) and v.dim() > 0)
@@ -325,9 +338,11 @@ def params_digest(params: dict[str, torch.Tensor]) -> str:
 
 def set_peak_lr(engine, peak_lr: float) -> None:
     """Make `peak_lr` the schedule's peak from here on, keeping the schedule's position (warm-up/decay):
-    every group's lr becomes `peak_lr * lr_lambda(step)`. Used after restoring another run's checkpoint,
+    the first group's lr becomes `peak_lr * lr_lambda(step)`, the others keep their ratio to it (transfer
+    learning's per-block rates; 0 for a frozen block). Used after restoring another run's checkpoint,
     whose scheduler state carries the old peak."""
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
-    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = peak_lr * lr_lambda(scheduler.last_epoch)
+    head = scheduler.base_lrs[0]
+    scheduler.base_lrs = [peak_lr * (base / head if head > 0 else 1.0) for base in scheduler.base_lrs]
+    for group, base, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)

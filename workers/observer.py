@@ -68,8 +68,17 @@ class AdviceObserver:
     @contextlib.contextmanager
     def watch_dead_units(self):
         """Around a forward pass (validation): record, per conv/linear layer but the last, which
-        output units are never positive, i.e. dead behind the ReLU that follows them."""
-        modules = [(name, m) for name, m in self.engine.module.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))][:-1]
+        output units are never positive, i.e. dead behind the ReLU that follows them. A layer followed by a
+        PReLU or rational activation (`model.activation`, or an adaptive one switched) has no dead units:
+        negative inputs still pass gradient."""
+        from orchestration.menu import activation_after
+        from workers.models import activation_kinds
+
+        model = self.engine.module
+        kinds = activation_kinds(model)
+        order = [name for name, _ in model.named_parameters()]
+        modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))][:-1]
+        modules = [(name, m) for name, m in modules if kinds.get(activation_after(f"{name}.weight", kinds, order) or "", "relu") == "relu"]
         ever_positive: dict[str, torch.Tensor] = {}
 
         def hook(name):
@@ -114,7 +123,8 @@ class AdviceObserver:
         return (delta / max(base, 1e-12)) ** 0.5
 
     def snapshot(self, *, run_id: str, model_kind: str, total_epochs: int, epoch: int, step: int, history: list[dict[str, float]],
-                 params: dict[str, torch.Tensor], hyperparameters: dict[str, float], history_window: int) -> TrainingSnapshot:
+                 params: dict[str, torch.Tensor], hyperparameters: dict[str, float], history_window: int,
+                 modes: dict[str, Any] | None = None) -> TrainingSnapshot:
         """The training state for the coordinator: the last `history_window` epochs of curves and,
         per parameter group, norms, gradient norm, update ratio since last epoch and dead fraction."""
         layers = []
@@ -128,7 +138,7 @@ class AdviceObserver:
             run_id=run_id, epoch=epoch, step=step, total_epochs=total_epochs, model_kind=model_kind,
             train_loss=[r["train_loss"] for r in rows], val_loss=[r["val_loss"] for r in rows],
             train_accuracy=[], val_accuracy=[r["val_accuracy"] for r in rows],
-            hyperparameters=hyperparameters, layers=layers,
+            hyperparameters=hyperparameters, layers=layers, modes=dict(modes or {}),
         )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ class ProbationRunner:
     batch_size: int
     rollback_dir: Path
     verify_rollback: bool = False
+    modes: Any = None  # `workers.modes.TrainingModes`: a proposal's training change, saved and restored with the weights
 
     def run(self, decision: Apply, references: WeightReferences, *, run_probation: Callable[[int], ProbationMetrics],
             epoch_metrics: ProbationMetrics, judge: Judge) -> ProbationResult:
@@ -102,6 +103,8 @@ class ProbationRunner:
             if not proposal.hyperparameters.is_empty():  # checked first: a change that cannot be made touches nothing
                 values, _ = apply_hyperparameter_change(self.hyperparameters(), proposal.hyperparameters)
                 write_hyperparameters(self.engine, values, batch_size=self.batch_size)
+            if proposal.weights and self.modes is not None:
+                self.modes.check_weight_ops(proposal.weights)
             if proposal.weights:
                 updated, operations = apply_weight_ops(references.params, proposal.weights, decision.alphas, best=references.best,
                                                        ema=references.ema, dead_units=references.dead_units, seed=decision.seed)
@@ -110,6 +113,10 @@ class ProbationRunner:
                     write_full_fp32_params(self.engine, updated)  # collective under ZeRO-3
                     if decision.reset_optimizer_moments:
                         reset_optimizer_moments(self.engine, list(updated))
+            if not proposal.training.is_empty():
+                if self.modes is None:
+                    raise ValueError("this run has no research modes to change")
+                logger.debug("training change: %s", self.modes.apply(proposal.training))
         except (ValueError, KeyError, RuntimeError) as error:
             return f"could not apply proposal: {error}"
         return None
@@ -126,12 +133,15 @@ class ProbationRunner:
         self.engine.save_checkpoint(str(self.rollback_dir), tag=ROLLBACK_TAG, save_latest=False)
         barrier()
         return {"hyperparameters": self.hyperparameters(), "scheduler": dict(self.engine.lr_scheduler.state_dict()),
+                "modes": self.modes.state() if self.modes is not None else None,
                 "digest": self.digest() if self.verify_rollback else None}
 
     def restore(self, saved: dict[str, Any]) -> None:
         load_engine_checkpoint(self.engine, str(self.rollback_dir), ROLLBACK_TAG)
         self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
         write_hyperparameters(self.engine, saved["hyperparameters"], batch_size=self.batch_size)
+        if self.modes is not None:
+            self.modes.load_state(saved["modes"])
         barrier()
 
     def digest(self) -> str:

@@ -47,6 +47,7 @@ from workers.engine import (
 from workers.advice import AdviceSettings, WorkerAdvice
 from workers.checkpoints import checkpoint_problem, choose_checkpoint, write_manifest
 from workers.models import build_model, resolve_kind
+from workers.modes import TrainingModes
 
 CHECKPOINT_TAG = "state"
 ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
@@ -78,6 +79,7 @@ class LoopState:
     configured: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, momentum, dropout as the config set them
     params_digest: str = ""  # SHA-256 of the checkpointed weights (sweep trials only: proves a PBT clone)
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank that wrote this state
+    modes: dict[str, Any] = field(default_factory=dict)  # the research modes' state (`TrainingModes.state`)
 
 
 @dataclass(kw_only=True)
@@ -132,25 +134,46 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train = small_data_batch(train, len(split.train), world_size)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(model_config, dataset.sample_shape, len(dataset.classes))
+    modes = TrainingModes.create(train, model_config, model, log=lambda message: _log(rank, message))
     micro_steps = len(shard_batches(len(split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0, seed=train.seed, grad_accum_steps=train.grad_accum_steps))
-    engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device)
+    engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device,
+                                param_groups=modes.optimizer_groups())
+    modes.attach(engine)
     dtype = input_dtype(spec)
 
     advice = _make_advice(loop_config.get("advice"), engine, rank=rank, world_size=world_size, run_dir=run_dir, train=train,
-                          model_kind=model_config.kind)
+                          model_kind=model_config.kind, modes=modes)
 
-    def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(batch: np.ndarray, watch_backward: contextlib.AbstractContextManager | None = None,
+                   weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-step on `batch` (indices into the train split); returns the detached loss and the number of
         samples the model got right (in training mode, before the step). `watch_backward` wraps the backward pass
-        (the advisor's gradient-norm hooks)."""
+        (the advisor's gradient-norm hooks); `weights` are batch selection's importance weights (mean of w * loss)."""
         index = torch.from_numpy(split.train[batch])
         target = labels[index].to(device)
         logits = engine(features[index].to(device, dtype)).float()
-        loss = F.cross_entropy(logits, target)
+        if weights is None:
+            loss = F.cross_entropy(logits, target)
+        else:
+            loss = (torch.from_numpy(weights).to(device, torch.float32) * F.cross_entropy(logits, target, reduction="none")).mean()
+        penalty = modes.penalty()
+        objective = loss if penalty is None else loss + penalty
         with watch_backward or contextlib.nullcontext():
-            engine.backward(loss)
+            engine.backward(objective)
         engine.step()
         return loss.detach(), (logits.detach().argmax(dim=1) == target).sum()
+
+    def sample_scores() -> np.ndarray | None:
+        """Each training sample's loss under the current model (curriculum and batch selection), by position in
+        the train split, the same on every rank; None when no mode needs it."""
+        if not modes.needs_scores:
+            return None
+        result = evaluate(engine, features, labels, split.train, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size),
+                          dtype=dtype, per_sample=True)
+        positions = np.concatenate([np.arange(len(split.train))[r::world_size] for r in range(world_size)])
+        scores = np.empty(len(split.train))
+        scores[positions] = result.sample_losses
+        return scores
 
     def validate(per_sample: bool = False) -> EvalResult:
         return evaluate(engine, features, labels, split.val, rank=rank, world_size=world_size, batch_size=max(256, train.batch_size), dtype=dtype,
@@ -160,12 +183,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         """Train `micro_steps` on this epoch's probation batches, then validate (both branches alike)."""
         torch.manual_seed(stable_seed(train.seed, state.epoch, rank, "probation"))
         engine.train()
-        batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
+        if modes.needs_scores:  # drawn the way the next epoch would draw them, with the branch's own mode state
+            drawn, weights = modes.epoch_batches(scores, num_samples=len(split.train), rank=rank, world_size=world_size, epoch=state.epoch + 1,
+                                                 seed=train.seed, probation=True)
+            batches = [drawn[i % len(drawn)] for i in range(micro_steps)]
+            batch_weights = None if weights is None else [weights[i % len(weights)] for i in range(micro_steps)]
+        else:
+            batches = probation_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=state.epoch, seed=train.seed, micro_steps=micro_steps)
+            batch_weights = None
         losses = []
         for step, batch in enumerate(batches):
             if train.chaos_kill_in == "probation" and train.chaos_kill_epoch == state.epoch and step == len(batches) // 2 and rank == world_size - 1:
                 _chaos_kill_once(run_dir, "during a proposal's probation")
-            losses.append(float(train_step(batch)[0]))
+            losses.append(float(train_step(batch, weights=None if batch_weights is None else batch_weights[step])[0]))
         train_loss, count = _all_reduce_sums(sum(losses), len(losses))
         probe = validate(per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
         return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
@@ -183,8 +213,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(rank, f"checkpoint unusable: {problem}")
     if checkpoint is not None and chosen is None:
         raise RuntimeError(f"no intact checkpoint to resume from: {'; '.join(checkpoint_problems)}")
+    scores: np.ndarray | None = None
     if chosen is not None:
         state, best_params = _restore(engine, chosen, advice)
+        modes.load_state(state.modes)
         state.restarts += 1
         unregistered = checkpoint is None or Path(checkpoint.path) != chosen
         _log(rank, f"resumed from checkpoint after epoch {state.epoch} (restart {state.restarts})"
@@ -197,6 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if problem is not None:
             raise RuntimeError(f"the checkpoint this trial starts from is unusable: {problem}")
         state, best_params = _restore(engine, Path(initial), advice)
+        modes.load_state(state.modes)
         restored_lr = engine.get_lr()[0]
         digest = params_digest(full_fp32_params(engine)) if digest_checkpoints else ""  # collective under ZeRO-3
         changed = _apply_configured_hyperparameters(engine, state.configured, configured, batch_size=train.batch_size)
@@ -229,7 +262,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_start = time.perf_counter()
         # Dropout masks depend only on (seed, epoch, rank): a resumed run replays the same randomness.
         torch.manual_seed(stable_seed(train.seed, epoch, rank))
-        batches = shard_batches(len(split.train), rank=rank, world_size=world_size, batch_size=train.batch_size, epoch=epoch, seed=train.seed, grad_accum_steps=train.grad_accum_steps)
+        scores = sample_scores()
+        batches, batch_weights = modes.epoch_batches(scores, num_samples=len(split.train), rank=rank, world_size=world_size, epoch=epoch, seed=train.seed)
         engine.train()
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.float64)
@@ -238,7 +272,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if train.chaos_kill_in == "epoch" and train.chaos_kill_epoch == epoch and step == len(batches) // 2 and rank == world_size - 1:
                 _chaos_kill_once(run_dir, "mid-epoch")
             last_step = advice is not None and step == len(batches) - 1
-            loss, right = train_step(batch, advice.observer.watch_grad_norms() if last_step else None)
+            loss, right = train_step(batch, advice.observer.watch_grad_norms() if last_step else None,
+                                     None if batch_weights is None else batch_weights[step])
             loss_sum += loss.double().cpu() * len(batch)
             correct += right.double().cpu()
             seen += len(batch)
@@ -282,6 +317,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
         tail_start = time.perf_counter()
+        modes.end_epoch(epoch, log=lambda message: _log(rank, message))
+        state.modes = modes.state()
         if advice is not None:
             advice.remember_state(epoch=epoch)
         worker_rates = gather_to_all(seen / train_seconds)
@@ -344,12 +381,13 @@ def _apply_configured_hyperparameters(engine, before: dict[str, float], now: dic
     return changed
 
 
-def _make_advice(settings: AdviceSettings | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str):
+def _make_advice(settings: AdviceSettings | None, engine, *, rank: int, world_size: int, run_dir: Path, train: TrainConfig, model_kind: str,
+                 modes: TrainingModes):
     """The worker's advice agent, or None when the run trains without an advisor."""
     if settings is None:
         return None
     return WorkerAdvice.create(settings, engine, rank=rank, world_size=world_size, model_kind=model_kind, total_epochs=train.epochs,
-                               batch_size=train.batch_size, rollback_dir=run_dir / ".rollback")
+                               batch_size=train.batch_size, rollback_dir=run_dir / ".rollback", modes=modes)
 
 
 def evaluate(engine, features: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, rank: int, world_size: int, batch_size: int, dtype: torch.dtype,
