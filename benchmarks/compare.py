@@ -18,7 +18,8 @@ triggered), and ablations of the LLM advisor: `llm-no-gate` (every proposal kept
 record in the prompt or the menu's prior), `llm-invent` (it writes whole proposals, the old design).
 Research modes: `curriculum`, `selection` (batch selection the advisor switches), `selection-on`, `activation`
 (adaptive activations the advisor switches), `prelu`, `rational`, `transfer` (from a run of the other image
-task, head first, the advisor unfreezes) and `transfer-schedule` (one block thawed every 2 epochs).
+task, head first, the advisor unfreezes), `transfer-schedule` (one block thawed every 2 epochs) and
+`gradient-free` (the advisor may set the last layer's bias to values from its history).
 
 Printed per task, condition and method: test accuracy (mean and std over seeds), epochs to the task's
 target validation accuracy (median, and how many runs reached it), training wall time, proposals
@@ -60,6 +61,7 @@ METHODS = {
     "rational": ["advisor.backend=none", "model.activation=rational"],
     "transfer": ["advisor.backend=heuristic", "model.pretrained={source}"],
     "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "train.unfreeze_every=2"],
+    "gradient-free": ["advisor.backend=heuristic", "train.gradient_free=true"],
 }
 # Transfer learning starts from a run of the other image task (the CNN's conv layers fit both; the head is
 # fresh). The tabular task has no related source: its transfer rows are skipped.

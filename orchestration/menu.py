@@ -29,6 +29,8 @@ from orchestration.protocol import (
     ACTIVATIONS,
     CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
+    MAX_ABS_EXPLICIT_VALUE,
+    MAX_EXPLICIT_VALUES,
     MAX_UNFREEZE_BLOCKS,
     Diagnosis,
     MenuOption,
@@ -38,7 +40,7 @@ from orchestration.protocol import (
     TrainingSnapshot,
 )
 
-ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection")
+ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection", "free_values")
 MENU_KEYS = "ABCDEF"
 MAX_RESCUE_GROUPS = 4
 MAX_MODE_NAME_CHARS = 80  # a layer or block name longer than this, or not printable, is neither offered nor accepted
@@ -127,6 +129,42 @@ def fit_training(change: TrainingChange, modes: Mapping[str, Any]) -> tuple[Trai
     return TrainingChange(**fitted), done
 
 
+def mode_free_values(modes: Mapping[str, Any]) -> tuple[str, list[float], list[tuple[float, list[float]]]] | None:
+    """Gradient-free proposals: (group, its current values, [(val loss, values)] best first), or None when the
+    run does not enable them or the snapshot's entry is malformed (values of another length, not finite)."""
+    free = modes.get("free_values")
+    if not isinstance(free, Mapping) or not _usable_name(free.get("group")):
+        return None
+    current = free.get("current")
+    if not _numbers(current) or not 0 < len(current) <= MAX_EXPLICIT_VALUES:
+        return None
+    history = [(float(entry[0]), list(entry[1])) for entry in free.get("history") or []
+               if isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_number(entry[0]) and _numbers(entry[1]) and len(entry[1]) == len(current)]
+    return free["group"], list(current), sorted(history, key=lambda entry: entry[0])
+
+
+def free_value_candidates(current: Sequence[float], history: Sequence[tuple[float, Sequence[float]]]) -> list[tuple[str, list[float]]]:
+    """Explicit values to offer for a gradient-free group, from its (val loss, values) history, best first:
+    the best epoch's values (when they are not the current ones), and a step past the best, away from the
+    mean of the others (the direction the history says is downhill). Each clamped to +-MAX_ABS_EXPLICIT_VALUE."""
+    if not history:
+        return []
+    clamp = lambda values: [round(min(max(value, -MAX_ABS_EXPLICIT_VALUE), MAX_ABS_EXPLICIT_VALUE), 5) for value in values]  # noqa: E731
+    best_loss, best = history[0]
+    candidates = []
+    if max(abs(a - b) for a, b in zip(best, current)) > 1e-6:
+        candidates.append((f"the values of its best epoch (val loss {best_loss:.4g})", clamp(best)))
+    others = [values for _, values in history[1:]]
+    if others:
+        mean = [sum(column) / len(others) for column in zip(*others)]
+        candidates.append(("a step past its best values, away from its worse ones", clamp([b + 0.5 * (b - m) for b, m in zip(best, mean)])))
+    return candidates
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(_is_number(value) for value in values)
+
+
 def activation_after(group: str, activations: Mapping[str, str], parameter_order: Sequence[str] = ()) -> str | None:
     """The adaptive activation that takes the output of parameter group `group` ("features.0.weight"), or None.
 
@@ -176,6 +214,8 @@ def action_of(proposal: Proposal) -> str:
     if proposal.is_noop():
         return "keep"
     training = proposal.training
+    if proposal.weights and {op.op for op in proposal.weights} == {"values"} and proposal.hyperparameters.is_empty() and training.is_empty():
+        return "free_values"
     if training.unfreeze is not None:
         return "unfreeze"
     if training.activation_layer is not None:
@@ -278,6 +318,16 @@ def _mode_options(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> dict[str,
         options.setdefault("after lr", []).append(
             ("selection", "switch batch selection on (train on the samples the model gets wrong)", stuck,
              _proposal(f"{stuck}: batch selection on", training={"batch_selection": True})))
+    free = mode_free_values(modes)
+    if free is not None and not (diagnosis.diverging or diagnosis.too_fast):
+        # Gradient-free: explicit values for a small group, from its (values, val loss) history; the probation
+        # compares them with the gradient step they compete with. A remedy when stuck, otherwise a filler.
+        group, current, history = free
+        for does, values in free_value_candidates(current, history):
+            options.setdefault(stuck or "filler", []).append(
+                ("free_values", f"set {group} to {does}", stuck,
+                 _proposal(f"{stuck or 'gradient-free'}: {group} to {does}", alpha=1.0,
+                           weights=[{"op": "values", "group": group, "amount": 0.0, "values": values}])))
     if diagnosis.plateau and activations:
         layer = next((name for name, kind in activations.items() if kind != "rational"), None)
         if layer is not None:

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from orchestration.diagnostics import diagnose
-from orchestration.menu import mode_activations, mode_frozen_blocks, remedies, run_modes
+from orchestration.menu import mode_activations, mode_free_values, mode_frozen_blocks, remedies, run_modes
 from orchestration.protocol import (
     ACTIVATIONS,
     ALPHA_BOUNDS,
@@ -32,6 +32,7 @@ from serve_llm.decoding import GENERATION_MAX_OPS, generation_groups
 
 MAX_LAYERS_SHOWN = 12  # groups beyond this are summarised by count
 MAX_ACTIVATIONS_SHOWN = 6  # adaptive activations beyond this are summarised by count
+MAX_FREE_VALUES_SHOWN = 16  # numbers of a gradient-free group shown per entry
 _HISTORY_NAMES = (
     ("train_loss", "train loss"),
     ("val_loss", "val loss"),
@@ -122,6 +123,12 @@ def _mode_settings(modes: Mapping[str, Any]) -> str:
         trainable = modes.get("trainable_blocks")
         blocks = f"{len(frozen)} blocks frozen" + (f" (next to unfreeze: {_one_line(frozen[-1], 60)})" if frozen else "")
         parts.append(blocks + (f", {len(trainable)} trainable" if isinstance(trainable, list) else ""))
+    free = mode_free_values(modes)
+    if free is not None:
+        group, current, history = free
+        shown = "; ".join(f"{_number(loss)}: [{' '.join(_number(value) for value in values[:MAX_FREE_VALUES_SHOWN])}]" for loss, values in history[:3])
+        parts.append(f"gradient-free {_one_line(group, 60)} now [{' '.join(_number(value) for value in current[:MAX_FREE_VALUES_SHOWN])}]"
+                     + (f", best epochs (val loss: values) {shown}" if shown else ""))
     return "\nModes: " + "; ".join(parts) if parts else ""
 
 

@@ -229,3 +229,40 @@ def test_without_modes_nothing_changes() -> None:
     expected = shard_batches(100, rank=0, world_size=2, batch_size=16, epoch=3, seed=5)
     assert weights is None and all(np.array_equal(a, b) for a, b in zip(batches, expected, strict=True))
     assert dataclasses.asdict(TrainConfig()) == dataclasses.asdict(TrainConfig(curriculum=False, batch_selection="off"))
+
+
+# --- gradient-free proposals ----------------------------------------------------------------------
+
+
+def test_gradient_free_proposals_set_the_head_bias_to_values_from_its_history(single_process_group, tmp_path) -> None:
+    from orchestration.menu import action_of, build_menu
+    from orchestration.protocol import Diagnosis, TrainingSnapshot, WeightOp
+
+    train = TrainConfig(num_workers=1, gradient_free=True, warmup_epochs=0.0)
+    engine, modes = _engine(train, ModelConfig(dropout=0.0))
+    assert modes.free_group == "classifier.4.bias"
+    for epoch, loss in enumerate([0.9, 0.5, 0.7], start=1):  # epoch 2 is the best so far
+        _steps(engine, 2, seed=epoch)
+        modes.end_epoch(epoch, val_loss=loss)
+    described = modes.describe()["free_values"]
+    best = modes.free_history[1][1]
+    assert described["history"][0] == [0.5, best] and described["current"] == modes.free_history[2][1] != best
+
+    snapshot = TrainingSnapshot(epoch=3, hyperparameters={"lr": 1e-3}, modes=modes.describe())
+    options = [option for option in build_menu(snapshot, Diagnosis(plateau=True)) if option.action == "free_values"]
+    assert [option.remedy for option in options] == ["plateau", "plateau"]
+    chosen = Proposal.from_dict(options[0].proposal)
+    assert action_of(chosen) == "free_values" and chosen.weights[0].values == best
+    past = options[1].proposal["weights"][0]["values"]  # best + 0.5 * (best - mean of the others)
+    others = [modes.free_history[0][1], modes.free_history[2][1]]
+    assert past == pytest.approx([b + 0.5 * (b - (x + y) / 2) for b, x, y in zip(best, *others)], abs=1e-4)
+
+    runner = ProbationRunner(engine=engine, rank=0, batch_size=32, rollback_dir=tmp_path / "rollback", modes=modes)
+    decision = Apply(query_id="q1", proposal=chosen, alphas={"classifier.4.bias": 1.0}, source="advisor", epoch_asked=3, probation_steps=2,
+                     reward_mode="counterfactual", reset_optimizer_moments=False, seed=0)
+    runner.run(decision, WeightReferences(params=full_fp32_params(engine)), run_probation=lambda steps: ProbationMetrics(val_loss=1.0),
+               epoch_metrics=ProbationMetrics(val_loss=1.0), judge=lambda *_: Verdict(accepted=True, reward=1.0, reason="better"))
+    assert full_fp32_params(engine)["classifier.4.bias"].tolist() == pytest.approx(best, abs=1e-6)
+    # A frozen block's weights are not the advisor's to set either (transfer learning).
+    with pytest.raises(ValueError, match="frozen"):
+        _transfer(tmp_path / "t")[1].check_weight_ops([WeightOp(op="values", group="features.0.bias", values=[0.0] * 32)])

@@ -113,6 +113,7 @@ class TrainConfig:
     unfreeze_every: int = 0  # with frozen blocks: unfreeze the next one every this many epochs; 0 = only when the advisor asks
     layer_lr_decay: float = 0.3  # discriminative learning rates: a block k below the head trains at lr * layer_lr_decay**k
     l2sp: float = 0.0  # with model.pretrained: strength of the L2 pull toward the pretrained weights (L2-SP)
+    gradient_free: bool = False  # the advisor may set the last layer's bias to explicit values, from a history of (values, val loss)
     tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
     chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
     chaos_kill_in: str = "epoch"  # testing only: where in chaos_kill_epoch: "epoch" (its training steps) or "probation" (a proposal's)

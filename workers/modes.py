@@ -18,6 +18,7 @@ and an unfrozen block k below the head trains at `lr * train.layer_lr_decay**k`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class TrainingModes:
     pool_fraction: float = 0.0  # curriculum: fraction of the training set in this epoch's pool
     pace: float = 0.0
     selecting: bool = False
+    free_group: str = ""  # gradient-free proposals: the parameter group the advisor may set explicitly (the last layer's bias)
+    free_history: list[list[Any]] = field(default_factory=list)  # [val_loss, values] at each epoch end, oldest first
     engine: Any = None  # set by `attach`
     _hooks: list[Any] = field(default_factory=list)
 
@@ -146,6 +149,8 @@ class TrainingModes:
                 f"{len(modes.frozen)} of {len(modes.blocks)} blocks frozen")
             for name, value in model.named_parameters():
                 value.register_hook(modes._gradient_gate(name))
+        if train.gradient_free:
+            modes.free_group = free_values_group(model)
         if train.l2sp > 0 and not modes.pretrained:
             raise ValueError("train.l2sp pulls weights toward pretrained ones: set model.pretrained too")
         return modes
@@ -206,8 +211,14 @@ class TrainingModes:
         total = sum(((named[name] - anchor.to(named[name].device, named[name].dtype)) ** 2).sum() for name, anchor in self.pretrained.items())
         return 0.5 * self.train.l2sp * total
 
-    def end_epoch(self, epoch: int, *, log=lambda message: None) -> None:
-        """Advance the schedules: widen the curriculum's pool; thaw a block every `train.unfreeze_every` epochs."""
+    def end_epoch(self, epoch: int, *, val_loss: float = math.nan, log=lambda message: None) -> None:
+        """Advance the schedules: widen the curriculum's pool; thaw a block every `train.unfreeze_every` epochs;
+        remember the free group's values with the epoch's validation loss. Collective under ZeRO-3 (gradient-free)."""
+        if self.free_group:
+            from workers.engine import full_fp32_params
+
+            values = [round(float(value), 5) for value in full_fp32_params(self.engine)[self.free_group].flatten()]
+            self.free_history = [*self.free_history, [float(val_loss), values]][-FREE_HISTORY_KEPT:]
         if self.train.curriculum:
             from workers.sampling import next_pool_fraction
 
@@ -232,6 +243,10 @@ class TrainingModes:
         if self.transfer:
             described["frozen_blocks"] = list(self.frozen)
             described["trainable_blocks"] = [block for block, _ in self.blocks if block not in self.frozen]
+        if self.free_group:
+            best = sorted((entry for entry in self.free_history if math.isfinite(entry[0])), key=lambda entry: entry[0])[:FREE_HISTORY_SHOWN]
+            described["free_values"] = {"group": self.free_group, "current": self.free_history[-1][1] if self.free_history else [],
+                                        "history": [list(entry) for entry in best]}
         return described
 
     def apply(self, change: TrainingChange) -> list[str]:
@@ -300,15 +315,35 @@ class TrainingModes:
     def state(self) -> dict[str, Any]:
         """The modes' own state. Activation choices are not in it: each is a buffer of its module, saved and
         restored with the model's state (DeepSpeed checkpoints, a probation's rollback)."""
-        return {"frozen": list(self.frozen), "pool_fraction": self.pool_fraction, "pace": self.pace, "selecting": self.selecting}
+        return {"frozen": list(self.frozen), "pool_fraction": self.pool_fraction, "pace": self.pace, "selecting": self.selecting,
+                "free_history": [list(entry) for entry in self.free_history]}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if not state:
             return
         self.frozen = list(state["frozen"])
         self.pool_fraction, self.pace, self.selecting = state["pool_fraction"], state["pace"], state["selecting"]
+        self.free_history = [list(entry) for entry in state.get("free_history", [])]
         if self.engine is not None and self.transfer:
             self._write_block_lrs()
+
+
+FREE_HISTORY_KEPT = 50  # epochs of (val loss, values) remembered for gradient-free proposals
+FREE_HISTORY_SHOWN = 5  # the best of them, shown to the advisor
+
+
+def free_values_group(model: nn.Module) -> str:
+    """The parameter group gradient-free proposals may set: the last linear layer's bias (one number per class)."""
+    from orchestration.protocol import MAX_EXPLICIT_VALUES
+
+    last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.bias is not None]
+    if not last:
+        raise ValueError("train.gradient_free needs a model whose last linear layer has a bias")
+    group = f"{last[-1]}.bias"
+    size = dict(model.named_parameters())[group].numel()
+    if size > MAX_EXPLICIT_VALUES:
+        raise ValueError(f"train.gradient_free: {group} has {size} numbers, more than a proposal may set ({MAX_EXPLICIT_VALUES})")
+    return group
 
 
 def hash_seed(*parts: object) -> int:

@@ -317,7 +317,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     raise RuntimeError(f"rollback of proposal {event.query_id} was not exact")
                 state.rollbacks_verified += int(bool(event.rollback_exact))
         tail_start = time.perf_counter()
-        modes.end_epoch(epoch, log=lambda message: _log(rank, message))
+        modes.end_epoch(epoch, val_loss=val.loss, log=lambda message: _log(rank, message))
         state.modes = modes.state()
         if advice is not None:
             advice.remember_state(epoch=epoch)
