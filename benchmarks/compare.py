@@ -19,7 +19,8 @@ record in the prompt or the menu's prior), `llm-invent` (it writes whole proposa
 Research modes: `curriculum`, `selection` (batch selection the advisor switches), `selection-on`, `activation`
 (adaptive activations the advisor switches), `prelu`, `rational`, `transfer` (from a run of the other image
 task, head first, the advisor unfreezes), `transfer-schedule` (one block thawed every 2 epochs) and
-`gradient-free` (the advisor may set the last layer's bias to values from its history).
+`gradient-free` (the advisor may set the last layer's bias to values from its history) and `neuron-groups`
+(one alpha per k-means group of a layer's neurons; dead clusters re-drawn on their own).
 
 Printed per task, condition and method: test accuracy (mean and std over seeds), epochs to the task's
 target validation accuracy (median, and how many runs reached it), training wall time, proposals
@@ -62,6 +63,7 @@ METHODS = {
     "transfer": ["advisor.backend=heuristic", "model.pretrained={source}"],
     "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "train.unfreeze_every=2"],
     "gradient-free": ["advisor.backend=heuristic", "train.gradient_free=true"],
+    "neuron-groups": ["advisor.backend=heuristic", "coordinator.neuron_groups=true"],
 }
 # Transfer learning starts from a run of the other image task (the CNN's conv layers fit both; the head is
 # fresh). The tabular task has no related source: its transfer rows are skipped.

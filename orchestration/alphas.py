@@ -8,7 +8,7 @@ A group at alpha 0 (stability_alpha = 0, "blending off") stays at 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from orchestration.config import CoordinatorConfig
@@ -43,15 +43,19 @@ class AlphaController:
         """The group's alpha now (`stability_alpha` for a group never judged)."""
         return self.alphas.get(group, self.stability_alpha)
 
-    def for_proposal(self, proposal: Any) -> dict[str, float]:
+    def for_proposal(self, proposal: Any, expand: Callable[[str], list[str]] = lambda group: [group]) -> dict[str, float]:
         """The alpha of each group a proposal's weight ops touch (`alpha_for`), except groups it only
         re-draws dead units of: those take the proposal's own alpha (1 if unset). A dead unit
         contributes nothing, so re-drawing it moves no working weight, and blended at alpha 0.1 a
-        unit whose bias is far below zero stays dead. A group at 0 (blending off) stays at 0."""
-        groups = list(dict.fromkeys(op.group for op in proposal.weights))
-        alphas = self.alpha_for(groups, proposal.alpha)
-        for group in groups:
-            if alphas[group] > 0 and all(op.op == "reinit_dead" for op in proposal.weights if op.group == group):
+        unit whose bias is far below zero stays dead. A group at 0 (blending off) stays at 0.
+        `expand` names the groups an op's group stands for (neuron-group coupling: a layer's neuron groups)."""
+        ops_by_group: dict[str, list[Any]] = {}
+        for op in proposal.weights:
+            for group in expand(op.group):
+                ops_by_group.setdefault(group, []).append(op)
+        alphas = self.alpha_for(ops_by_group, proposal.alpha)
+        for group, ops in ops_by_group.items():
+            if alphas[group] > 0 and all(op.op == "reinit_dead" for op in ops):
                 alphas[group] = 1.0 if proposal.alpha is None else float(proposal.alpha)
         return alphas
 

@@ -68,6 +68,8 @@ class CoordinatorConfig:
     verify_rollback: bool = False  # hash full weights + optimizer moments before/after each rollback (costly on big models)
     apply_hyperparameters: bool = True
     apply_weights: bool = True
+    neuron_groups: bool = False  # one alpha per group of a layer's neurons (k-means on activation statistics, log2(width) groups), not per layer
+    regroup_every: int = 5  # epochs between re-clusterings of the neuron groups
 
     # --- what the advisor is shown -------------------------------------------------------
     history_window: int = 8  # epochs of loss/accuracy history kept in a snapshot sent to the advisor
@@ -76,7 +78,7 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         for name in ("query_interval", "burn_in_epochs"):
             require(getattr(self, name) >= 0, f"coordinator.{name}", getattr(self, name), "must be >= 0")
-        for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries"):
+        for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries", "regroup_every"):
             require(getattr(self, name) >= 1, f"coordinator.{name}", getattr(self, name), "must be >= 1")
         require(self.max_answer_age_epochs >= 0, "coordinator.max_answer_age_epochs", self.max_answer_age_epochs, "must be >= 0")
         require(0 <= self.wait_for_answer_s <= 3600, "coordinator.wait_for_answer_s", self.wait_for_answer_s, "must be in [0, 3600]")

@@ -35,7 +35,7 @@ from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.diagnostics import DiagnosticThresholds, diagnose
 from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
-from orchestration.menu import action_of, build_menu, finding_present
+from orchestration.menu import action_of, build_menu, finding_present, mode_neuron_groups, neuron_group_keys, run_modes
 from orchestration.policy import QueryPolicy
 from orchestration.protocol import (
     Apply,
@@ -385,8 +385,9 @@ class Coordinator:
         at: TrainingSnapshot,
         answer: Any = None,
     ) -> Apply:
-        groups = list(dict.fromkeys(op.group for op in proposal.weights))
-        alphas = self.alphas.for_proposal(proposal)
+        neuron_groups = mode_neuron_groups(run_modes(at)) if self.config.neuron_groups else {}
+        alphas = self.alphas.for_proposal(proposal, expand=lambda group: neuron_group_keys(group, neuron_groups))
+        groups = list(alphas)
         self._record(
             "proposal",
             epoch=at.epoch,

@@ -32,12 +32,14 @@ from orchestration.protocol import (
     MAX_ABS_EXPLICIT_VALUE,
     MAX_EXPLICIT_VALUES,
     MAX_UNFREEZE_BLOCKS,
+    NEURON_GROUP_MARK,
     Diagnosis,
     MenuOption,
     Proposal,
     ProposalOutcome,
     TrainingChange,
     TrainingSnapshot,
+    split_neuron_group,
 )
 
 ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection", "free_values")
@@ -163,6 +165,25 @@ def free_value_candidates(current: Sequence[float], history: Sequence[tuple[floa
 
 def _numbers(values: Any) -> bool:
     return isinstance(values, list) and all(_is_number(value) for value in values)
+
+
+def mode_neuron_groups(modes: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
+    """Neuron-group coupling: {layer module: [{"size", "active", "mean"} per group]} from the snapshot; empty without it."""
+    groups = modes.get("neuron_groups")
+    if not isinstance(groups, Mapping):
+        return {}
+    return {layer: [group for group in described if isinstance(group, Mapping)] for layer, described in groups.items()
+            if _usable_name(layer) and isinstance(described, list) and described}
+
+
+def neuron_group_keys(group: str, neuron_groups: Mapping[str, Sequence[Any]]) -> list[str]:
+    """The alpha keys a weight op's group stands for: "features.0.weight" -> its neuron groups ("features.0.weight#0",
+    ...) when the layer is grouped; a neuron group or an ungrouped layer's group stands for itself."""
+    name, index = split_neuron_group(group)
+    described = neuron_groups.get(name.rpartition(".")[0])
+    if index is not None or not described:
+        return [group]
+    return [f"{name}{NEURON_GROUP_MARK}{position}" for position in range(len(described))]
 
 
 def activation_after(group: str, activations: Mapping[str, str], parameter_order: Sequence[str] = ()) -> str | None:
@@ -379,6 +400,7 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         # A unit is its weight row and its bias: a dead unit re-drawn with its old, very negative bias stays dead.
         known = {layer.name for layer in snapshot.layers}
         targets = list(dict.fromkeys(name for group in groups for name in (group, group.removesuffix(".weight") + ".bias") if name in known))
+        targets = _dead_neuron_groups(targets, mode_neuron_groups(run_modes(snapshot)))
         add_remedy(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
                     _proposal("dead units: re-draw half", alpha=1.0,
                               weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
@@ -414,6 +436,20 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         option.prior = action_prior(option, records, findings=findings)
         menu.append(option)
     return menu
+
+
+DEAD_GROUP_ACTIVITY = 0.05  # a neuron group whose units are positive this rarely on average is a dead cluster
+
+
+def _dead_neuron_groups(targets: list[str], neuron_groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Neuron-group coupling: each grouped layer among `targets` narrowed to its dead clusters (groups active at most
+    `DEAD_GROUP_ACTIVITY`), so re-drawing them, and the verdict's change of alpha, touch those groups only."""
+    narrowed = []
+    for target in targets:
+        described = neuron_groups.get(target.rpartition(".")[0], [])
+        dead = [index for index, group in enumerate(described) if _is_number(group.get("active")) and group["active"] <= DEAD_GROUP_ACTIVITY]
+        narrowed += [f"{target}{NEURON_GROUP_MARK}{index}" for index in dead] or [target]
+    return narrowed
 
 
 def _fit_to_keys(candidates: list[_Candidate], textbook: list[_Candidate]) -> list[_Candidate]:

@@ -58,6 +58,13 @@ VERDICTS = ("accepted", "rejected", "invalid", "stale", "timeout", "cached")
 ACTIVATIONS = ("relu", "prelu", "rational")  # what an adaptive activation may be switched to
 CURRICULUM_PACE_BOUNDS = (0.02, 1.0)  # fraction of the training set added to the curriculum's pool per epoch
 MAX_UNFREEZE_BLOCKS = 4  # blocks one proposal may unfreeze (transfer learning)
+NEURON_GROUP_MARK = "#"  # "features.0.weight#2": the rows of neuron group 2 of that layer (neuron-group coupling)
+
+
+def split_neuron_group(name: str) -> tuple[str, int | None]:
+    """("features.0.weight", 2) for "features.0.weight#2"; (name, None) for a whole parameter group."""
+    base, mark, index = name.rpartition(NEURON_GROUP_MARK)
+    return (base, int(index)) if mark and index.isdigit() else (name, None)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from orchestration.diagnostics import diagnose
-from orchestration.menu import mode_activations, mode_free_values, mode_frozen_blocks, remedies, run_modes
+from orchestration.menu import mode_activations, mode_free_values, mode_frozen_blocks, mode_neuron_groups, remedies, run_modes
 from orchestration.protocol import (
     ACTIVATIONS,
     ALPHA_BOUNDS,
@@ -123,6 +123,10 @@ def _mode_settings(modes: Mapping[str, Any]) -> str:
         trainable = modes.get("trainable_blocks")
         blocks = f"{len(frozen)} blocks frozen" + (f" (next to unfreeze: {_one_line(frozen[-1], 60)})" if frozen else "")
         parts.append(blocks + (f", {len(trainable)} trainable" if isinstance(trainable, list) else ""))
+    neuron_groups = mode_neuron_groups(modes)
+    if neuron_groups:
+        shown = [f"{_one_line(layer, 40)} [{' '.join(_neuron_group(group) for group in groups[:8])}]" for layer, groups in list(neuron_groups.items())[:4]]
+        parts.append(f"neuron groups (units/fraction active; name one as LAYER.weight#N) {'; '.join(shown)}")
     free = mode_free_values(modes)
     if free is not None:
         group, current, history = free
@@ -130,6 +134,10 @@ def _mode_settings(modes: Mapping[str, Any]) -> str:
         parts.append(f"gradient-free {_one_line(group, 60)} now [{' '.join(_number(value) for value in current[:MAX_FREE_VALUES_SHOWN])}]"
                      + (f", best epochs (val loss: values) {shown}" if shown else ""))
     return "\nModes: " + "; ".join(parts) if parts else ""
+
+
+def _neuron_group(group: Mapping[str, Any]) -> str:
+    return f"{_number(group.get('size'))}/{_number(group.get('active'))}"
 
 
 def _training_options(modes: Mapping[str, Any]) -> str:

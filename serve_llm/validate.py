@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestration.menu import fit_training, mode_activations, mode_frozen_blocks, run_modes
+from orchestration.menu import fit_training, mode_activations, mode_frozen_blocks, mode_neuron_groups, run_modes
 from orchestration.protocol import (
     ACTIVATIONS,
     ALPHA_BOUNDS,
@@ -30,6 +30,7 @@ from orchestration.protocol import (
     MAX_REASON_CHARS,
     MAX_UNFREEZE_BLOCKS,
     MAX_WEIGHT_OPS,
+    NEURON_GROUP_MARK,
     WEIGHT_OP_AMOUNT_BOUNDS,
     WEIGHT_OPS,
     HyperparameterChange,
@@ -37,6 +38,7 @@ from orchestration.protocol import (
     TrainingChange,
     TrainingSnapshot,
     WeightOp,
+    split_neuron_group,
 )
 
 ResponseStatus = Literal["valid", "clamped", "rejected", "timeout", "error"]
@@ -247,6 +249,9 @@ def _weight_op(index: int, value: Any, group_sizes: dict[str, int], problems: li
     amount = _number(value.get("amount", 0.0), f"{where}.amount")
     amount = _clamp(amount, WEIGHT_OP_AMOUNT_BOUNDS[op], f"{where}.amount ({op})", problems)
     values = value.get("values")
+    if op == "values" and split_neuron_group(group)[1] is not None:
+        problems.append(f"dropped {where}: explicit values take a whole parameter group, not a neuron group")
+        return None
     if op != "values":
         if values is not None:
             problems.append(f"ignored {where}.values: only the 'values' op takes explicit numbers")
@@ -316,7 +321,7 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
     extra = sorted(set(data) - set(_TOP_LEVEL_FIELDS))
     if extra:
         problems.append(f"ignored unknown fields {[key[:40] for key in extra]}")
-    group_sizes = {layer.name: int(layer.num_params) for layer in snapshot.layers}
+    group_sizes = parameter_group_sizes(snapshot)
     hyperparameters = _hyperparameters(data.get("hyperparameters"), problems)
     weights = _weights(data.get("weights"), group_sizes, problems)
     training = _training(data.get("training"), run_modes(snapshot), problems)
@@ -388,6 +393,21 @@ def _dump(raw: Any) -> str:
         return repr(raw)[:MAX_RAW_CHARS]
 
 
+def parameter_group_sizes(snapshot: TrainingSnapshot) -> dict[str, int]:
+    """Numbers per parameter group a weight op may name: the snapshot's layers and, with neuron-group coupling,
+    each grouped layer's neuron groups ("features.0.weight#2": the rows of that group)."""
+    sizes = {layer.name: int(layer.num_params) for layer in snapshot.layers}
+    for module, groups in mode_neuron_groups(run_modes(snapshot)).items():
+        units = [group.get("size") for group in groups]
+        if not all(isinstance(size, int) and size >= 0 for size in units) or sum(units) == 0:
+            continue
+        for name in (f"{module}.weight", f"{module}.bias"):
+            if name in sizes and sizes[name] % sum(units) == 0:
+                per_unit = sizes[name] // sum(units)
+                sizes.update({f"{name}{NEURON_GROUP_MARK}{index}": size * per_unit for index, size in enumerate(units)})
+    return sizes
+
+
 def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[str]:
     """Every way `proposal` breaks a bound or names a group the snapshot lacks (empty if none).
 
@@ -395,7 +415,7 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
     assert on proposals it got from a cache or a file.
     """
     violations: list[str] = []
-    group_sizes = {layer.name: layer.num_params for layer in snapshot.layers}
+    group_sizes = parameter_group_sizes(snapshot)
 
     def check(value: Any, bounds: tuple[float, float], where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

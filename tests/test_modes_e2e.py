@@ -55,3 +55,22 @@ def test_training_changes_go_through_probation_and_the_ledger(ray_local, tmp_pat
         if any(name.startswith(block + ".") for block in frozen) and name.endswith(("weight", "bias")) and "act" not in name:
             assert (mine[name] == theirs[name]).all(), name
     assert not (mine["classifier.4.weight"] == theirs["classifier.4.weight"]).all()
+
+
+def test_neuron_group_coupling_blends_and_judges_per_group(ray_local, tmp_path) -> None:
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([{"weights": [{"op": "shrink", "group": "features.0.weight#0", "amount": 0.3}], "reason": "one group"},
+                                  {"weights": [{"op": "noise", "group": "classifier.1.weight", "amount": 0.2}], "reason": "a whole layer"}]))
+    run_dir = tmp_path / "groups"
+    overrides = ["train.num_workers=2", "train.epochs=5", "train.early_stopping_patience=0", "coordinator.neuron_groups=true",
+                 "advisor.backend=scripted", f"advisor.script={script}", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
+                 "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "coordinator.verify_rollback=true"]
+    summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
+    ledger = pd.read_csv(run_dir / "interventions.csv")
+    proposals = ledger[ledger.kind == "proposal"]
+    alphas = [json.loads(text) for text in proposals.alphas_json]
+    assert alphas[0] == {"features.0.weight#0": 0.1}  # a proposal on one neuron group: that group's alpha only
+    assert sorted(alphas[1]) == [f"classifier.1.weight#{group}" for group in range(7)]  # 128 units: log2 -> 7 groups, one alpha each
+    assert set(ledger[ledger.kind == "verdict"].verdict) <= {"accepted", "rejected"}
+    assert summary["rollbacks_verified"] == summary["proposals_rejected"]
+    assert audit_run(run_dir) == []

@@ -89,6 +89,9 @@ class WorkerAdvice:
         """Ask (rank 0), broadcast the decision, and carry it out on every rank. Collective."""
         params = full_fp32_params(self.engine)  # collective under ZeRO
         self.observer.update_ema(params)
+        config = self.settings.coordinator_config
+        if getattr(config, "neuron_groups", False) and (not self.observer.unit_groups or epoch % config.regroup_every == 0):
+            self.observer.regroup(seed=epoch)  # the same statistics on every rank: the same groups
         decision: Any = Continue("not asked")
         if self.rank == 0:
             decision = self._ask(epoch=epoch, step=step, history=history, params=params)
@@ -99,7 +102,8 @@ class WorkerAdvice:
         if not isinstance(decision, Apply):
             return AdviceEvent(decision=decision.reason or "continue")
 
-        references = WeightReferences(params=params, best=best_params, ema=self.observer.ema_params, dead_units=self.observer.dead_units)
+        references = WeightReferences(params=params, best=best_params, ema=self.observer.ema_params, dead_units=self.observer.dead_units,
+                                      unit_groups=self.observer.unit_groups)
 
         def judge(candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None) -> Verdict:
             return self._judge(decision, candidate, reference, problem, epoch=epoch, step=step)
@@ -115,9 +119,16 @@ class WorkerAdvice:
         snapshot = self.observer.snapshot(run_id=self.settings.run_id, model_kind=self.model_kind, total_epochs=self.total_epochs,
                                           epoch=epoch, step=step, history=history, params=params,
                                           hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window,
-                                          modes=self.modes.describe() if self.modes is not None else {})
+                                          modes=self._modes())
         reached, decision = self.link.call("on_epoch_end", snapshot, drift, epoch=epoch)
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")
+
+    def _modes(self) -> dict[str, Any]:
+        """The snapshot's `modes`: the research modes' state and, with neuron-group coupling, the groups."""
+        modes = self.modes.describe() if self.modes is not None else {}
+        if self.observer.unit_groups:
+            modes["neuron_groups"] = self.observer.describe_neuron_groups()
+        return modes
 
     def _judge(self, decision: Apply, candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None, *,
                epoch: int, step: int) -> Verdict:

@@ -12,10 +12,11 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from orchestration.protocol import HyperparameterChange, WeightOp
+from orchestration.protocol import NEURON_GROUP_MARK, HyperparameterChange, WeightOp, split_neuron_group
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def apply_weight_ops(
     ema: Mapping[str, torch.Tensor] | None = None,
     dead_units: Mapping[str, torch.Tensor] | None = None,
     seed: int,
+    unit_groups: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Apply a proposal's weight ops: `(new_params, operations)`.
 
@@ -104,46 +106,96 @@ def apply_weight_ops(
     changed; `operations` says, one line per op, what was done or why it was skipped (unknown
     group, missing reference, alpha 0). Random ops draw from a generator seeded by `seed` and the
     group name, so results do not depend on op order across groups or on device.
+
+    Neuron-group coupling (`unit_groups`: layer module -> each output unit's group): an op on
+    "layer.weight#g" changes only the rows (output units) of group g, and a layer's rows blend with
+    their own group's alpha (`alphas["layer.weight#g"]`, else the layer's).
     """
+    unit_groups = unit_groups or {}
     proposed_by_group: dict[str, torch.Tensor] = {}
     ops_seen_per_group: dict[str, int] = {}
     operations: list[str] = []
     for op in ops:
         label = f"{op.op}({op.group},{op.amount:g})"
-        if op.group not in params:
+        name, neuron_group = split_neuron_group(op.group)
+        rows = _group_rows(unit_groups, name, neuron_group, params.get(name))
+        if name not in params or (neuron_group is not None and rows is None):
             operations.append(f"skipped {label}: no parameter group named {op.group!r}")
             continue
-        if op.group not in alphas:
+        if op.group not in alphas and not (neuron_group is None and _row_alphas(alphas, name, unit_groups, params[name]) is not None):
             raise ValueError(f"no alpha given for parameter group {op.group!r}")
-        working = proposed_by_group.get(op.group, params[op.group])
+        working = proposed_by_group.get(name, params[name])
         position = ops_seen_per_group.get(op.group, 0)
         ops_seen_per_group[op.group] = position + 1
         generator = torch.Generator().manual_seed(_group_seed(seed, op.group, position))
         try:
-            proposed_by_group[op.group] = propose_tensor(
+            proposed = propose_tensor(
                 op,
                 working,
-                best=_lookup(best, op.group),
-                ema=_lookup(ema, op.group),
-                dead_units=_lookup(dead_units, op.group),
+                best=_lookup(best, name),
+                ema=_lookup(ema, name),
+                dead_units=_lookup(dead_units, name),
                 generator=generator,
             )
         except ValueError as problem:
             logger.warning("skipping %s: %s", label, problem)
             operations.append(f"skipped {label}: {problem}")
             continue
+        if rows is not None:  # one neuron group's rows take the op; the others keep what they had
+            proposed = torch.where(_rows_like(rows, working), proposed, working)
+        proposed_by_group[name] = proposed
         operations.append(label)
 
     new_params: dict[str, torch.Tensor] = {}
     for group, proposed in proposed_by_group.items():
-        alpha = alphas[group]
-        if alpha == 0.0:
-            operations.append(f"unchanged {group}: alpha=0")
+        current = params[group]
+        row_alphas = _row_alphas(alphas, group, unit_groups, current)
+        if row_alphas is None:
+            alpha = alphas[group]
+            if alpha == 0.0:
+                operations.append(f"unchanged {group}: alpha=0")
+                continue
+            with torch.no_grad():
+                new_params[group] = blend(current, proposed, alpha)
+            operations.append(f"blended {group} with alpha={alpha:g}")
             continue
-        with torch.no_grad():
-            new_params[group] = blend(params[group], proposed, alpha)
-        operations.append(f"blended {group} with alpha={alpha:g}")
+        weight = row_alphas.to(current.dtype).reshape(-1, *([1] * (current.dim() - 1)))
+        with torch.no_grad():  # lerp is exact at a row's alpha 0 (unchanged) and 1 (the proposed values)
+            new_params[group] = torch.lerp(current.detach(), proposed.detach().to(current.dtype), weight.expand_as(current))
+        operations.append(f"blended {group} per neuron group, alphas {sorted(set(row_alphas.tolist()))}")
     return new_params, operations
+
+
+def _layer_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _group_rows(unit_groups: Mapping[str, Any], name: str, neuron_group: int | None, current: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of `neuron_group` of the parameter `name` (a bool mask over dim 0), or None for a whole group
+    (or a neuron group the layer does not have)."""
+    labels = unit_groups.get(_layer_of(name))
+    if neuron_group is None or labels is None or current is None or current.dim() == 0 or len(labels) != current.shape[0]:
+        return None
+    rows = torch.as_tensor(labels) == neuron_group
+    return rows if bool(rows.any()) else None
+
+
+def _rows_like(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return rows.to(like.device).reshape(-1, *([1] * (like.dim() - 1))).expand_as(like)
+
+
+def _row_alphas(alphas: Mapping[str, float], name: str, unit_groups: Mapping[str, Any], current: torch.Tensor) -> torch.Tensor | None:
+    """Each row's alpha when the layer has neuron groups with alphas of their own (a group without one takes the
+    layer's, else 0); None otherwise."""
+    labels = unit_groups.get(_layer_of(name))
+    if labels is None or current.dim() == 0 or len(labels) != current.shape[0]:
+        return None
+    keys = {int(group): f"{name}{NEURON_GROUP_MARK}{int(group)}" for group in set(labels.tolist())}
+    if not any(key in alphas for key in keys.values()):
+        return None
+    fallback = alphas.get(name, 0.0)  # a row of a group without an alpha (an op on another group only) keeps its values
+    per_group = {group: alphas.get(key, fallback) for group, key in keys.items()}
+    return torch.tensor([per_group[int(group)] for group in labels.tolist()], dtype=torch.float64)
 
 
 def apply_hyperparameter_change(

@@ -107,7 +107,7 @@ class TrainConfig:
     curriculum: bool = False  # easiest samples first (loss under the current model), the pool widening each epoch
     curriculum_start: float = 0.3  # fraction of the training set in the first epoch's pool
     curriculum_pace: float = 0.15  # fraction added to the pool per epoch (the advisor may change it)
-    batch_selection: str = "off"  # off | on | advised: batches drawn by loss, importance-weighted so the gradient stays unbiased
+    batch_selection: str | bool = "off"  # off | on | advised: batches drawn by loss, importance-weighted so the gradient stays unbiased (YAML reads on/off as true/false: both work)
     selection_floor: float = 0.2  # share of uniform probability mixed in (bounds each importance weight by 1 / floor)
     freeze_pretrained: bool = True  # with model.pretrained: train the head only at first
     unfreeze_every: int = 0  # with frozen blocks: unfreeze the next one every this many epochs; 0 = only when the advisor asks
@@ -138,6 +138,8 @@ class TrainConfig:
         require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         require(self.chaos_kill_in in ("epoch", "probation"), "train.chaos_kill_in", self.chaos_kill_in, "must be 'epoch' or 'probation'")
+        if isinstance(self.batch_selection, bool):
+            self.batch_selection = "on" if self.batch_selection else "off"
         require(0 < self.curriculum_start <= 1, "train.curriculum_start", self.curriculum_start, "must be in (0, 1]")
         require(0.02 <= self.curriculum_pace <= 1, "train.curriculum_pace", self.curriculum_pace, "must be in [0.02, 1]")
         require(self.batch_selection in BATCH_SELECTION, "train.batch_selection", self.batch_selection, f"must be one of {BATCH_SELECTION}")

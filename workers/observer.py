@@ -35,6 +35,8 @@ class AdviceObserver:
     grad_norms: dict[str, float] = field(default_factory=dict)  # RMS over ranks of local gradient norms
     dead_fraction: dict[str, float] = field(default_factory=dict)
     dead_units: dict[str, torch.Tensor] = field(default_factory=dict)
+    unit_stats: dict[str, Any] = field(default_factory=dict)  # layer module -> (units, 2) numpy: mean output, fraction positive
+    unit_groups: dict[str, Any] = field(default_factory=dict)  # layer module -> each unit's neuron group (numpy ints); empty unless coupling by groups
     ema_params: dict[str, torch.Tensor] | None = None
     last_params: dict[str, torch.Tensor] | None = None
     query_params: dict[str, torch.Tensor] | None = None
@@ -67,10 +69,11 @@ class AdviceObserver:
 
     @contextlib.contextmanager
     def watch_dead_units(self):
-        """Around a forward pass (validation): record, per conv/linear layer but the last, which
-        output units are never positive, i.e. dead behind the ReLU that follows them. A layer followed by a
-        PReLU or rational activation (`model.activation`, or an adaptive one switched) has no dead units:
-        negative inputs still pass gradient."""
+        """Around a forward pass (validation): record, per conv/linear layer but the last, which output units are
+        never positive, i.e. dead behind the ReLU that follows them, and each unit's mean output and fraction of
+        positive outputs (`unit_stats`, for neuron-group coupling). A layer followed by a PReLU or rational
+        activation (`model.activation`, or an adaptive one switched) has no dead units: negative inputs still
+        pass gradient."""
         from orchestration.menu import activation_after
         from workers.models import activation_kinds
 
@@ -78,13 +81,21 @@ class AdviceObserver:
         kinds = activation_kinds(model)
         order = [name for name, _ in model.named_parameters()]
         modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))][:-1]
-        modules = [(name, m) for name, m in modules if kinds.get(activation_after(f"{name}.weight", kinds, order) or "", "relu") == "relu"]
-        ever_positive: dict[str, torch.Tensor] = {}
+        behind_relu = {name for name, _ in modules if kinds.get(activation_after(f"{name}.weight", kinds, order) or "", "relu") == "relu"}
+        # per layer: [ever positive, positive count, output sum, output count] per unit
+        sums: dict[str, torch.Tensor] = {}
 
         def hook(name):
             def record(_module, _inputs, output):
-                positive = (output.detach() > 0).transpose(0, 1).reshape(output.shape[1], -1).any(dim=1).cpu()
-                ever_positive[name] = ever_positive.get(name, torch.zeros_like(positive)) | positive
+                values = output.detach().float().transpose(0, 1).reshape(output.shape[1], -1)
+                positive = values > 0
+                batch = torch.stack([positive.any(dim=1).double(), positive.sum(dim=1).double(), values.sum(dim=1).double(),
+                                     torch.full((values.shape[0],), float(values.shape[1]), dtype=torch.float64)], dim=1).cpu()
+                if name in sums:
+                    sums[name][:, 0] = torch.maximum(sums[name][:, 0], batch[:, 0])
+                    sums[name][:, 1:] += batch[:, 1:]
+                else:
+                    sums[name] = batch
             return record
 
         handles = [module.register_forward_hook(hook(name)) for name, module in modules]
@@ -93,20 +104,36 @@ class AdviceObserver:
         finally:
             for handle in handles:
                 handle.remove()
-        fractions, masks = {}, {}
-        seen = [name for name, _ in modules if name in ever_positive]
+        seen = [name for name, _ in modules if name in sums]
+        self.dead_fraction, self.dead_units, self.unit_stats = {}, {}, {}
         if not seen:
-            self.dead_fraction, self.dead_units = fractions, masks
             return
-        alive_all = torch.cat([ever_positive[name] for name in seen]).to(torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(alive_all, op=dist.ReduceOp.MAX)  # one collective for every layer
-        for name, alive in zip(seen, torch.split(alive_all, [len(ever_positive[name]) for name in seen])):
-            dead = alive == 0
-            for suffix in ("weight", "bias"):
-                masks[f"{name}.{suffix}"] = dead
-            fractions[f"{name}.weight"] = float(dead.float().mean())
-        self.dead_fraction, self.dead_units = fractions, masks
+        ever = torch.cat([sums[name][:, 0] for name in seen])
+        totals = torch.cat([sums[name][:, 1:] for name in seen])
+        if dist.is_initialized():  # two collectives for every layer
+            dist.all_reduce(ever, op=dist.ReduceOp.MAX)
+            dist.all_reduce(totals)
+        sizes = [len(sums[name]) for name in seen]
+        for name, alive, total in zip(seen, torch.split(ever, sizes), torch.split(totals, sizes)):
+            count = total[:, 2].clamp(min=1)
+            self.unit_stats[name] = torch.stack([total[:, 1] / count, total[:, 0] / count], dim=1).numpy()  # [mean, fraction positive]
+            if name in behind_relu:
+                dead = alive == 0
+                for suffix in ("weight", "bias"):
+                    self.dead_units[f"{name}.{suffix}"] = dead
+                self.dead_fraction[f"{name}.weight"] = float(dead.float().mean())
+
+    def regroup(self, *, seed: int) -> None:
+        """Cluster each layer's units into neuron groups from the last `watch_dead_units` pass (`workers.coupling`)."""
+        from workers.coupling import unit_groups
+
+        self.unit_groups = unit_groups(self.unit_stats, seed=seed) if self.unit_stats else {}
+
+    def describe_neuron_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """For the snapshot's modes: per layer module, each neuron group's size and activity."""
+        from workers.coupling import describe_groups
+
+        return {layer: describe_groups(labels, self.unit_stats[layer]) for layer, labels in self.unit_groups.items() if layer in self.unit_stats}
 
     def update_ema(self, params: dict[str, torch.Tensor]) -> None:
         """Fold this epoch's weights into the EMA: `ema = d * ema + (1 - d) * W`, `d = EMA_DECAY`."""

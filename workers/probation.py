@@ -60,6 +60,7 @@ class WeightReferences:
     best: dict[str, torch.Tensor] | None = None
     ema: dict[str, torch.Tensor] | None = None
     dead_units: dict[str, torch.Tensor] | None = None
+    unit_groups: dict[str, Any] | None = None  # layer module -> each output unit's neuron group (neuron-group coupling)
 
 
 @dataclass(kw_only=True)
@@ -107,7 +108,8 @@ class ProbationRunner:
                 self.modes.check_weight_ops(proposal.weights)
             if proposal.weights:
                 updated, operations = apply_weight_ops(references.params, proposal.weights, decision.alphas, best=references.best,
-                                                       ema=references.ema, dead_units=references.dead_units, seed=decision.seed)
+                                                       ema=references.ema, dead_units=references.dead_units, seed=decision.seed,
+                                                       unit_groups=references.unit_groups)
                 logger.debug("weight ops: %s", operations)
                 if updated:
                     write_full_fp32_params(self.engine, updated)  # collective under ZeRO-3
