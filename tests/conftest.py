@@ -69,3 +69,23 @@ def single_process_group(_process_group):
         for key, value in _process_group.items():
             patch.setenv(key, value)
         yield
+
+
+class Answers:
+    """An advisor port whose futures the test answers (`advisor.futures[i][1].set_result(...)`)."""
+
+    def __init__(self) -> None:
+        self.futures: list = []  # (snapshot, Future) per query, in order
+
+    def submit(self, snapshot):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self.futures.append((snapshot, future))
+        return future
+
+
+@pytest.fixture
+def answers() -> Answers:
+    """A fresh `Answers` advisor port for a coordinator under test."""
+    return Answers()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import Future
 
 import pytest
 
@@ -157,22 +156,12 @@ def test_slow_learning_is_a_finding_and_rising_val_loss_with_steady_accuracy_is_
     assert is_diverging([0.5, 0.6, 0.7], [0.5, 0.6, 0.9], 1.5, [0.9, 0.8, 0.6]) is not None
 
 
-class Answers:
-    def __init__(self) -> None:
-        self.futures: list[tuple[TrainingSnapshot, Future]] = []
-
-    def submit(self, snapshot: TrainingSnapshot) -> Future:
-        future: Future = Future()
-        self.futures.append((snapshot, future))
-        return future
-
-
 def plateau_state(epoch: int) -> TrainingSnapshot:
     return state(epoch=epoch, train_loss=[0.5, 0.45, 0.44, 0.44, 0.44, 0.44], val_loss=[0.5, 0.48, 0.48, 0.48, 0.48, 0.48])
 
 
-def test_the_coordinator_sends_a_menu_and_drops_a_late_pick_whose_finding_is_gone() -> None:
-    advisor = Answers()
+def test_the_coordinator_sends_a_menu_and_drops_a_late_pick_whose_finding_is_gone(answers) -> None:
+    advisor = answers
     coordinator = Coordinator(CoordinatorConfig(query_interval=0, max_answer_age_epochs=8), advisor)
     coordinator.on_epoch_end(plateau_state(5))
     sent = advisor.futures[0][0]
@@ -185,8 +174,8 @@ def test_the_coordinator_sends_a_menu_and_drops_a_late_pick_whose_finding_is_gon
     assert stale and "plateau" in stale[0]["reason"] and "gone" in stale[0]["reason"]
 
 
-def test_a_pick_whose_finding_persists_goes_on_probation_and_joins_the_track_record() -> None:
-    advisor = Answers()
+def test_a_pick_whose_finding_persists_goes_on_probation_and_joins_the_track_record(answers) -> None:
+    advisor = answers
     coordinator = Coordinator(CoordinatorConfig(query_interval=0), advisor)
     coordinator.on_epoch_end(plateau_state(5))
     advisor.futures[0][1].set_result(validate_choice("B", advisor.futures[0][0]))

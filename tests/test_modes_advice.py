@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from concurrent.futures import Future
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -427,22 +426,12 @@ def test_the_cache_does_not_replay_a_training_change_that_no_longer_applies() ->
     assert cache.lookup(switched)[0].hyperparameters.lr_scale == 0.5  # a change without training replays as before
 
 
-class Answers:
-    def __init__(self) -> None:
-        self.futures: list[tuple[TrainingSnapshot, Future]] = []
-
-    def submit(self, snapshot: TrainingSnapshot) -> Future:
-        future: Future = Future()
-        self.futures.append((snapshot, future))
-        return future
-
-
 def plateau(epoch: int, modes: dict) -> TrainingSnapshot:
     return state(modes, epoch=epoch, train_loss=[0.5, 0.45, 0.44, 0.44, 0.44, 0.44], val_loss=[0.5, 0.48, 0.48, 0.48, 0.48, 0.48])
 
 
-def test_the_coordinator_applies_a_picked_unfreeze_and_records_its_family() -> None:
-    advisor = Answers()
+def test_the_coordinator_applies_a_picked_unfreeze_and_records_its_family(answers) -> None:
+    advisor = answers
     coordinator = Coordinator(CoordinatorConfig(query_interval=0), advisor)
     coordinator.on_epoch_end(plateau(5, MODES))
     sent = advisor.futures[0][0]

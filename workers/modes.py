@@ -188,11 +188,11 @@ class TrainingModes:
         or, with `probation`, for a probation (a different seed; the pool of the epoch to come). Curriculum
         epochs have as many steps as full ones, drawn from the pool, so the budget is the same."""
         from workers import sampling
-        from workers.data import shard_batches
+        from workers.data import shard_batches, stable_seed
 
         batch_size, accumulation = self.train.batch_size, self.train.grad_accum_steps
         if probation:
-            seed = hash_seed(seed, epoch, "probation")
+            seed = stable_seed(seed, epoch, "probation")
         if self.selecting and scores is not None:
             return sampling.selected_batches(scores, rank=rank, world_size=world_size, batch_size=batch_size, epoch=epoch, seed=seed,
                                              floor=self.train.selection_floor, grad_accum_steps=accumulation)
@@ -344,9 +344,3 @@ def free_values_group(model: nn.Module) -> str:
     if size > MAX_EXPLICIT_VALUES:
         raise ValueError(f"train.gradient_free: {group} has {size} numbers, more than a proposal may set ({MAX_EXPLICIT_VALUES})")
     return group
-
-
-def hash_seed(*parts: object) -> int:
-    from workers.data import stable_seed
-
-    return stable_seed(*parts)
