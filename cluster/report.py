@@ -171,8 +171,8 @@ def _advisor(ledger: pd.DataFrame) -> Figure:
     latency.set_xlabel("epoch")
     latency.set_ylabel("advisor latency (s)")
     counts = ledger.kind.value_counts()
-    queries, hits = int(counts.get("query", 0)), int(counts.get("cache_hit", 0))
-    cache.bar(["asked the model", "cache hits"], [queries, hits], color=["#1f77b4", "#2ca02c"])
+    queries, hits, kept = (int(counts.get(kind, 0)) for kind in ("query", "cache_hit", "kept"))
+    cache.bar(["asked the model", "cache hits", "kept, no finding"], [queries, hits, kept], color=["#1f77b4", "#2ca02c", "#7f7f7f"])
     rate = hits / (queries + hits) if queries + hits else 0.0
     cache.set_title(f"cache hit rate {rate:.0%}", fontsize=9)
     return _figure("advisor", "Advisor latency and cache hits", figure)

@@ -40,6 +40,9 @@ class CoordinatorConfig:
     # --- what the advisor answers ----------------------------------------------------------
     advice_mode: AdviceMode = "choose"  # choose: pick from a menu built from the diagnosis | invent: write a whole proposal
     track_record: bool = True  # the menu shows, and its prior weighs, how each action fared earlier in the run
+    # choose mode: ask the advisor even when no menu option answers a finding. Off: the coordinator keeps on its own
+    # (recorded), since a model call costs seconds of the cores training uses to confirm "keep".
+    ask_when_healthy: bool = False
 
     # --- response cache ------------------------------------------------------------------
     cache_enabled: bool = True

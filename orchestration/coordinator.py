@@ -307,6 +307,12 @@ class Coordinator:
         if self.config.advice_mode == "choose":
             prompt.menu = build_menu(prompt, snapshot.diagnosis or diagnose(snapshot, self.thresholds),
                                      self.outcomes if self.config.track_record else ())
+            if not self.config.ask_when_healthy and not any(option.remedy for option in prompt.menu):
+                # Nothing on the menu answers a finding: "keep" is the answer, and asking a model for it would
+                # cost seconds of the cores training uses. Recorded like an answer, so the ledger shows the look.
+                self._record("kept", epoch=snapshot.epoch, step=snapshot.step, query_id=query_id, proposal=Proposal.from_dict(prompt.menu[0].proposal),
+                             reason=f"{reason}; no finding to answer, kept without asking the advisor (coordinator.ask_when_healthy)")
+                return Continue(f"kept without asking ({query_id}): no finding", asked_now=True)
         if self.config.cache_enabled:
             entry, distance = self.cache.lookup_entry(prompt, asker=self.run_id)
             if entry is not None:

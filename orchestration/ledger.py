@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-RecordKind = Literal["query", "cache_hit", "proposal", "verdict", "rollback", "invalid", "stale", "timeout", "error"]
-RECORD_KINDS = ("query", "cache_hit", "proposal", "verdict", "rollback", "invalid", "stale", "timeout", "error")
+RecordKind = Literal["query", "cache_hit", "kept", "proposal", "verdict", "rollback", "invalid", "stale", "timeout", "error"]
+RECORD_KINDS = ("query", "cache_hit", "kept", "proposal", "verdict", "rollback", "invalid", "stale", "timeout", "error")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -82,6 +82,7 @@ class Ledger:
         return {
             "advisor_queries": kinds.count("query"),
             "cache_hits": kinds.count("cache_hit"),
+            "kept_unasked": kinds.count("kept"),
             "proposals_accepted": verdicts.count("accepted"),
             "proposals_rejected": verdicts.count("rejected"),
             "proposals_invalid": kinds.count("invalid"),

@@ -135,6 +135,35 @@ class TransformersBackend:
         finished = [bool((row == eos).any()) for row in new_tokens]
         return self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True), finished
 
+    def _last_logits(self, texts: list[str]) -> Any:
+        """The next-token logits after each of `texts` (one snapshot's menu in several orders), [len(texts), vocab].
+
+        The texts share everything before the menu, so that prefix is run once and its key/value cache reused:
+        one forward pass over the prefix, then one over each order's menu, instead of one over each whole prompt
+        (about 40% less compute for two orders on a ~300-token prompt). The tokens are the whole prompts'
+        tokens, split where they first differ, so the logits are those of the plain batched pass."""
+        torch = self._torch
+        ids = [self._tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        shared = min(len(row) for row in ids) - 1  # at least one token of its own per text: its logits are the answer
+        for position in range(shared):
+            if any(row[position] != ids[0][position] for row in ids[1:]):
+                shared = position
+                break
+        device = self._lm.device
+        width = max(len(row) for row in ids) - shared
+        pad = self._tokenizer.pad_token_id
+        suffix = torch.tensor([row[shared:] + [pad] * (width - len(row) + shared) for row in ids], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row) + shared) for row in ids], device=device)
+        ends = torch.tensor([len(row) - shared - 1 for row in ids], device=device)
+        with self._generate_lock, torch.inference_mode():
+            past = None
+            if shared:
+                past = self._lm(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True).past_key_values
+                past.batch_repeat_interleave(len(ids))
+            # Right padding: a text's real tokens come before its pads and never attend to them.
+            logits = self._lm(input_ids=suffix, attention_mask=mask, past_key_values=past, use_cache=past is not None).logits
+            return logits[torch.arange(len(ids), device=device), ends].float().cpu()
+
     def _key_token(self, key: str) -> int:
         ids = self._tokenizer.encode(key, add_special_tokens=False)
         if not ids:
@@ -147,7 +176,7 @@ class TransformersBackend:
         forward pass gives the model's probability of each letter as the answer's first token; an
         option's score is its mean probability over the orders, times the coordinator's prior
         (`MenuOption.prior`: the finding it answers and its track record), and the highest wins.
-        Deterministic; costs one batched prefill of `advisor.menu_orders` prompts per snapshot."""
+        Deterministic; costs one pass over the prompt and one over each order's menu per snapshot."""
         torch = self._torch
         started = time.perf_counter()
         views: list[tuple[int, list[int], TrainingSnapshot]] = []  # (snapshot index, option order, re-lettered copy)
@@ -158,11 +187,8 @@ class TransformersBackend:
                                                               for slot, original in enumerate(order)])
                 views.append((index, order, rotated))
         try:
-            texts = [self._prompt_text(view) for _, _, view in views]
-            inputs = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            inputs = {key: value.to(self._lm.device) for key, value in inputs.items()}
-            with self._generate_lock, torch.inference_mode():
-                last = self._lm(**inputs).logits[:, -1, :].float().cpu()
+            last = torch.cat([self._last_logits([self._prompt_text(view) for view in group])
+                              for group in _by_snapshot(views)])
         except Exception as error:  # noqa: BLE001 - one failed batch must not take the replica down
             logger.exception("advisor scoring failed for %d snapshots", len(snapshots))
             return [AdvisorResponse.failure("error", f"scoring failed: {type(error).__name__}: {error}", latency_s=time.perf_counter() - started,
@@ -214,6 +240,14 @@ class TransformersBackend:
                     response.problems.append(f"generation stopped at max_new_tokens={self._config.max_new_tokens}")
                 responses[index] = response
         return [response for response in responses if response is not None]
+
+
+def _by_snapshot(views: list[tuple[int, list[int], TrainingSnapshot]]) -> list[list[TrainingSnapshot]]:
+    """The re-lettered views grouped by the snapshot they come from, in order."""
+    groups: dict[int, list[TrainingSnapshot]] = {}
+    for index, _, view in views:
+        groups.setdefault(index, []).append(view)
+    return list(groups.values())
 
 
 def _orders(count: int, wanted: int) -> list[list[int]]:

@@ -61,6 +61,10 @@ class AdvisorConfig:
     choose_template: str = "advisor_choose_v1"  # for picks from the coordinator's menu (advice_mode: choose)
     menu_orders: int = 2  # orders a menu is scored in (as listed, reversed, then rotations): cancels the model's bias for a position
     nice: int = 10  # CPU priority of the replica process (0-19): advice must not slow training on shared cores
+    # The replica's compute threads under Linux SCHED_IDLE: they get a core only when nothing else wants it, so on
+    # cores shared with training an answer waits for idle time instead of slowing the training. None = on for
+    # CPU replicas, off for GPU replicas (their threads only feed the GPU and must not queue behind data loading).
+    idle_cpu: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.backend in BACKENDS, "advisor.backend", self.backend, f"must be one of {BACKENDS}")
@@ -74,6 +78,7 @@ class AdvisorConfig:
         require(self.script is None or (isinstance(self.script, str) and bool(self.script.strip())), "advisor.script", self.script,
                 "must be a file path or None")
         require(is_int(self.nice) and 0 <= self.nice <= 19, "advisor.nice", self.nice, "must be an integer in [0, 19]")
+        require(self.idle_cpu is None or isinstance(self.idle_cpu, bool), "advisor.idle_cpu", self.idle_cpu, "must be true, false or null (auto)")
         # The value is not echoed: a key pasted here by mistake must not reach the terminal or a log.
         require(isinstance(self.api_key_env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", self.api_key_env) is not None,
                 "advisor.api_key_env", "(not shown)", "must be the NAME of an environment variable holding the key, never the key itself")
@@ -100,6 +105,11 @@ class AdvisorConfig:
     def template_for(self, snapshot: Any) -> str:
         """The prompt template for a snapshot: the choosing one when it carries a menu."""
         return self.choose_template if getattr(snapshot, "menu", None) else self.prompt_template
+
+    @property
+    def wants_idle_cpu(self) -> bool:
+        """Whether the replica's compute threads should run under SCHED_IDLE (`idle_cpu`, or auto: CPU replicas)."""
+        return self.num_gpus_per_replica == 0 if self.idle_cpu is None else self.idle_cpu
 
     @property
     def is_served(self) -> bool:

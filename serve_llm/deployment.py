@@ -51,12 +51,36 @@ class AdvisorDeployment:
         self._propose_batched.set_batch_wait_timeout_s(self._config.batch_wait_timeout_s)
         self._served = 0
         self._timeouts = 0
+        self._cpu_priority = f"nice {self._config.nice}"
+        self._idle_cpu = self._config.wants_idle_cpu
         self._run_lock = threading.Lock()  # one backend call at a time, even after a timed-out batch
         logger.info("advisor replica ready: backend=%s model=%s", self._backend.name, self._backend.model)
 
-    def _run_backend(self, items: list[tuple[TrainingSnapshot, float]]) -> list[AdvisorResponse]:
+    def _lower_compute_threads(self, keep: int) -> None:
+        """Put every thread of this process except `keep` (the event loop's, which answers health checks)
+        under SCHED_IDLE; threads the backend starts later (torch's pool) inherit it from the caller.
+        Where the kernel refuses, say so once and stay at `nice`: the answer then competes with training."""
+        if not self._idle_cpu:
+            return
+        try:
+            idle = os.sched_param(0)
+            for tid in os.listdir("/proc/self/task"):
+                if int(tid) != keep and os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
+                    try:
+                        os.sched_setscheduler(int(tid), os.SCHED_IDLE, idle)
+                    except ProcessLookupError:
+                        pass  # the thread ended meanwhile
+            self._cpu_priority = "idle (SCHED_IDLE)"
+        except (AttributeError, OSError) as error:
+            self._idle_cpu = False
+            self._cpu_priority = f"nice {self._config.nice} (SCHED_IDLE unavailable: {error})"
+            logger.warning("advisor replica: cannot run at idle CPU priority (%s); staying at nice %d, so answers "
+                           "compete with training for CPU", error, self._config.nice)
+
+    def _run_backend(self, items: list[tuple[TrainingSnapshot, float]], loop_thread: int = 0) -> list[AdvisorResponse]:
         """Runs in a worker thread. Requests whose deadline passed while queued are answered as
         timeouts without being computed, so a backlog does not snowball."""
+        self._lower_compute_threads(keep=loop_thread)
         with self._run_lock:
             now = time.monotonic()
             live = [index for index, (_, deadline) in enumerate(items) if deadline > now]
@@ -73,7 +97,7 @@ class AdvisorDeployment:
     async def _propose_batched(self, items: list[tuple[TrainingSnapshot, float]]) -> list[AdvisorResponse]:
         # The backend is blocking CPU/GPU work: run it off the event loop so that health checks
         # and deadlines keep being served while it generates.
-        return await asyncio.to_thread(self._run_backend, items)
+        return await asyncio.to_thread(self._run_backend, items, threading.get_native_id())
 
     def _timeout_response(self, latency_s: float, detail: str) -> AdvisorResponse:
         return AdvisorResponse.failure(
@@ -118,6 +142,7 @@ class AdvisorDeployment:
             "timeouts": self._timeouts,
             "max_batch_size": self._config.max_batch_size,
             "torch_threads": getattr(self._backend, "torch_threads", None),
+            "cpu_priority": self._cpu_priority,
         }
 
     def check_health(self) -> None:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 EPOCHS = 5
 BASE = ["train.num_workers=2", f"train.epochs={EPOCHS}", "train.early_stopping_patience=0"]
-ASK_EVERY_EPOCH = ["coordinator.query_interval=1", "coordinator.burn_in_epochs=1", "coordinator.probation_steps=4", "coordinator.cache_enabled=false"]
+ASK_EVERY_EPOCH = ["coordinator.ask_when_healthy=true", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1", "coordinator.probation_steps=4", "coordinator.cache_enabled=false"]
 GROUPS = ("features.0.weight", "features.2.weight", "classifier.1.weight", "classifier.4.weight")
 # Far outside the bounds on purpose: the validator clamps noise to 0.5 std, the bias values stay at +-10.
 HURTFUL = {"weights": [{"op": "values", "group": "classifier.4.bias", "values": [10.0, -10.0] * 5}]
@@ -92,7 +92,7 @@ def test_raising_a_far_too_low_learning_rate_is_accepted(ray_local, tmp_path) ->
 def test_real_llm_advisor_through_serve_advises_a_run(ray_local, tmp_path) -> None:
     """The default advisor, SmolLM2 on Ray Serve, answering a real 2-worker ZeRO-2 run on digits."""
     run_dir = tmp_path / "llm"
-    overrides = [*BASE, "advisor.backend=smollm2", "coordinator.query_interval=2", "coordinator.burn_in_epochs=1",
+    overrides = [*BASE, "advisor.backend=smollm2", "coordinator.query_interval=2", "coordinator.ask_when_healthy=true", "coordinator.burn_in_epochs=1",
                  "coordinator.probation_steps=4", "coordinator.wait_for_answer_s=300", "coordinator.max_answer_age_epochs=4"]
     summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
     ledger = pd.read_csv(run_dir / "interventions.csv")

@@ -106,6 +106,34 @@ def stub_server() -> Iterator[str]:
     server.server_close()
 
 
+def test_menu_scoring_reuses_the_shared_prefix_and_matches_whole_prompts() -> None:
+    """The prompt before the menu runs once and its key/value cache serves every order of the menu; the
+    next-token logits must be those of running each whole prompt on its own."""
+    import dataclasses
+
+    import torch
+
+    from orchestration.diagnostics import diagnose
+    from orchestration.menu import build_menu
+    from serve_llm.backends import TransformersBackend, _orders
+
+    backend = TransformersBackend(AdvisorConfig(backend="smollm2", num_cpus_per_replica=2))
+    snapshot = example_snapshot("overfitting")
+    diagnosis = diagnose(snapshot)
+    snapshot = dataclasses.replace(snapshot, diagnosis=diagnosis, menu=build_menu(snapshot, diagnosis))
+    views = [dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
+                                                 for slot, original in enumerate(order)]) for order in _orders(len(snapshot.menu), 3)]
+    texts = [backend._prompt_text(view) for view in views]
+    assert len(set(texts)) == len(texts) >= 2
+    shared = backend._last_logits(texts)
+    for row, text in zip(shared, texts):
+        ids = backend._tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            alone = backend._lm(**ids).logits[0, -1].float()
+        assert torch.allclose(row, alone, atol=2e-4, rtol=0)
+        assert int(row.argmax()) == int(alone.argmax())
+
+
 def test_openai_backend_posts_schema_and_validates(stub_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_ADVISOR_KEY", "secret")
     config = AdvisorConfig(backend="openai", endpoint=stub_server, model="tiny", api_key_env="TEST_ADVISOR_KEY")

@@ -15,7 +15,7 @@ import pytest
 
 from serve_llm.client import AdvisorClient
 from serve_llm.config import AdvisorConfig
-from serve_llm.examples import example_snapshots
+from serve_llm.examples import example_snapshot, example_snapshots
 from serve_llm.validate import AdvisorResponse, proposal_violations
 
 pytestmark = pytest.mark.e2e
@@ -92,8 +92,14 @@ def test_http_route_and_health(smollm2_advisor, slow_advisor) -> None:
     assert health["status"] == "ok" and health["backend"] == "scripted"
     smollm2_config, _ = smollm2_advisor
     smollm2_url = f"http://{smollm2_config.http_host}:{smollm2_config.http_port}{smollm2_config.route_prefix}"
+    asked = urllib.request.Request(smollm2_url, data=json.dumps(example_snapshot("plateau").to_dict()).encode(), method="POST")
+    with urllib.request.urlopen(asked, timeout=120) as reply:
+        assert json.loads(reply.read())["status"] == "valid"
     with urllib.request.urlopen(smollm2_url, timeout=30) as reply:
-        assert json.loads(reply.read())["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+        smollm2_health = json.loads(reply.read())
+    assert smollm2_health["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # A CPU replica computes under SCHED_IDLE (Linux), so its answers take only the CPU training leaves idle.
+    assert smollm2_health["cpu_priority"] == "idle (SCHED_IDLE)"
     request = urllib.request.Request(url, data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=30)

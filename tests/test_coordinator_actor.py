@@ -57,7 +57,7 @@ def test_one_actor_coordinates_a_population_of_runs_sharing_the_cache(ray_local,
     its own settings, is answered from the cache entry "a" stored, and keeps its own ledger."""
     # The test module is not importable on Ray workers; ship its classes by value.
     ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    config = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=5)
+    config = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=5, ask_when_healthy=True)
     coordinator = get_or_create_coordinator("coordinator-e2e", config=config, advisor_factory=InstantAdvisor)
     same = get_or_create_coordinator("coordinator-e2e", config=config)
     assert same._actor_id == coordinator._actor_id
@@ -79,7 +79,7 @@ def test_one_actor_coordinates_a_population_of_runs_sharing_the_cache(ray_local,
     reference = ProbationMetrics(val_loss=0.8, val_accuracy=0.78, train_loss=0.75)
     assert call("a", "report_probation", decision.query_id, candidate, reference).accepted
 
-    other = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=3)  # a trial's own, tuned settings
+    other = CoordinatorConfig(burn_in_epochs=1, query_interval=1, probation_steps=3, ask_when_healthy=True)  # a trial's own, tuned settings
     ray_local.get(coordinator.open_run.remote("b", other, "run-b"))
     call("b", "on_epoch_end", snapshot_at(0))
     hit = call("b", "on_epoch_end", snapshot_at(1))

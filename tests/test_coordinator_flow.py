@@ -72,7 +72,7 @@ def snapshot_at(epoch: int, history: int = 20) -> TrainingSnapshot:
 
 
 def config(**overrides) -> CoordinatorConfig:
-    settings = {"query_interval": 2, "burn_in_epochs": 2, "plateau_window": 100, "history_window": 4}
+    settings = {"query_interval": 2, "burn_in_epochs": 2, "plateau_window": 100, "history_window": 4, "ask_when_healthy": True}
     return CoordinatorConfig(**{**settings, **overrides})
 
 
@@ -356,3 +356,22 @@ def test_a_query_a_finding_triggered_is_waited_for_and_a_routine_one_is_not(advi
     assert "interval" in routine.on_epoch_end(snapshot_at(2)).reason
     answer_soon()
     assert routine.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r2:q1")  # no finding: no wait
+
+
+def test_a_healthy_state_is_kept_without_asking_and_a_finding_is_asked(advisor):
+    """By default (choose mode) a query whose menu answers no finding is kept by the coordinator itself, recorded
+    as a "kept" row; the model is not asked. A state with a finding goes to the advisor as before."""
+    coordinator = Coordinator(config(ask_when_healthy=False), advisor, run_id="r")
+    decision = coordinator.on_epoch_end(snapshot_at(2))
+    assert isinstance(decision, Continue) and decision.asked_now and "kept without asking" in decision.reason
+    assert advisor.submitted == [] and coordinator.in_flight is False
+    records = coordinator.ledger.records
+    assert [record.kind for record in records] == ["kept"] and "no finding to answer" in records[0].reason
+    assert coordinator.ledger.counts()["kept_unasked"] == 1 and coordinator.ledger.counts()["advisor_queries"] == 0
+    assert coordinator.on_epoch_end(snapshot_at(3)) == Continue("no query trigger")  # the look counts for the interval
+
+    slow = [LayerStats(name="features.0.weight", grad_norm=0.3, update_ratio=0.001)]
+    at_slow = dataclasses.replace(snapshot_at(4), layers=slow, train_loss=snapshot_at(4).val_loss)
+    asked = coordinator.on_epoch_end(at_slow)
+    assert "asked advisor" in asked.reason
+    assert len(advisor.submitted) == 1 and any(option.remedy == "learning slowly" for option in advisor.submitted[0][0].menu)

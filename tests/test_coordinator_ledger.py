@@ -43,6 +43,7 @@ def test_counts():
     assert filled_ledger().counts() == {
         "advisor_queries": 1,
         "cache_hits": 1,
+        "kept_unasked": 0,
         "proposals_accepted": 1,
         "proposals_rejected": 1,
         "proposals_invalid": 1,

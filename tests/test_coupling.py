@@ -71,7 +71,7 @@ def test_the_coordinator_gives_and_adapts_one_alpha_per_neuron_group() -> None:
                                                   "problems": [], "raw_text": "", "latency_s": 0.0, "backend": "t", "model": "t"})())
             return future
 
-    coordinator = Coordinator(CoordinatorConfig(query_interval=1, burn_in_epochs=0, neuron_groups=True), Advisor(), run_id="r")
+    coordinator = Coordinator(CoordinatorConfig(query_interval=1, burn_in_epochs=0, neuron_groups=True, ask_when_healthy=True), Advisor(), run_id="r")
     snapshot = TrainingSnapshot(epoch=1, val_loss=[1.0], train_loss=[1.0], layers=[LayerStats(name="fc1.weight", num_params=12)],
                                 modes={"neuron_groups": DESCRIBED})
     coordinator.on_epoch_end(snapshot)

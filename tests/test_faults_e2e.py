@@ -22,7 +22,7 @@ from cluster.audit import audit_run
 
 pytestmark = pytest.mark.e2e
 
-ASK_EVERY_EPOCH = ["train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
+ASK_EVERY_EPOCH = ["coordinator.ask_when_healthy=true", "train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
                    "coordinator.probation_steps=4", "coordinator.cache_enabled=false", "advisor.backend=scripted"]
 SHRINK = {"weights": [{"op": "shrink", "group": "classifier.4.weight", "amount": 0.3}], "reason": "shrink the head"}
 

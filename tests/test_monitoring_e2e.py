@@ -40,7 +40,7 @@ def test_a_running_smoke_run_exports_its_series_to_prometheus_and_tensorboard(ra
     run_dir = tmp_path / "monitored"
     # A checkpoint (and a report) every epoch keeps each epoch near Train's 2 s report poll: Ray's metrics agent,
     # which publishes every few seconds, sees the workers' series before the run ends.
-    config = build_config(recipe="smoke", overrides=["train.epochs=6", "advisor.backend=heuristic", "coordinator.query_interval=1",
+    config = build_config(recipe="smoke", overrides=["train.epochs=6", "advisor.backend=heuristic", "coordinator.query_interval=1", "coordinator.ask_when_healthy=true",
                                                      "train.checkpoint_every=1"])
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=run_experiment(config, run_dir)), daemon=True)

@@ -47,7 +47,7 @@ def test_a_pbt_sweep_spans_a_multi_node_cluster(tmp_path) -> None:
         config = build_config(recipe="smoke", sweep=True, overrides=[
             "tune.num_samples=2", "tune.quantile_fraction=0.5", "train.cpus_per_worker=0.75", "train.epochs=8", "tune.space={train.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
             "advisor.backend=scripted", "advisor.serve=true", f"advisor.script={script}", "advisor.num_cpus_per_replica=0",
-            "coordinator.probation_steps=2", "coordinator.query_interval=2"])
+            "coordinator.probation_steps=2", "coordinator.query_interval=2", "coordinator.ask_when_healthy=true"])
         sweep_dir = tmp_path / "sweep"
         summary = run_sweep(config, sweep_dir, address=cluster.address)
         head = cluster.head_node.node_id

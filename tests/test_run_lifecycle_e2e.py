@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 # Ask every epoch; each answer goes on probation, so the probation seed and the coordinator's state matter.
-ADVISED = ["train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
+ADVISED = ["coordinator.ask_when_healthy=true", "train.num_workers=2", "train.early_stopping_patience=0", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1",
            "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "advisor.backend=scripted", "cluster.num_cpus=4",
            "cluster.dashboard=false", "train.checkpoint_every=1"]
 PROPOSALS = [{"hyperparameters": {"lr_scale": 0.8}, "weights": [{"op": "shrink", "group": "classifier.4.weight", "amount": 0.05}],
@@ -127,7 +127,7 @@ def test_two_runs_started_at_once_on_one_machine_both_finish(tmp_path) -> None:
     """Two `hybridtrain run`s at once, each with its own embedded Ray, dashboard and a served advisor:
     the advisor is reached by handle (no HTTP proxy, no port 8000 to fight over) and each Ray takes free ports."""
     common = ["--recipe", "smoke", "--set", "train.epochs=3", "--set", "train.early_stopping_patience=0", "--set", "advisor.backend=heuristic",
-              "--set", "advisor.serve=true", "--set", "cluster.num_cpus=4", "--set", "coordinator.query_interval=1"]
+              "--set", "advisor.serve=true", "--set", "cluster.num_cpus=4", "--set", "coordinator.query_interval=1", "--set", "coordinator.ask_when_healthy=true"]
     processes = {name: _hybridtrain("run", "--output", str(tmp_path / name), *common) for name in ("first", "second")}
     outputs = {name: process.communicate(timeout=900)[0] for name, process in processes.items()}
     for name, process in processes.items():
