@@ -12,8 +12,10 @@ breast-cancer CSV, the CNN on generated noisy shapes. Conditions: `good` (the de
 learning rate 30x too low), where advice has room to help.
 
 Methods: `static` (no advisor), `heuristic` (rules choose from the menu), `llm` (the bundled SmolLM2
-chooses: the default advisor), `llm-wait` (the same, waiting up to 60 s for an answer to a query a finding
-triggered), and ablations of the LLM advisor: `llm-no-gate` (every proposal kept),
+chooses: the default advisor, which waits up to 30 s for the answer to a query a finding triggered), and
+ablations of the LLM advisor: `llm-no-wait` (never waits: the answer is used at whichever epoch boundary it
+arrives by, or dropped as stale), `llm-ask-healthy` (the model is asked even when no finding calls for a
+change), `llm-no-gate` (every proposal kept),
 `llm-alpha1` (weights replaced, not blended: alpha 1), `llm-no-cache`, `llm-no-record` (no track
 record in the prompt or the menu's prior), `llm-invent` (it writes whole proposals, the old design).
 Research modes: `curriculum`, `selection` (batch selection the advisor switches), `selection-on`, `activation`
@@ -47,7 +49,8 @@ METHODS = {
     "static": ["advisor.backend=none"],
     "heuristic": ["advisor.backend=heuristic"],
     "llm": ["advisor.backend=smollm2"],
-    "llm-wait": ["advisor.backend=smollm2", "coordinator.wait_on_findings_s=60"],
+    "llm-no-wait": ["advisor.backend=smollm2", "coordinator.wait_on_findings_s=0"],
+    "llm-ask-healthy": ["advisor.backend=smollm2", "coordinator.ask_when_healthy=true"],
     "llm-no-gate": ["advisor.backend=smollm2", "coordinator.accept_threshold=-1000000", "coordinator.accept_significance=0"],
     "llm-alpha1": ["advisor.backend=smollm2", "coordinator.stability_alpha=1.0", "coordinator.alpha_max=1.0"],
     "llm-no-cache": ["advisor.backend=smollm2", "coordinator.cache_enabled=false"],

@@ -35,7 +35,7 @@ class CoordinatorConfig:
     drift_threshold: float = 0.5  # relative weight change since the last query: ||W - W_q|| / ||W_q||, W_q = weights when last asked
     max_answer_age_epochs: int = 2  # an answer (or an unreported probation) older than this is stale
     wait_for_answer_s: float = 0.0  # seconds an epoch boundary may wait for an in-flight answer; 0 = fully asynchronous
-    wait_on_findings_s: float = 0.0  # the same wait, only for a query a finding triggered (on short epochs a late answer misses its moment)
+    wait_on_findings_s: float = 30.0  # the same wait, only for a query a finding triggered (on short epochs a late answer misses its moment)
 
     # --- what the advisor answers ----------------------------------------------------------
     advice_mode: AdviceMode = "choose"  # choose: pick from a menu built from the diagnosis | invent: write a whole proposal

@@ -104,6 +104,22 @@ def _update_ratios(snapshot: TrainingSnapshot) -> list[float]:
     return sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
 
 
+LR_RAISE_BOUNDS = (3.0, 10.0)  # the learning-rate raise a slow-learning finding calls for: at least 3x, at most 10x at once
+
+
+def lr_raise(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) -> float:
+    """The factor that brings the median per-epoch update ratio to the geometric middle of the healthy band
+    (`sqrt(underfit_update_ratio * fast_update_ratio)`, 0.06 by default), whole, within `LR_RAISE_BOUNDS`.
+
+    Adam-type steps scale with the learning rate, so a run 30x too slow moving 0.01 per epoch gets 6x, not the
+    3x that barely dents it; one moving 0.025 gets 3x."""
+    ratios = _update_ratios(snapshot)
+    if not ratios:
+        return LR_RAISE_BOUNDS[0]
+    target = math.sqrt(thresholds.underfit_update_ratio * thresholds.fast_update_ratio)
+    return float(min(LR_RAISE_BOUNDS[1], max(LR_RAISE_BOUNDS[0], round(target / ratios[len(ratios) // 2]))))
+
+
 def slow_learning(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds) -> str | None:
     """Why the run looks like it learns far too slowly (a learning rate too low), or None.
 
@@ -177,6 +193,7 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
     slow = None if diagnosis.diverging or fast is not None else slow_learning(snapshot, thresholds)
     if slow is not None:
         diagnosis.underfitting = True
+        diagnosis.lr_raise = lr_raise(snapshot, thresholds)
         diagnosis.notes.append(f"learning slowly: {slow}")
     growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]

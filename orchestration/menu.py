@@ -406,7 +406,9 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
                               weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
     candidates += mode_options.get("learning slowly", [])
     if diagnosis.underfitting:
-        add_remedy(("lr_up", "raise the learning rate 3x", "learning slowly", _proposal("learning slowly: raise lr 3x", lr_scale=3.0)))
+        raise_by = diagnosis.lr_raise or 3.0
+        add_remedy(("lr_up", f"raise the learning rate {raise_by:g}x", "learning slowly",
+                    _proposal(f"learning slowly: raise lr {raise_by:g}x", lr_scale=raise_by)))
     candidates += mode_options.get("plateau", [])
     if (diagnosis.diverging or diagnosis.plateau) and not diagnosis.too_fast:
         why = "diverging" if diagnosis.diverging else "plateau"

@@ -103,6 +103,7 @@ class Diagnosis:
     overfitting: bool = False
     underfitting: bool = False  # learning, but slowly: tiny updates and low accuracy (a learning rate far too low)
     too_fast: bool = False  # weights lurch: large updates with a stalled or worsening validation loss (a learning rate too high)
+    lr_raise: float = 0.0  # when learning slowly: the lr factor that would bring the median step to the healthy band's middle
     dead_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

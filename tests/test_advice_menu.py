@@ -213,3 +213,17 @@ def test_a_large_gap_is_overfitting_even_when_it_no_longer_grows() -> None:
     assert diagnosis.overfitting and "3.7x train loss" in diagnosis.notes[-1]
     assert next(option for option in build_menu(steady_gap, diagnosis) if option.remedy).action == "regularise"
     assert not diagnose(state(train_loss=[0.3, 0.2, 0.1, 0.06, 0.05, 0.03], val_loss=[0.3, 0.2, 0.12, 0.08, 0.07, 0.07])).overfitting  # gap < 0.1
+
+
+@pytest.mark.parametrize(("median_step", "raise_by"), [(0.025, 3.0), (0.01, 6.0), (0.0083, 7.0), (0.002, 10.0)])
+def test_the_learning_rate_raise_scales_with_how_slowly_the_weights_move(median_step: float, raise_by: float) -> None:
+    """Learning slowly at a median update ratio r: raise lr by round(0.06 / r) within [3, 10], the step that brings
+    the median update to the middle of the healthy band (0.03..0.12), since Adam's steps scale with the lr."""
+    slow = state(layers=[dataclasses.replace(layer, update_ratio=median_step) for layer in LAYERS],
+                 train_loss=[1.0, 0.9, 0.85, 0.8, 0.78, 0.76], val_loss=[1.0, 0.9, 0.85, 0.8, 0.78, 0.76])
+    diagnosis = diagnose(slow)
+    assert diagnosis.underfitting and diagnosis.lr_raise == raise_by
+    option = next(option for option in build_menu(slow, diagnosis) if option.action == "lr_up")
+    assert option.proposal["hyperparameters"]["lr_scale"] == raise_by and f"{raise_by:g}x" in option.label
+    assert HeuristicBackend().propose_batch([dataclasses.replace(slow, diagnosis=diagnosis, menu=build_menu(slow, diagnosis))])[0] \
+        .proposal.hyperparameters.lr_scale == raise_by
