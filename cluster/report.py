@@ -84,7 +84,7 @@ def _run_figures(run_dir: Path) -> tuple[list[Figure], list[tuple[str, str]]]:
     figures.append(_probation(metrics))
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    keys = ("test_accuracy", "test_macro_f1", "epochs", "wall_s", "advisor_queries", "cache_hits", "proposals_accepted",
+    keys = ("test_accuracy", "test_macro_f1", "epochs", "wall_s", "advisor_queries", "cache_hits", "kept_unasked", "proposals_accepted",
             "proposals_rejected", "proposals_invalid", "zero_stage", "precision", "world_size")
     table = pd.DataFrame([(key, summary[key]) for key in keys if key in summary], columns=["", "value"])
     tables = [("Summary", table.to_html(index=False, float_format=lambda value: f"{value:.4g}"))] if len(table) else []

@@ -93,6 +93,12 @@ class _OnProbation:
     source: Literal["advisor", "cache"] = "advisor"
 
 
+def _still_found(asked: TrainingSnapshot, now: Diagnosis) -> bool:
+    """Whether a finding the query `asked` about is present in the diagnosis `now` (any finding, without a menu)."""
+    remedies = {option.remedy for option in asked.menu if option.remedy}
+    return any(finding_present(now, remedy) for remedy in remedies) if remedies else now.has_findings()
+
+
 class Coordinator:
     """Decides when to ask, what to apply and whether it helped; records every decision."""
 
@@ -346,7 +352,8 @@ class Coordinator:
         assert pending is not None
         age = snapshot.epoch - pending.epoch
         wait_s = self.config.wait_for_answer_s
-        if pending.snapshot.diagnosis is not None and pending.snapshot.diagnosis.has_findings():
+        if pending.snapshot.diagnosis is not None and pending.snapshot.diagnosis.has_findings() and _still_found(pending.snapshot, diagnosis):
+            # Only while a finding the query was about is still there: otherwise the answer would come to be dropped.
             wait_s = max(wait_s, self.config.wait_on_findings_s)
         if not pending.future.done() and wait_s > 0:
             # Opt-in: hold this epoch boundary until the answer comes (or the wait ends).

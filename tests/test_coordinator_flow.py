@@ -375,3 +375,17 @@ def test_a_healthy_state_is_kept_without_asking_and_a_finding_is_asked(advisor):
     asked = coordinator.on_epoch_end(at_slow)
     assert "asked advisor" in asked.reason
     assert len(advisor.submitted) == 1 and any(option.remedy == "learning slowly" for option in advisor.submitted[0][0].menu)
+
+
+def test_no_wait_for_an_answer_whose_finding_is_gone(advisor):
+    """A boundary waits for the answer to a finding's query only while that finding is still there: once it is
+    gone the answer would be dropped as stale, so waiting for it would only cost time."""
+    import time
+
+    slow = [LayerStats(name="features.0.weight", grad_norm=0.3, update_ratio=0.001)]
+    at_slow = dataclasses.replace(snapshot_at(2), layers=slow, train_loss=snapshot_at(2).val_loss)
+    coordinator = Coordinator(config(wait_on_findings_s=5.0, query_interval=0, plateau_window=1), advisor, run_id="r")
+    assert "asked advisor" in coordinator.on_epoch_end(at_slow).reason
+    started = time.monotonic()
+    assert coordinator.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r:q1")  # healthy again
+    assert time.monotonic() - started < 1.0
