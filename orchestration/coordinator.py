@@ -356,7 +356,8 @@ class Coordinator:
             # Only while a finding the query was about is still there: otherwise the answer would come to be dropped.
             wait_s = max(wait_s, self.config.wait_on_findings_s)
         if not pending.future.done() and wait_s > 0:
-            # Opt-in: hold this epoch boundary until the answer comes (or the wait ends).
+            # Hold this epoch boundary until the answer comes (or the wait ends): always for wait_for_answer_s,
+            # for wait_on_findings_s only while the query's finding is still there.
             concurrent.futures.wait([pending.future], timeout=wait_s)
         if not pending.future.done():
             if age <= self.config.max_answer_age_epochs:

@@ -183,9 +183,7 @@ class TransformersBackend:
         for index, snapshot in enumerate(snapshots):
             count = len(snapshot.menu)
             for order in _orders(count, self._config.menu_orders):
-                rotated = dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
-                                                              for slot, original in enumerate(order)])
-                views.append((index, order, rotated))
+                views.append((index, order, _relettered(snapshot, order)))
         try:
             last = torch.cat([self._last_logits([self._prompt_text(view) for view in group])
                               for group in _by_snapshot(views)])
@@ -240,6 +238,12 @@ class TransformersBackend:
                     response.problems.append(f"generation stopped at max_new_tokens={self._config.max_new_tokens}")
                 responses[index] = response
         return [response for response in responses if response is not None]
+
+
+def _relettered(snapshot: TrainingSnapshot, order: list[int]) -> TrainingSnapshot:
+    """`snapshot` with its menu options in `order`, each taking the letter of the slot it lands in."""
+    return dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
+                                               for slot, original in enumerate(order)])
 
 
 def _by_snapshot(views: list[tuple[int, list[int], TrainingSnapshot]]) -> list[list[TrainingSnapshot]]:

@@ -115,14 +115,13 @@ def test_menu_scoring_reuses_the_shared_prefix_and_matches_whole_prompts() -> No
 
     from orchestration.diagnostics import diagnose
     from orchestration.menu import build_menu
-    from serve_llm.backends import TransformersBackend, _orders
+    from serve_llm.backends import TransformersBackend, _orders, _relettered
 
     backend = TransformersBackend(AdvisorConfig(backend="smollm2", num_cpus_per_replica=2))
     snapshot = example_snapshot("overfitting")
     diagnosis = diagnose(snapshot)
     snapshot = dataclasses.replace(snapshot, diagnosis=diagnosis, menu=build_menu(snapshot, diagnosis))
-    views = [dataclasses.replace(snapshot, menu=[dataclasses.replace(snapshot.menu[original], key=snapshot.menu[slot].key)
-                                                 for slot, original in enumerate(order)]) for order in _orders(len(snapshot.menu), 3)]
+    views = [_relettered(snapshot, order) for order in _orders(len(snapshot.menu), 3)]
     texts = [backend._prompt_text(view) for view in views]
     assert len(set(texts)) == len(texts) >= 2
     shared = backend._last_logits(texts)
