@@ -257,7 +257,7 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
                                            advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
     # Fail here, not in a worker, if the actor cannot start.
     ray.get(handle.open_run.remote(plan.run_key, config.coordinator, plan.run_id))
-    opening_state = ray.get(handle.call.remote(plan.run_key, "to_state"))
+    opening_state = ray.get(handle.to_state.remote(plan.run_key))
     return handle, AdviceSettings(coordinator=name, namespace=namespace, run_id=plan.run_id, run_key=plan.run_key,
                                   history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
                                   call_timeout_s=max(config.coordinator.wait_for_answer_s, config.coordinator.wait_on_findings_s) + 120.0,

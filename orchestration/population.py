@@ -15,15 +15,32 @@ itself.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import AdvisorPort, Coordinator
+from orchestration.protocol import Decision, ProbationMetrics, TrainingSnapshot, Verdict
 
-# What a worker may call on its run's coordinator through the population.
-RUN_METHODS = frozenset({"on_epoch_end", "report_probation", "report_apply_failed", "report_incident", "summary_counts", "telemetry",
-                         "ledger_records", "write_ledger", "to_state", "load_state"})
+_Result = TypeVar("_Result")
+
+
+class RunNotOpen(KeyError):
+    """A call named a run this population does not coordinate: never opened, closed, or opened in an
+    actor that has since restarted (a restarted actor starts empty, so its workers open the run again:
+    `workers.coordinator_link` tells a restart by this class). Still a `KeyError`, as before it had one.
+    (To derive from `orchestration.errors.HybridtrainError` too once that module is committed.)
+    """
+
+    def __init__(self, run: str, open_runs: list[str]) -> None:
+        super().__init__(run, open_runs)
+        self.run = run
+        self.open_runs = open_runs
+
+    def __str__(self) -> str:
+        return f"run {self.run!r} is not open in this coordinator (open: {self.open_runs})"
 
 
 class Population:
@@ -68,14 +85,40 @@ class Population:
                 del self.runs[run], self._run_locks[run]
         return gone
 
-    def call(self, run: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """`coordinator.<method>(*args, **kwargs)` for `run`'s coordinator, one call per run at a time."""
-        if method not in RUN_METHODS:
-            raise ValueError(f"{method!r} is not a coordinator call; calls are {sorted(RUN_METHODS)}")
-        with self._lock:
-            coordinator, lock = self._get(run), self._run_locks[run]
-        with lock:
-            return getattr(coordinator, method)(*args, **kwargs)
+    # --- what a worker calls on its run's coordinator (each `Coordinator.<same name>` for `run`) ---
+
+    def on_epoch_end(self, run: str, snapshot: TrainingSnapshot, weight_drift: float = 0.0) -> Decision:
+        return self._with_run(run, lambda coordinator: coordinator.on_epoch_end(snapshot, weight_drift))
+
+    def report_probation(self, run: str, query_id: str, candidate: ProbationMetrics, reference: ProbationMetrics, *,
+                         epoch: int | None = None, step: int = 0) -> Verdict:
+        return self._with_run(run, lambda coordinator: coordinator.report_probation(query_id, candidate, reference, epoch=epoch, step=step))
+
+    def report_apply_failed(self, run: str, query_id: str, problem: str, *, epoch: int | None = None, step: int = 0) -> None:
+        return self._with_run(run, lambda coordinator: coordinator.report_apply_failed(query_id, problem, epoch=epoch, step=step))
+
+    def report_incident(self, run: str, problem: str, *, epoch: int, step: int = 0, query_id: str = "") -> None:
+        return self._with_run(run, lambda coordinator: coordinator.report_incident(problem, epoch=epoch, step=step, query_id=query_id))
+
+    def summary_counts(self, run: str) -> dict[str, int]:
+        return self._with_run(run, lambda coordinator: coordinator.summary_counts())
+
+    def telemetry(self, run: str) -> dict[str, Any]:
+        return self._with_run(run, lambda coordinator: coordinator.telemetry())
+
+    def ledger_records(self, run: str) -> list[dict[str, Any]]:
+        return self._with_run(run, lambda coordinator: coordinator.ledger_records())
+
+    def write_ledger(self, run: str, path: str | Path) -> str:
+        return self._with_run(run, lambda coordinator: coordinator.write_ledger(path))
+
+    def to_state(self, run: str) -> dict[str, Any]:
+        return self._with_run(run, lambda coordinator: coordinator.to_state())
+
+    def load_state(self, run: str, state: dict[str, Any]) -> None:
+        return self._with_run(run, lambda coordinator: coordinator.load_state(state))
+
+    # --- the population's own --------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """How the population's coordinator was used: runs served and the shared cache's counters."""
@@ -84,7 +127,14 @@ class Population:
         return {"runs_open": open_runs, "runs_opened": len(opened), "cache_entries": len(self.cache), "cache_hits": self.cache.hits,
                 "cache_misses": self.cache.misses, "shared_cache_hits": self.cache.shared_hits}
 
+    def _with_run(self, run: str, call: Callable[[Coordinator], _Result]) -> _Result:
+        """`call(coordinator)` on `run`'s coordinator, one call per run at a time (other runs go on meanwhile)."""
+        with self._lock:
+            coordinator, lock = self._get(run), self._run_locks[run]
+        with lock:
+            return call(coordinator)
+
     def _get(self, run: str) -> Coordinator:
         if run not in self.runs:
-            raise KeyError(f"run {run!r} is not open in this coordinator (open: {sorted(self.runs)})")
+            raise RunNotOpen(run, sorted(self.runs))
         return self.runs[run]

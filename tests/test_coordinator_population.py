@@ -8,7 +8,7 @@ import pytest
 
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import Coordinator
-from orchestration.population import Population
+from orchestration.population import Population, RunNotOpen
 from tests.test_coordinator_cache import PROPOSAL, run_snapshot
 
 
@@ -19,12 +19,14 @@ def test_runs_keep_their_own_state_and_share_one_cache() -> None:
     a, b = population.runs["a"], population.runs["b"]
     assert a.cache is b.cache is population.cache and a.shares_cache
     assert b.config.query_interval == 7 and a.config.query_interval != 7
-    population.call("a", "report_incident", "a problem", epoch=1)
-    assert [r["kind"] for r in population.call("a", "ledger_records")] == ["error"] and population.call("b", "ledger_records") == []
-    with pytest.raises(ValueError, match="not a coordinator call"):
-        population.call("a", "_ask", None, "")
+    population.report_incident("a", "a problem", epoch=1)
+    assert [r["kind"] for r in population.ledger_records("a")] == ["error"] and population.ledger_records("b") == []
+    assert not hasattr(population, "call")  # no call by name: a worker reaches only the typed run calls, never `_ask`
     with pytest.raises(KeyError, match="not open"):
-        population.call("c", "summary_counts")
+        population.summary_counts("c")
+    with pytest.raises(RunNotOpen, match="not open") as raised:
+        population.to_state("c")
+    assert (raised.value.run, raised.value.open_runs) == ("c", ["a", "b"])
     assert population.close("a")["ledger"][0]["reason"] == "a problem"
     assert population.stats()["runs_open"] == ["b"] and population.stats()["runs_opened"] == 2
 
@@ -40,8 +42,8 @@ def test_a_restored_run_adds_its_cache_entries_without_dropping_the_others() -> 
     population.open("other", run_id="other")
     population.cache.store(run_snapshot(val_loss=2.0), PROPOSAL, origin="other")
     population.open("restarted", run_id="restarted")
-    population.call("restarted", "load_state", state)
-    population.call("restarted", "load_state", state)  # twice: no duplicates
+    population.load_state("restarted", state)
+    population.load_state("restarted", state)  # twice: no duplicates
     assert sorted(entry.origin for entry in population.cache.entries) == ["old", "other"]
 
     alone = Coordinator(CoordinatorConfig(), None, "alone")
@@ -67,7 +69,7 @@ def test_concurrent_runs_do_not_corrupt_the_shared_cache() -> None:
         for step in range(200):
             population.cache.store(run_snapshot(val_loss=0.1 + step / 100), PROPOSAL, origin=run)
             population.cache.lookup(run_snapshot(val_loss=0.1 + step / 100), asker=run)
-            population.call(run, "to_state")
+            population.to_state(run)
 
     threads = [threading.Thread(target=work, args=(f"run-{index}",)) for index in range(6)]
     for thread in threads:

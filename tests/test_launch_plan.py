@@ -72,28 +72,30 @@ def test_an_unreachable_coordinator_stops_advice_and_leaves_a_record() -> None:
     from workers.coordinator_link import CoordinatorLink
 
     link = CoordinatorLink(handle=_DeadCoordinator(), run="r", call_timeout_s=1.0)
-    assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
+    assert link.on_epoch_end(object(), 0.0, epoch=3) == (False, None)
     assert not link.reachable and "unreachable" in link.disabled_reason
     assert link.incidents == [{"epoch": 3, "problem": link.disabled_reason + "; advice off for the rest of this attempt", "recorded": False}]
-    assert link.call("on_epoch_end", object(), 0.0, epoch=4) == (False, None)  # no second attempt, no second record
+    assert link.on_epoch_end(object(), 0.0, epoch=4) == (False, None)  # no second attempt, no second record
     assert len(link.incidents) == 1
 
 
 class _RaisingCoordinator:
-    """`call` raises a task error for `on_epoch_end` and records `report_incident` calls."""
+    """`on_epoch_end` raises a task error; `report_incident` calls are recorded."""
 
     def __init__(self) -> None:
         self.reported: list[str] = []
         outer = self
 
-        class _Call:
-            def remote(self, run, method, *args, **kwargs):
-                if method == "report_incident":
-                    outer.reported.append(args[0])
-                    return "recorded"
+        class _OnEpochEnd:
+            def remote(self, run, *args, **kwargs):
                 return "raises"
 
-        self.call = _Call()
+        class _ReportIncident:
+            def remote(self, run, problem, **kwargs):
+                outer.reported.append(problem)
+                return "recorded"
+
+        self.on_epoch_end, self.report_incident = _OnEpochEnd(), _ReportIncident()
 
 
 def test_a_raising_coordinator_is_recorded_once(monkeypatch) -> None:
@@ -110,7 +112,7 @@ def test_a_raising_coordinator_is_recorded_once(monkeypatch) -> None:
     monkeypatch.setattr(ray, "get", get)
     coordinator = _RaisingCoordinator()
     link = CoordinatorLink(handle=coordinator, run="r", call_timeout_s=1.0)
-    assert link.call("on_epoch_end", object(), 0.0, epoch=3) == (False, None)
+    assert link.on_epoch_end(object(), 0.0, epoch=3) == (False, None)
     assert link.reachable and len(coordinator.reported) == 1  # advice goes on; the ledger has the incident
     assert [incident["recorded"] for incident in link.incidents] == [True]  # so the driver does not add it again
 

@@ -94,9 +94,8 @@ class ScriptedLink:
         self.incidents: list = []
         self.reachable = True
 
-    def call(self, method, *args, epoch, **kwargs):
-        assert method == "on_epoch_end"
-        self.drifts.append(args[1])
+    def on_epoch_end(self, snapshot, weight_drift, *, epoch):
+        self.drifts.append(weight_drift)
         return True, self.decisions.pop(0)
 
 

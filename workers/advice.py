@@ -120,7 +120,7 @@ class WorkerAdvice:
                                           epoch=epoch, step=step, history=history, params=params,
                                           hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window,
                                           modes=self._modes())
-        reached, decision = self.link.call("on_epoch_end", snapshot, drift, epoch=epoch)
+        reached, decision = self.link.on_epoch_end(snapshot, drift, epoch=epoch)
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")
 
     def _modes(self) -> dict[str, Any]:
@@ -135,9 +135,9 @@ class WorkerAdvice:
         """The coordinator's verdict (rank 0); without one, a rejection that says why."""
         assert self.link is not None
         if problem is not None:
-            self.link.call("report_apply_failed", decision.query_id, problem, epoch=epoch, step=step)
+            self.link.report_apply_failed(decision.query_id, problem, epoch=epoch, step=step)
             return Verdict(accepted=False, reward=-math.inf, reason=problem)
-        reached, verdict = self.link.call("report_probation", decision.query_id, candidate, reference, epoch=epoch, step=step)
+        reached, verdict = self.link.report_probation(decision.query_id, candidate, reference, epoch=epoch, step=step)
         if not reached:
             logger.warning("proposal %s rolled back: no verdict", decision.query_id)
             return Verdict(accepted=False, reward=math.nan, reason=self.link.disabled_reason or "no verdict")
@@ -147,7 +147,7 @@ class WorkerAdvice:
         """The coordinator's advisor series (`Coordinator.telemetry`) on rank 0; None elsewhere or out of reach."""
         if self.link is None or not self.link.reachable:
             return None
-        reached, values = self.link.call("telemetry", epoch=epoch)
+        reached, values = self.link.telemetry(epoch=epoch)
         return values if reached else None
 
     # --- checkpointed state ----------------------------------------------------------------------
@@ -162,7 +162,7 @@ class WorkerAdvice:
         """Fetch the coordinator's state at this epoch end (rank 0): what the next checkpoint holds, and
         what a restarted coordinator actor gets back, so its ledger matches the weights."""
         if self.link is not None and self.link.reachable:
-            reached, state = self.link.call("to_state", epoch=epoch)
+            reached, state = self.link.to_state(epoch=epoch)
             if reached:
                 self.link.state = state
 
@@ -190,5 +190,5 @@ class WorkerAdvice:
 
     def _rewind(self, coordinator_state: dict[str, Any]) -> None:
         if self.link is not None:
-            self.link.call("load_state", coordinator_state, epoch=-1)
+            self.link.load_state(coordinator_state, epoch=-1)
             self.link.state = coordinator_state

@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from orchestration.protocol import Decision, ProbationMetrics, TrainingSnapshot, Verdict
+
+if TYPE_CHECKING:
+    from ray.exceptions import RayTaskError
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +55,33 @@ class CoordinatorLink:
     def reachable(self) -> bool:
         return self.handle is not None
 
-    def call(self, method: str, *args: Any, epoch: int, **kwargs: Any) -> tuple[bool, Any]:
-        """`(True, result)` of `coordinator.<method>(*args, **kwargs)`, or `(False, None)` after
-        recording why there is no result (see the module docstring)."""
+    # --- the coordinator's run calls: each `(True, result)`, or `(False, None)` once the failure is
+    # recorded (see the module docstring); `epoch` dates that record, it is not sent ---------------
+
+    def on_epoch_end(self, snapshot: TrainingSnapshot, weight_drift: float, *, epoch: int) -> tuple[bool, Decision | None]:
+        return self._call("on_epoch_end", lambda actor: actor.on_epoch_end.remote(self.run, snapshot, weight_drift), epoch=epoch)
+
+    def report_probation(self, query_id: str, candidate: ProbationMetrics | None, reference: ProbationMetrics, *, epoch: int,
+                         step: int = 0) -> tuple[bool, Verdict | None]:
+        return self._call("report_probation", lambda actor: actor.report_probation.remote(self.run, query_id, candidate, reference, step=step),
+                          epoch=epoch)
+
+    def report_apply_failed(self, query_id: str, problem: str, *, epoch: int, step: int = 0) -> tuple[bool, None]:
+        return self._call("report_apply_failed", lambda actor: actor.report_apply_failed.remote(self.run, query_id, problem, step=step),
+                          epoch=epoch)
+
+    def telemetry(self, *, epoch: int) -> tuple[bool, dict[str, Any] | None]:
+        return self._call("telemetry", lambda actor: actor.telemetry.remote(self.run), epoch=epoch)
+
+    def to_state(self, *, epoch: int) -> tuple[bool, dict[str, Any] | None]:
+        return self._call("to_state", lambda actor: actor.to_state.remote(self.run), epoch=epoch)
+
+    def load_state(self, state: dict[str, Any], *, epoch: int) -> tuple[bool, None]:
+        return self._call("load_state", lambda actor: actor.load_state.remote(self.run, state), epoch=epoch)
+
+    def _call(self, what: str, send: Callable[[Any], Any], *, epoch: int) -> tuple[bool, Any]:
+        """Wait for the call `send(handle)` makes: `(True, result)`, or `(False, None)` after recording why there is
+        no result (`what` names the call there). A restarted coordinator gets the run back and the call once more."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -59,27 +89,27 @@ class CoordinatorLink:
             return False, None
         for attempt in (0, 1):
             try:
-                return True, ray.get(self.handle.call.remote(self.run, method, *args, **kwargs), timeout=self.call_timeout_s)
+                return True, ray.get(send(self.handle), timeout=self.call_timeout_s)
             except RayTaskError as error:
-                if attempt == 0 and _run_not_open(error) and self._reopen(f"the coordinator no longer knew this run ({method})", epoch=epoch):
+                if attempt == 0 and _run_not_open(error) and self._reopen(f"the coordinator no longer knew this run ({what})", epoch=epoch):
                     continue
-                return self._raised(method, error, epoch=epoch)
+                return self._raised(what, error, epoch=epoch)
             except RayActorError as error:  # died with the call in flight; Ray restarts it (max_restarts)
-                if attempt == 0 and self._reopen(f"the coordinator actor died during {method} ({type(error).__name__})", epoch=epoch):
+                if attempt == 0 and self._reopen(f"the coordinator actor died during {what} ({type(error).__name__})", epoch=epoch):
                     continue
-                return self._unreachable(method, error, epoch=epoch)
+                return self._unreachable(what, error, epoch=epoch)
             except Exception as error:  # noqa: BLE001 - a dead or stuck coordinator must not take training down
-                return self._unreachable(method, error, epoch=epoch)
+                return self._unreachable(what, error, epoch=epoch)
         return False, None
 
-    def _raised(self, method: str, error: Any, *, epoch: int) -> tuple[bool, Any]:
-        problem = f"coordinator.{method} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{method} raised: {error}"
+    def _raised(self, what: str, error: Any, *, epoch: int) -> tuple[bool, Any]:
+        problem = f"coordinator.{what} raised: {error.cause!r}" if getattr(error, "cause", None) else f"coordinator.{what} raised: {error}"
         logger.warning("%s", problem)
         self._note(epoch, problem, recorded=self.report(problem, epoch=epoch))
         return False, None
 
-    def _unreachable(self, method: str, error: BaseException, *, epoch: int) -> tuple[bool, Any]:
-        self.disabled_reason = f"coordinator unreachable in {method}: {type(error).__name__}: {error}"
+    def _unreachable(self, what: str, error: BaseException, *, epoch: int) -> tuple[bool, Any]:
+        self.disabled_reason = f"coordinator unreachable in {what}: {type(error).__name__}: {error}"
         logger.warning("%s; training goes on without advice", self.disabled_reason)
         self._note(epoch, self.disabled_reason + "; advice off for the rest of this attempt")
         self.handle = None
@@ -99,7 +129,7 @@ class CoordinatorLink:
             try:
                 ray.get(self.handle.open_run.remote(self.run, self.config, self.run_id), timeout=wait_s)
                 if self.state is not None:
-                    ray.get(self.handle.call.remote(self.run, "load_state", self.state), timeout=wait_s)
+                    ray.get(self.handle.load_state.remote(self.run, self.state), timeout=wait_s)
                 break
             except RayActorError as error:  # still restarting
                 if time.monotonic() > deadline:
@@ -125,8 +155,7 @@ class CoordinatorLink:
         if self.handle is None:
             return False
         try:
-            ray.get(self.handle.call.remote(self.run, "report_incident", problem, epoch=epoch, step=step, query_id=query_id),
-                    timeout=self.call_timeout_s)
+            ray.get(self.handle.report_incident.remote(self.run, problem, epoch=epoch, step=step, query_id=query_id), timeout=self.call_timeout_s)
             return True
         except Exception as error:  # noqa: BLE001
             self._note(epoch, f"could not record an incident in the ledger ({type(error).__name__}): {problem}")
@@ -137,7 +166,8 @@ class CoordinatorLink:
         self.incidents.append({"epoch": epoch, "problem": problem, "recorded": recorded})
 
 
-def _run_not_open(error: Any) -> bool:
+def _run_not_open(error: RayTaskError) -> bool:
     """The coordinator raised because it does not know the run: a restarted actor starts empty."""
-    cause = getattr(error, "cause", None)
-    return isinstance(cause, KeyError) and "is not open in this coordinator" in str(cause)
+    from orchestration.population import RunNotOpen  # here, not at the top: the worker loop does not load the coordinator
+
+    return isinstance(error.cause, RunNotOpen)
