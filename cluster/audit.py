@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestration.errors import NotFoundError
+
 
 def audit_run(run_dir: str | Path) -> list[str]:
     """Every problem found in `run_dir` (empty when nothing was lost)."""
@@ -19,6 +21,8 @@ def audit_run(run_dir: str | Path) -> list[str]:
     import pandas as pd
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():  # every run writes it before training starts
+        raise NotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         return [f"{summary_file}: missing (the run did not finish)"]

@@ -1,4 +1,13 @@
-"""The `hybridtrain` command."""
+"""The `hybridtrain` command.
+
+Errors meant for the user are `orchestration.errors.HybridtrainError`s: `main` prints their message and
+exits with their code (2 usage and data, 1 a run or check that did not finish, 3 the cluster). Anything
+else is a bug and ends in a traceback.
+
+`-v`/`--verbose` means one thing wherever it is given (`hybridtrain -v run` or `hybridtrain run -v`):
+show Ray's and the workers' own logs on the terminal (runs and sweeps; they are always kept in the run
+directory) and hybridtrain's own debug messages.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,16 @@ import time
 from pathlib import Path
 
 from cluster.advisor_cli import register as register_advisor
+from orchestration.errors import HybridtrainError, UsageError
+
+PACKAGES = ("cluster", "orchestration", "workers", "serve_llm", "tune_search")  # whose loggers --verbose turns to debug
+VERBOSE_HELP = "show Ray's and the workers' own logs on the terminal (always kept in RUN_DIR/logs/ray) and hybridtrain's debug messages"
+
+
+def _add_verbose(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
+    """The one `--verbose`. On a subcommand it defaults to SUPPRESS, so that leaving it out there keeps
+    a `hybridtrain -v` given before the subcommand."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top_level else argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def _add_run(subparsers) -> None:
@@ -22,7 +41,7 @@ def _add_run(subparsers) -> None:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     run.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/report.html at the end")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    run.add_argument("--verbose", dest="ray_logs", action="store_true", help="also show Ray's and the workers' own logs (always kept in RUN_DIR/logs/ray)")
+    _add_verbose(run)
     run.set_defaults(func=_cmd_run)
 
 
@@ -30,7 +49,7 @@ def _resume_address(args: argparse.Namespace, what: str) -> str | None:
     """Check that `--resume` comes alone; the address that wins over the saved config's (which may name a
     cluster that is gone): --address, else RAY_ADDRESS."""
     if args.config or args.recipe or args.overrides or args.output:
-        raise ValueError(f"--resume continues a {what} with its saved config.yaml; it takes no --config/--recipe/--set/--output")
+        raise UsageError(f"--resume continues a {what} with its saved config.yaml; it takes no --config/--recipe/--set/--output")
     return args.address or os.environ.get("RAY_ADDRESS")
 
 
@@ -39,7 +58,7 @@ def _config_and_dir(args: argparse.Namespace, *, sweep: bool, root: str):
     from cluster.experiment import build_config
 
     overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-    overrides += ["cluster.verbose=true"] if args.ray_logs or args.verbose else []
+    overrides += ["cluster.verbose=true"] if args.verbose else []
     config = build_config(recipe=args.recipe, config_file=args.config, overrides=overrides, sweep=sweep)
     return config, Path(args.output) if args.output else Path(root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -79,7 +98,7 @@ def _add_tune(subparsers) -> None:
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not run again")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--no-report", dest="report", action="store_false", help="do not write SWEEP_DIR/report/report.html at the end")
-    tune.add_argument("--verbose", dest="ray_logs", action="store_true", help="also show Ray's and the workers' own logs")
+    _add_verbose(tune)
     tune.set_defaults(func=_cmd_tune)
 
 
@@ -124,13 +143,9 @@ def _add_export(subparsers) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from cluster.export import VerificationError, export_onnx
+    from cluster.export import export_onnx
 
-    try:
-        result = export_onnx(args.run_dir, args.out, opset=args.opset)
-    except VerificationError as error:
-        print(f"hybridtrain: {error}", file=sys.stderr)
-        return 1
+    result = export_onnx(args.run_dir, args.out, opset=args.opset)  # a VerificationError exits 1 through main
     check = result.comparison
     print(f"[hybridtrain] ONNX model (opset {result.opset}) -> {result.path}  (onnxruntime vs PyTorch on {check.samples} inputs, {result.inputs}: "
           f"max |logit difference| {check.max_abs_diff:.2g} <= {check.tolerance:.2g}, argmax agreement {check.agreement:.0%})", flush=True)
@@ -177,7 +192,10 @@ def _cmd_grafana(args: argparse.Namespace) -> int:
 
     text = json.dumps(grafana_dashboard(), indent=1) + "\n"
     if args.output:
-        Path(args.output).write_text(text)
+        try:
+            Path(args.output).write_text(text)
+        except OSError as error:
+            raise UsageError(f"--output {args.output}: cannot write it ({error.strerror or error})") from error
         print(f"[hybridtrain] Grafana dashboard written to {args.output}: import it next to Ray's own dashboards")
     else:
         print(text, end="")
@@ -265,7 +283,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridtrain", description="LLM-advised training on Ray Train with DeepSpeed ZeRO")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbose(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     _add_tune(subparsers)
@@ -286,24 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.runtime import use_token_if_available
 
         use_token_if_available()  # joining a cluster: before anything imports Ray
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from cluster.jobs import JobError
-    from cluster.launch import RunError
-    from cluster.report import ReportError
-    from orchestration.settings import ConfigError
-    from workers.data import DataError
-
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # ours only: other libraries' debug output (matplotlib, urllib3, filelock) is noise here
+        for package in PACKAGES:
+            logging.getLogger(package).setLevel(logging.DEBUG)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ReportError, FileNotFoundError, ValueError) as error:
+    except HybridtrainError as error:  # the user's input, a run that did not finish, or the cluster: not a bug
         print(f"hybridtrain: error: {error}", file=sys.stderr)
-        return 2
-    except JobError as error:
-        print(f"hybridtrain: {error}", file=sys.stderr)
-        return 1
-    except RunError as error:
-        print(f"hybridtrain: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     except KeyboardInterrupt:
         print("hybridtrain: interrupted", file=sys.stderr)
         return 130

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 
 from cluster.experiment import read_config
 from cluster.predict import load_model
+from orchestration.errors import ExportError, VerificationError
 from workers.data import Normalizer, load_dataset, stratified_split
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 18  # the dynamo exporter's lowest: its op library is written against opset 18
 LOGIT_TOLERANCE = 1e-4  # max |logit difference| allowed, relative to the largest |logit| (at least 1): fp32 kernels sum in other orders
 RANDOM_INPUT_SEED = 0
-
-
-class ExportError(ValueError):
-    """A run directory whose model cannot be rebuilt or exported: files missing or unreadable, a bad opset."""
-
-
-class VerificationError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch model's logits; the message gives the figures."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.runtime import read_token
+from orchestration.errors import ClusterError, JobError, UsageError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +33,13 @@ TOKEN_SOURCES = "RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH, or ~/.ray/auth
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobError(RuntimeError):
-    """The cluster cannot be reached, refuses us, or does not know the job."""
-
-
 def dashboard_address(address: str | None) -> str:
     """The Jobs API address: `--address`, else `RAY_ADDRESS` when it is an http(s) dashboard URL, else local."""
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
     if address == "auto":
         address = DEFAULT_DASHBOARD
     if not address.startswith(("http://", "https://")):
-        raise JobError(f"job commands need the dashboard's HTTP address (for example {DEFAULT_DASHBOARD}), got {address!r}")
+        raise UsageError(f"job commands need the dashboard's HTTP address (for example {DEFAULT_DASHBOARD}), got {address!r}")
     return address.rstrip("/")
 
 
@@ -80,7 +77,7 @@ def runtime_env(pip: bool = False) -> dict[str, Any]:
 def submit(arguments: list[str], *, address: str | None = None, pip: bool = False) -> tuple[Any, str]:
     """Submit `hybridtrain ARGUMENTS...` (a `run` or `tune`) as a Ray job; return the client and the job id."""
     if not arguments or arguments[0] not in ("run", "tune"):
-        raise JobError("submit takes a run or tune command after --, e.g. hybridtrain submit -- run --recipe smoke")
+        raise UsageError("submit takes a run or tune command after --, e.g. hybridtrain submit -- run --recipe smoke")
     jobs = client(address)
     entrypoint = "python -m cluster.cli " + shlex.join(arguments)
     deadline = time.monotonic() + 180
@@ -102,7 +99,7 @@ def status(jobs, job_id: str) -> str:
     try:
         return str(jobs.get_job_status(job_id).value)
     except RuntimeError as error:
-        raise JobError(f"no job {job_id!r} on this cluster ({error})") from error
+        raise UsageError(f"no job {job_id!r} on this cluster ({error})") from error
 
 
 def follow(jobs, job_id: str, *, stream=None) -> str:
@@ -248,7 +245,10 @@ def cluster_status(address: str | None = None) -> str:
     ray_address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if ray_address.startswith("http"):
         ray_address = "auto"
-    ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
+    try:
+        ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as error:
+        raise ClusterError(f"no Ray cluster to inspect at {ray_address} ({error}); `hybridtrain cluster up` starts one") from error
     try:
         nodes = [node for node in ray.nodes() if node["Alive"]]
         lines = [f"{len(nodes)} node(s) alive"]

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from cluster.console import RAY_LOGS, ProgressTail, collect_ray_logs, since_now
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
 from cluster.runtime import ClusterInfo, check_shared_storage, connect
+from orchestration.errors import RunError
 from orchestration.ledger import InterventionRecord, Ledger
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
@@ -38,10 +39,6 @@ logger = logging.getLogger(__name__)
 RAY_STORAGE = "ray"
 RAY_RUN_NAME = "train"
 LEDGER = "interventions.csv"
-
-
-class RunError(RuntimeError):
-    """Training did not finish; the message says why and where its state is."""
 
 
 @dataclass(frozen=True, kw_only=True)

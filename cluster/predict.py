@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestration.errors import NotFoundError
 from workers.config import ModelConfig
 from workers.data import DataError, Normalizer
 from workers.models import build_model
@@ -18,7 +19,7 @@ def load_model(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     weights, meta_file = run_dir / "model.safetensors", run_dir / "model.json"
     for path in (weights, meta_file):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run directory?")
+            raise NotFoundError(f"{path} not found: is {run_dir} a finished run directory?")
     from safetensors.torch import load_file
 
     meta = json.loads(meta_file.read_text())

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from orchestration.errors import ReportError
+
 REPORT_DIR = "report"
 DROPPED = ("invalid", "stale", "timeout", "error")  # answers that were never applied
 _STYLE = {  # marker, colour, label of each kind of intervention on the learning curves
@@ -31,10 +33,6 @@ _STYLE = {  # marker, colour, label of each kind of intervention on the learning
     "fallback": ("x", "#ff7f0e", "fallback"),
     "pbt": ("o", "#1f77b4", "PBT explore"),
 }
-
-
-class ReportError(ValueError):
-    """The directory is neither a run nor a sweep, or its files cannot be read."""
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.console import quiet_driver_loggers
+from orchestration.errors import ClusterError
 from orchestration.settings import ConfigError, require
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
         )
         embedded = True
     else:
-        context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
+        try:
+            context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
+        except ConnectionError as error:
+            raise ClusterError(f"no Ray cluster answers at {address} ({error}): start one (`hybridtrain cluster up`), or leave out "
+                               "--address and RAY_ADDRESS for an embedded local Ray") from error
         embedded = False
     if not config.verbose:
         quiet_driver_loggers()

@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value, key or file that cannot be used; the message names the field as `section.key`."""
+from orchestration.errors import ConfigError
 
 
 def require(condition: bool, field: str, value: object, rule: str) -> None:

@@ -1,7 +1,9 @@
 """Checkpoint integrity: every rank lists what it wrote (size and SHA-256 of each file) in a manifest
 beside its files, and a checkpoint is used only if every rank's manifest is there and every file
 matches it. A truncated or corrupt checkpoint is named with its first problem, and the loop resumes
-from the newest one that is intact (`choose_checkpoint`).
+from the newest one that is intact (`choose_checkpoint`). A checkpoint that cannot be resumed from is
+a `CheckpointError` (a `hybridtrain` error: the run cannot continue from it), raised by the loop that
+needed it, with the problem named here.
 
 Checkpoints written before manifests existed carry none; they are taken as they are.
 """
@@ -11,6 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+from orchestration.errors import CheckpointError
+
+__all__ = ["MANIFEST", "CheckpointError", "checkpoint_problem", "choose_checkpoint", "write_manifest"]
 
 MANIFEST = "manifest-rank{rank}.json"
 

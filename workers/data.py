@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestration.errors import DataError
 from workers.config import DataConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """A data file that is missing or malformed; the message names the file and what is wrong."""
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestration.errors import CheckpointError
 from workers.config import TrainConfig
 
 
@@ -181,7 +182,7 @@ def load_engine_checkpoint(engine, directory: str, tag: str) -> None:
     """
     path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory} (tag {tag!r})")
+        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory} (tag {tag!r})")
     _link_optimizer_state(engine)
 
 
