@@ -38,6 +38,7 @@ from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
 from orchestration.menu import action_of, build_menu, finding_present, mode_neuron_groups, neuron_group_keys, run_modes
 from orchestration.policy import QueryPolicy
 from orchestration.protocol import (
+    AdvisorResponse,
     Apply,
     Continue,
     Decision,
@@ -56,23 +57,13 @@ _PROMPT_REWARD_LIMIT = 10.0  # rewards shown to the advisor are clipped to +-thi
 _TRACK_RECORD_LENGTH = 64  # outcomes kept for the per-action track record (the prompt shows the last few)
 
 
-class AdvisorAnswer(Protocol):
-    """What the coordinator reads from an advisor answer (`serve_llm.validate.AdvisorResponse`)."""
-
-    proposal: Proposal | None
-    status: str  # valid | clamped | rejected | timeout | error
-    problems: list[str]
-    raw_text: str
-    latency_s: float
-
-
 class AdvisorPort(Protocol):
     """Anything that answers snapshots asynchronously (`serve_llm.client` clients, test fakes).
 
-    `submit` never raises; timeouts and failures come back as answers with that status.
+    `submit` never raises; timeouts and failures come back as `AdvisorResponse`s with that status.
     """
 
-    def submit(self, snapshot: TrainingSnapshot) -> Future[Any]: ...
+    def submit(self, snapshot: TrainingSnapshot) -> Future[AdvisorResponse]: ...
 
 
 @dataclass(slots=True)
@@ -80,7 +71,7 @@ class _PendingQuery:
     query_id: str
     epoch: int
     snapshot: TrainingSnapshot  # as sent to the advisor
-    future: Future[Any]
+    future: Future[AdvisorResponse]
 
 
 @dataclass(slots=True)
@@ -374,7 +365,7 @@ class Coordinator:
             self._drop("error", snapshot, pending, f"advisor future raised {error!r}", None)
             return None
         outcome = triage(answer, age_epochs=age, config=self.config)
-        chosen = next((option for option in pending.snapshot.menu if option.key == getattr(answer, "choice", "")), None)
+        chosen = next((option for option in pending.snapshot.menu if option.key == answer.choice), None)
         if outcome.kind == "usable" and chosen is not None and chosen.remedy:
             # A pick answers a finding: taken late, it must still answer one now.
             if not finding_present(diagnosis, chosen.remedy):
@@ -397,7 +388,7 @@ class Coordinator:
         *,
         source: Literal["advisor", "cache"],
         at: TrainingSnapshot,
-        answer: Any = None,
+        answer: AdvisorResponse | None = None,
     ) -> Apply:
         neuron_groups = mode_neuron_groups(run_modes(at)) if self.config.neuron_groups else {}
         alphas = self.alphas.for_proposal(proposal, expand=lambda group: neuron_group_keys(group, neuron_groups))
@@ -453,10 +444,10 @@ class Coordinator:
         return prompt
 
     def _drop(
-        self, kind: RecordKind, snapshot: TrainingSnapshot, pending: _PendingQuery, reason: str, answer: Any
+        self, kind: RecordKind, snapshot: TrainingSnapshot, pending: _PendingQuery, reason: str, answer: AdvisorResponse | None
     ) -> None:
-        """Record an answer that will not be applied; the advisor's own failures join its track record."""
-        proposal = getattr(answer, "proposal", None)
+        """Record an answer that will not be applied (`None`: none came); the advisor's own failures join its track record."""
+        proposal = answer.proposal if answer is not None else None
         self._record(
             kind,
             epoch=snapshot.epoch,
@@ -467,7 +458,7 @@ class Coordinator:
             answer=answer,
         )
         if kind in ("invalid", "stale", "timeout"):
-            problems = list(getattr(answer, "problems", []) or [])
+            problems = answer.problems if answer is not None else []
             summary = proposal.summary() if proposal is not None else "; ".join(problems[:2]) or reason
             self._remember_outcome(pending.epoch, summary, kind, None, action=action_of(proposal) if proposal is not None else "")
         logger.info("dropped advisor answer %s (%s): %s", pending.query_id, kind, reason)
@@ -490,9 +481,9 @@ class Coordinator:
         alphas: dict[str, float] | None = None,
         reward: float | None = None,
         verdict: str = "",
-        answer: Any = None,
+        answer: AdvisorResponse | None = None,
     ) -> InterventionRecord:
-        latency = getattr(answer, "latency_s", None) if answer is not None else None
+        latency = answer.latency_s if answer is not None else None
         return self.ledger.append(
             InterventionRecord(
                 kind=kind,
@@ -506,7 +497,7 @@ class Coordinator:
                 reward=reward,
                 verdict=verdict,
                 latency_s=float(latency) if latency is not None and math.isfinite(latency) else None,
-                status=str(getattr(answer, "status", "")) if answer is not None else "",
-                problems="; ".join(getattr(answer, "problems", []) or []) if answer is not None else "",
+                status=answer.status if answer is not None else "",
+                problems="; ".join(answer.problems) if answer is not None else "",
             )
         )

@@ -5,7 +5,8 @@ One epoch boundary, in the order the messages flow:
 1. rank 0 sends a `TrainingSnapshot` (curves, hyperparameters, per-layer `LayerStats`) to the
    coordinator, which may forward a trimmed copy, with its `Diagnosis` and track record
    (`ProposalOutcome`s), to the advisor;
-2. the advisor answers a `Proposal` (a `HyperparameterChange` plus bounded `WeightOp`s);
+2. the advisor answers an `AdvisorResponse`: a `Proposal` (a `HyperparameterChange` plus bounded
+   `WeightOp`s) as its validator passed it, or why there is none;
 3. the coordinator answers the workers with a `Decision`: `Continue(reason)` or `Apply(...)`;
 4. after an `Apply`, the workers measure `ProbationMetrics` for the candidate and a reference
    branch, and the coordinator answers a `Verdict` (keep or roll back).
@@ -262,6 +263,88 @@ class Proposal:
         if self.alpha is not None:
             parts.append(f"alpha={self.alpha:g}")
         return "; ".join(parts) or "no-op"
+
+
+# --- advisor -> coordinator (issue 22: moved here from serve_llm.validate, which builds them) ---
+
+ResponseStatus = Literal["valid", "clamped", "rejected", "timeout", "error"]
+RESPONSE_STATUSES = ("valid", "clamped", "rejected", "timeout", "error")
+USABLE_STATUSES = ("valid", "clamped")  # the statuses whose proposal may be applied
+
+
+@dataclass(kw_only=True, slots=True)
+class AdvisorResponse:
+    """One advisor answer as the coordinator sees it: the checked proposal (if any), what the
+    validator did to get it, and the raw text it came from."""
+
+    proposal: Proposal | None = None
+    status: ResponseStatus = "rejected"
+    problems: list[str] = field(default_factory=list)
+    raw_text: str = ""
+    latency_s: float = 0.0
+    backend: str = ""
+    model: str = ""
+    choice: str = ""  # the menu option's key, when the advisor chose from a menu
+    scores: dict[str, float] = field(default_factory=dict)  # menu key -> the chooser's probability, when it scores options
+
+    @property
+    def usable(self) -> bool:
+        """True when `proposal` may be applied (after the coordinator's own gates)."""
+        return self.status in USABLE_STATUSES and self.proposal is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proposal": None if self.proposal is None else self.proposal.to_dict(),
+            "status": self.status,
+            "problems": list(self.problems),
+            "raw_text": self.raw_text,
+            "latency_s": self.latency_s,
+            "backend": self.backend,
+            "model": self.model,
+            "choice": self.choice,
+            "scores": dict(self.scores),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdvisorResponse:
+        """Rebuild from `to_dict` output (trusted: `to_dict` produced it)."""
+        proposal = data.get("proposal")
+        status = data.get("status", "error")
+        if status not in RESPONSE_STATUSES:
+            raise ValueError(f"AdvisorResponse.status must be one of {RESPONSE_STATUSES}, got {status!r}")
+        return cls(
+            proposal=None if proposal is None else Proposal.from_dict(proposal),
+            status=status,
+            problems=list(data.get("problems", [])),
+            raw_text=data.get("raw_text", ""),
+            latency_s=float(data.get("latency_s", 0.0)),
+            backend=data.get("backend", ""),
+            model=data.get("model", ""),
+            choice=data.get("choice", ""),
+            scores={str(key): float(value) for key, value in data.get("scores", {}).items()},
+        )
+
+    @classmethod
+    def failure(
+        cls,
+        status: Literal["rejected", "timeout", "error"],
+        problem: str,
+        *,
+        raw_text: str = "",
+        latency_s: float = 0.0,
+        backend: str = "",
+        model: str = "",
+    ) -> AdvisorResponse:
+        """A response carrying no proposal, with the one reason why."""
+        return cls(
+            proposal=None,
+            status=status,
+            problems=[problem],
+            raw_text=raw_text,
+            latency_s=latency_s,
+            backend=backend,
+            model=model,
+        )
 
 
 # --- coordinator -> workers -------------------------------------------------------------------

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from orchestration.config import CoordinatorConfig
-from orchestration.protocol import HyperparameterChange, Proposal, TrainingChange
+from orchestration.protocol import USABLE_STATUSES, AdvisorResponse, HyperparameterChange, Proposal, TrainingChange
 
-USABLE_STATUSES = ("valid", "clamped")
 TriageKind = Literal["usable", "noop", "stale", "timeout", "error", "invalid"]
 
 
@@ -43,10 +42,9 @@ def restrict_to_allowed(proposal: Proposal, config: CoordinatorConfig) -> Propos
     )
 
 
-def triage(answer: Any, *, age_epochs: int, config: CoordinatorConfig) -> Triage:
-    """Sort an arrived `answer` (an `AdvisorResponse`-like object) asked `age_epochs` epochs ago."""
-    status = str(getattr(answer, "status", "error"))
-    proposal = getattr(answer, "proposal", None)
+def triage(answer: AdvisorResponse, *, age_epochs: int, config: CoordinatorConfig) -> Triage:
+    """Sort an arrived `answer` asked `age_epochs` epochs ago."""
+    status, proposal = answer.status, answer.proposal
     if age_epochs > config.max_answer_age_epochs:
         return Triage("stale", f"answer arrived {age_epochs} epochs after the query")
     if status == "timeout":

@@ -6,6 +6,7 @@ and the clients import their heavy dependencies when used.
 
 from serve_llm.config import AdvisorConfig
 from orchestration.protocol import (
+    AdvisorResponse,
     HyperparameterChange,
     LayerStats,
     Proposal,
@@ -13,7 +14,7 @@ from orchestration.protocol import (
     TrainingSnapshot,
     WeightOp,
 )
-from serve_llm.validate import AdvisorResponse, validate_proposal
+from serve_llm.validate import validate_proposal
 
 __all__ = [
     "AdvisorConfig",

@@ -16,8 +16,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from orchestration.menu import fit_training, mode_activations, mode_frozen_blocks, mode_neuron_groups, run_modes
 from orchestration.protocol import (
@@ -33,6 +32,7 @@ from orchestration.protocol import (
     NEURON_GROUP_MARK,
     WEIGHT_OP_AMOUNT_BOUNDS,
     WEIGHT_OPS,
+    AdvisorResponse,
     HyperparameterChange,
     Proposal,
     TrainingChange,
@@ -40,10 +40,6 @@ from orchestration.protocol import (
     WeightOp,
     split_neuron_group,
 )
-
-ResponseStatus = Literal["valid", "clamped", "rejected", "timeout", "error"]
-RESPONSE_STATUSES = ("valid", "clamped", "rejected", "timeout", "error")
-USABLE_STATUSES = ("valid", "clamped")
 
 MAX_RAW_CHARS = 32_000  # the largest legal proposal (8 `values` ops of 64 numbers) is ~12k characters
 MAX_NESTING_DEPTH = 6  # proposal -> weights -> op -> values is depth 4
@@ -56,81 +52,6 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 # line/paragraph separators, and lone surrogates (a JSON "\ud800" escape), which no UTF-8 file or
 # terminal can take: one in a reason would crash the ledger's CSV write and every print of it.
 _STRIPPED_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
-
-
-@dataclass(kw_only=True, slots=True)
-class AdvisorResponse:
-    """One advisor answer as the coordinator sees it: the checked proposal (if any), what the
-    validator did to get it, and the raw text it came from."""
-
-    proposal: Proposal | None = None
-    status: ResponseStatus = "rejected"
-    problems: list[str] = field(default_factory=list)
-    raw_text: str = ""
-    latency_s: float = 0.0
-    backend: str = ""
-    model: str = ""
-    choice: str = ""  # the menu option's key, when the advisor chose from a menu
-    scores: dict[str, float] = field(default_factory=dict)  # menu key -> the chooser's probability, when it scores options
-
-    @property
-    def usable(self) -> bool:
-        """True when `proposal` may be applied (after the coordinator's own gates)."""
-        return self.status in USABLE_STATUSES and self.proposal is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "proposal": None if self.proposal is None else self.proposal.to_dict(),
-            "status": self.status,
-            "problems": list(self.problems),
-            "raw_text": self.raw_text,
-            "latency_s": self.latency_s,
-            "backend": self.backend,
-            "model": self.model,
-            "choice": self.choice,
-            "scores": dict(self.scores),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdvisorResponse:
-        """Rebuild from `to_dict` output (trusted: it was produced by this module)."""
-        proposal = data.get("proposal")
-        status = data.get("status", "error")
-        if status not in RESPONSE_STATUSES:
-            raise ValueError(f"AdvisorResponse.status must be one of {RESPONSE_STATUSES}, got {status!r}")
-        return cls(
-            proposal=None if proposal is None else Proposal.from_dict(proposal),
-            status=status,
-            problems=list(data.get("problems", [])),
-            raw_text=data.get("raw_text", ""),
-            latency_s=float(data.get("latency_s", 0.0)),
-            backend=data.get("backend", ""),
-            model=data.get("model", ""),
-            choice=data.get("choice", ""),
-            scores={str(key): float(value) for key, value in data.get("scores", {}).items()},
-        )
-
-    @classmethod
-    def failure(
-        cls,
-        status: Literal["rejected", "timeout", "error"],
-        problem: str,
-        *,
-        raw_text: str = "",
-        latency_s: float = 0.0,
-        backend: str = "",
-        model: str = "",
-    ) -> AdvisorResponse:
-        """A response carrying no proposal, with the one reason why."""
-        return cls(
-            proposal=None,
-            status=status,
-            problems=[problem],
-            raw_text=raw_text,
-            latency_s=latency_s,
-            backend=backend,
-            model=model,
-        )
 
 
 class _Rejected(Exception):

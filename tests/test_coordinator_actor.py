@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
@@ -14,22 +13,9 @@ from orchestration.actor import get_or_create_coordinator
 from orchestration.protocol import Apply, Continue
 from orchestration.config import CoordinatorConfig
 from orchestration.population import RunNotOpen
-from orchestration.protocol import LayerStats, Proposal, TrainingSnapshot, WeightOp
+from orchestration.protocol import AdvisorResponse, LayerStats, Proposal, TrainingSnapshot, WeightOp
 
 PROPOSAL = Proposal(weights=[WeightOp(op="shrink", group="fc.weight", amount=0.2)], reason="overfitting")
-
-
-@dataclass
-class InstantAnswer:
-    """Duck-typed `serve_llm.validate.AdvisorResponse`."""
-
-    proposal: Proposal | None
-    status: str = "valid"
-    problems: list[str] = field(default_factory=list)
-    raw_text: str = ""
-    latency_s: float = 0.01
-    backend: str = "fake"
-    model: str = "fake"
 
 
 class InstantAdvisor:
@@ -37,7 +23,7 @@ class InstantAdvisor:
 
     def submit(self, snapshot: TrainingSnapshot) -> Future:
         future: Future = Future()
-        future.set_result(InstantAnswer(PROPOSAL))
+        future.set_result(AdvisorResponse(proposal=PROPOSAL, status="valid", latency_s=0.01, backend="fake", model="fake"))
         return future
 
 

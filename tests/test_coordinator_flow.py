@@ -6,7 +6,6 @@ import dataclasses
 import json
 import pickle
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
@@ -15,20 +14,12 @@ from orchestration.protocol import ProbationMetrics
 from orchestration.coordinator import Coordinator
 from orchestration.protocol import Apply, Continue
 from orchestration.config import CoordinatorConfig
-from orchestration.protocol import HyperparameterChange, LayerStats, Proposal, TrainingSnapshot, WeightOp
+from orchestration.protocol import AdvisorResponse, HyperparameterChange, LayerStats, Proposal, ResponseStatus, TrainingSnapshot, WeightOp
 
 
-@dataclass
-class FakeAnswer:
-    """Duck-typed `serve_llm.validate.AdvisorResponse`."""
-
-    proposal: Proposal | None
-    status: str = "valid"
-    problems: list[str] = field(default_factory=list)
-    raw_text: str = ""
-    latency_s: float = 0.25
-    backend: str = "fake"
-    model: str = "fake"
+def fake_answer(proposal: Proposal | None, *, status: ResponseStatus = "valid", problems: tuple[str, ...] = ()) -> AdvisorResponse:
+    """An advisor's answer as a scripted advisor gives it (valid by default, 0.25 s)."""
+    return AdvisorResponse(proposal=proposal, status=status, problems=list(problems), latency_s=0.25, backend="fake", model="fake")
 
 
 class ScriptedAdvisor:
@@ -42,7 +33,7 @@ class ScriptedAdvisor:
         self.submitted.append((snapshot, future))
         return future
 
-    def answer(self, answer: FakeAnswer, index: int = -1) -> None:
+    def answer(self, answer: AdvisorResponse, index: int = -1) -> None:
         self.submitted[index][1].set_result(answer)
 
 
@@ -84,7 +75,7 @@ def advisor() -> ScriptedAdvisor:
 def ask_and_apply(coordinator: Coordinator, advisor: ScriptedAdvisor, epoch: int) -> Apply:
     """Drive one query at `epoch` and its answer at `epoch + 1`."""
     assert isinstance(coordinator.on_epoch_end(snapshot_at(epoch)), Continue)
-    advisor.answer(FakeAnswer(PROPOSAL))
+    advisor.answer(fake_answer(PROPOSAL))
     decision = coordinator.on_epoch_end(snapshot_at(epoch + 1))
     assert isinstance(decision, Apply)
     return decision
@@ -100,7 +91,7 @@ def test_query_then_continue_then_apply_then_accept(advisor):
     assert sent.val_loss == snapshot_at(2).val_loss[-2:]  # trimmed to history_window
     assert coordinator.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r:q1")
 
-    advisor.answer(FakeAnswer(PROPOSAL))
+    advisor.answer(fake_answer(PROPOSAL))
     decision = coordinator.on_epoch_end(snapshot_at(4))
     assert decision == Apply(
         query_id="r:q1",
@@ -162,7 +153,7 @@ def test_stale_answer_is_dropped(advisor):
     coordinator = Coordinator(config(max_answer_age_epochs=1, query_interval=10), advisor, run_id="r")
     coordinator.on_epoch_end(snapshot_at(2), weight_drift=1.0)
     coordinator.on_epoch_end(snapshot_at(3))
-    advisor.answer(FakeAnswer(PROPOSAL))
+    advisor.answer(fake_answer(PROPOSAL))
     decision = coordinator.on_epoch_end(snapshot_at(4))
     assert isinstance(decision, Continue)
     assert coordinator.ledger.records[-1].kind == "stale"
@@ -182,10 +173,10 @@ def test_unanswered_query_is_abandoned_after_max_age(advisor):
 @pytest.mark.parametrize(
     ("answer", "kind", "count_name"),
     [
-        (FakeAnswer(None, status="rejected", problems=["not JSON"]), "invalid", "proposals_invalid"),
-        (FakeAnswer(None, status="valid"), "invalid", "proposals_invalid"),
-        (FakeAnswer(None, status="timeout"), "timeout", "answers_timeout"),
-        (FakeAnswer(None, status="error", problems=["replica died"]), "error", "errors"),
+        (fake_answer(None, status="rejected", problems=["not JSON"]), "invalid", "proposals_invalid"),
+        (fake_answer(None, status="valid"), "invalid", "proposals_invalid"),
+        (fake_answer(None, status="timeout"), "timeout", "answers_timeout"),
+        (fake_answer(None, status="error", problems=["replica died"]), "error", "errors"),
     ],
 )
 def test_unusable_answers_are_recorded_and_dropped(advisor, answer, kind, count_name):
@@ -203,7 +194,7 @@ def test_unusable_answers_are_recorded_and_dropped(advisor, answer, kind, count_
 def test_clamped_answer_is_applied_with_its_problems_recorded(advisor):
     coordinator = Coordinator(config(), advisor, run_id="r")
     coordinator.on_epoch_end(snapshot_at(2))
-    advisor.answer(FakeAnswer(PROPOSAL, status="clamped", problems=["lr_scale clamped"]))
+    advisor.answer(fake_answer(PROPOSAL, status="clamped", problems=["lr_scale clamped"]))
     assert isinstance(coordinator.on_epoch_end(snapshot_at(3)), Apply)
     assert coordinator.ledger.records[-1].problems == "lr_scale clamped"
 
@@ -212,7 +203,7 @@ def test_suggested_alpha_lowers_and_apply_settings_filter(advisor):
     coordinator = Coordinator(config(apply_hyperparameters=False), advisor, run_id="r")
     coordinator.on_epoch_end(snapshot_at(2))
     suggested = Proposal(hyperparameters=PROPOSAL.hyperparameters, weights=PROPOSAL.weights, alpha=0.05)
-    advisor.answer(FakeAnswer(suggested))
+    advisor.answer(fake_answer(suggested))
     decision = coordinator.on_epoch_end(snapshot_at(3))
     assert decision.alphas == {"features.0.weight": 0.05}
     assert decision.proposal.hyperparameters.is_empty() and decision.proposal.weights == PROPOSAL.weights
@@ -221,7 +212,7 @@ def test_suggested_alpha_lowers_and_apply_settings_filter(advisor):
 def test_proposal_with_nothing_allowed_is_recorded_as_noop(advisor):
     coordinator = Coordinator(config(apply_weights=False), advisor, run_id="r")
     coordinator.on_epoch_end(snapshot_at(2))
-    advisor.answer(FakeAnswer(Proposal(weights=PROPOSAL.weights)))
+    advisor.answer(fake_answer(Proposal(weights=PROPOSAL.weights)))
     assert isinstance(coordinator.on_epoch_end(snapshot_at(3)), Continue)
     assert coordinator.ledger.records[-1].reason.startswith("no-op")
 
@@ -293,7 +284,7 @@ def test_decisions_say_when_the_coordinator_asked(advisor):
     coordinator = Coordinator(config(), advisor, run_id="r")
     assert not coordinator.on_epoch_end(snapshot_at(1)).asked_now
     assert coordinator.on_epoch_end(snapshot_at(2)).asked_now  # interval query sent
-    advisor.answer(FakeAnswer(PROPOSAL))
+    advisor.answer(fake_answer(PROPOSAL))
     applied = coordinator.on_epoch_end(snapshot_at(3))
     assert isinstance(applied, Apply) and not applied.asked_now  # answers a query made at epoch 2
 
@@ -344,7 +335,7 @@ def test_a_query_a_finding_triggered_is_waited_for_and_a_routine_one_is_not(advi
     slow = [LayerStats(name="features.0.weight", grad_norm=0.3, update_ratio=0.001)]
 
     def answer_soon() -> None:
-        threading.Timer(0.3, lambda: advisor.answer(FakeAnswer(PROPOSAL))).start()
+        threading.Timer(0.3, lambda: advisor.answer(fake_answer(PROPOSAL))).start()
 
     waiting = Coordinator(config(wait_on_findings_s=10.0, query_interval=0, plateau_window=1), advisor, run_id="r")
     at = lambda epoch: dataclasses.replace(snapshot_at(epoch), layers=slow, train_loss=snapshot_at(epoch).val_loss)  # noqa: E731

@@ -14,7 +14,7 @@ from orchestration.alphas import AlphaController
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import Coordinator
 from orchestration.menu import build_menu, neuron_group_keys
-from orchestration.protocol import Apply, Diagnosis, LayerStats, ProbationMetrics, Proposal, TrainingSnapshot, WeightOp
+from orchestration.protocol import AdvisorResponse, Apply, Diagnosis, LayerStats, ProbationMetrics, Proposal, TrainingSnapshot, WeightOp
 from serve_llm.validate import validate_proposal
 from workers.blending import apply_weight_ops
 from workers.coupling import describe_groups, group_count, kmeans, unit_groups
@@ -67,8 +67,8 @@ def test_the_coordinator_gives_and_adapts_one_alpha_per_neuron_group() -> None:
     class Advisor:
         def submit(self, snapshot):
             future = Future()
-            future.set_result(type("Answer", (), {"status": "valid", "proposal": Proposal(weights=[WeightOp(op="noise", group="fc1.weight#0", amount=0.1)]),
-                                                  "problems": [], "raw_text": "", "latency_s": 0.0, "backend": "t", "model": "t"})())
+            future.set_result(AdvisorResponse(status="valid", proposal=Proposal(weights=[WeightOp(op="noise", group="fc1.weight#0", amount=0.1)]),
+                                              backend="t", model="t"))
             return future
 
     coordinator = Coordinator(CoordinatorConfig(query_interval=1, burn_in_epochs=0, neuron_groups=True, ask_when_healthy=True), Advisor(), run_id="r")
