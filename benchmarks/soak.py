@@ -67,12 +67,12 @@ def soak_once(fault: str, run_dir: Path, rng: random.Random) -> dict:
     injected = fault
     if fault == "worker_mid_epoch":
         epoch = rng.randint(2, EPOCHS)
-        overrides += [f"train.chaos_kill_epoch={epoch}"]
+        overrides += [f"faults.kill_epoch={epoch}"]
         injected = f"{fault} (epoch {epoch})"
     elif fault == "worker_in_probation":
-        overrides += ["train.chaos_kill_epoch=4", "train.chaos_kill_in=probation"]  # answers are tried at epochs 2 and 4
+        overrides += ["faults.kill_epoch=4", "faults.kill_in=probation"]  # answers are tried at epochs 2 and 4
     elif fault == "truncated_checkpoint":
-        overrides += ["train.checkpoint_every=1", "train.max_failures=0", f"train.chaos_kill_epoch={rng.randint(3, EPOCHS)}"]
+        overrides += ["train.checkpoint_every=1", "train.max_failures=0", f"faults.kill_epoch={rng.randint(3, EPOCHS)}"]
     config = build_config(recipe="smoke", overrides=overrides)
     run_dir = run_dir / "run"
     done, killer, killed = threading.Event(), None, []

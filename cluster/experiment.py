@@ -19,6 +19,7 @@ from orchestration.settings import ConfigError, build_section, merge, parse_over
 from serve_llm.config import AdvisorConfig
 from tune_search.config import TuneConfig
 from workers.config import DataConfig, ModelConfig, TrainConfig
+from workers.faults import FaultConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,8 +32,11 @@ class ExperimentConfig:
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # used by `hybridtrain tune` only
+    faults: FaultConfig = field(default_factory=FaultConfig)  # testing only: kill a worker at a chosen point (`workers.faults`)
 
     def __post_init__(self) -> None:
+        if self.faults.kill_epoch is not None and self.faults.kill_epoch > self.train.epochs:
+            raise ConfigError(f"faults.kill_epoch must be unset or in [1, {self.train.epochs}], got {self.faults.kill_epoch!r}")
         if self.train.l2sp > 0 and not self.model.pretrained:
             raise ConfigError(f"train.l2sp={self.train.l2sp!r} pulls weights toward pretrained ones: set model.pretrained too")
         if self.model.pretrained:

@@ -45,7 +45,7 @@ def test_a_worker_killed_during_probation_resumes_from_the_pre_proposal_checkpoi
     run_dir = tmp_path / "killed-in-probation"
     # Asked at epochs 1, 3, 5; each answer is tried at the next epoch end (2, 4). Killed in epoch 4's probation,
     # the run goes back to the epoch-2 checkpoint, before that proposal was even asked for.
-    overrides = [*ASK_EVERY_EPOCH, "train.epochs=5", "train.checkpoint_every=2", "train.chaos_kill_epoch=4", "train.chaos_kill_in=probation",
+    overrides = [*ASK_EVERY_EPOCH, "train.epochs=5", "train.checkpoint_every=2", "faults.kill_epoch=4", "faults.kill_in=probation",
                  "train.max_failures=1", f"advisor.script={_script(tmp_path, SHRINK)}"]
     summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
 
@@ -98,7 +98,7 @@ def test_a_killed_coordinator_actor_comes_back_with_the_runs_state(ray_local, tm
 def test_a_truncated_checkpoint_is_named_and_the_previous_one_used(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "truncated"
     config = build_config(recipe="smoke", overrides=["train.epochs=4", "train.early_stopping_patience=0", "advisor.backend=none", "train.checkpoint_every=1",
-                                                     "train.chaos_kill_epoch=3", "train.max_failures=0"])
+                                                     "faults.kill_epoch=3", "train.max_failures=0"])
     with pytest.raises(RunError, match="--resume"):
         run_experiment(config, run_dir)
     storage = run_dir / RAY_STORAGE / RAY_RUN_NAME

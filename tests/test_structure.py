@@ -120,3 +120,19 @@ def test_package_data_named_in_pyproject_exists() -> None:
     for package, patterns in package_data.items():
         for pattern in patterns:
             assert list((ROOT / package).glob(pattern)), f"pyproject.toml names {package}/{pattern}, which matches nothing"
+
+
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTIONS: dict[str, str] = {}  # "module:function" -> why it may be longer (none today)
+
+
+def test_no_function_is_longer_than_about_80_lines() -> None:
+    """A function that does not fit on a screen does more than one job; split it (or list it above, with why)."""
+    long = {}
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and f"{module}:{node.name}" not in LONG_FUNCTIONS:
+                    long[f"{module}:{node.name}"] = lines
+    assert long == {}

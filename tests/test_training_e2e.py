@@ -57,7 +57,7 @@ def test_zero3_consolidates_partitioned_weights(ray_local, tmp_path) -> None:
 
 def test_run_survives_a_killed_worker_process(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "chaos"
-    config = build_config(recipe="smoke", overrides=[*SMALL, "train.chaos_kill_epoch=3", "train.max_failures=1", "train.checkpoint_every=2"])
+    config = build_config(recipe="smoke", overrides=[*SMALL, "faults.kill_epoch=3", "train.max_failures=1", "train.checkpoint_every=2"])
     summary = run_experiment(config, run_dir)
     assert (run_dir / ".chaos_killed").exists()  # the worker really was killed
     assert summary["restarts"] == 1
@@ -69,7 +69,7 @@ def test_run_survives_a_killed_worker_process(ray_local, tmp_path) -> None:
 
 def test_resume_continues_a_stopped_run(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "stopped"
-    config = build_config(recipe="smoke", overrides=[*SMALL, "train.chaos_kill_epoch=3", "train.max_failures=0"])
+    config = build_config(recipe="smoke", overrides=[*SMALL, "faults.kill_epoch=3", "train.max_failures=0"])
     with pytest.raises(RunError, match="--resume"):
         run_experiment(config, run_dir)
     assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2]

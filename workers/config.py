@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    """How to train: workers, ZeRO, optimizer, schedule, stopping, fault tolerance."""
+    """How to train: workers, ZeRO, optimizer, schedule, stopping, fault tolerance (fault *injection* is `workers.faults.FaultConfig`)."""
 
     num_workers: int = 2
     cpus_per_worker: float = 1.0
@@ -115,8 +115,6 @@ class TrainConfig:
     l2sp: float = 0.0  # with model.pretrained: strength of the L2 pull toward the pretrained weights (L2-SP)
     gradient_free: bool = False  # the advisor may set the last layer's bias to explicit values, from a history of (values, val loss)
     tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
-    chaos_kill_epoch: int | None = None  # testing only: SIGKILL the last rank's process once, mid-way through this epoch
-    chaos_kill_in: str = "epoch"  # testing only: where in chaos_kill_epoch: "epoch" (its training steps) or "probation" (a proposal's)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be >= 1")
@@ -137,7 +135,6 @@ class TrainConfig:
         require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
         require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
-        require(self.chaos_kill_in in ("epoch", "probation"), "train.chaos_kill_in", self.chaos_kill_in, "must be 'epoch' or 'probation'")
         if isinstance(self.batch_selection, bool):
             self.batch_selection = "on" if self.batch_selection else "off"
         require(0 < self.curriculum_start <= 1, "train.curriculum_start", self.curriculum_start, "must be in (0, 1]")
@@ -149,10 +146,6 @@ class TrainConfig:
         require(self.l2sp >= 0, "train.l2sp", self.l2sp, "must be >= 0")
         require(self.l2sp == 0 or self.zero_stage < 3, "train.l2sp", self.l2sp, "needs train.zero_stage 0-2 (ZeRO-3 partitions the weights the pull reads)")
         require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
-        require(
-            self.chaos_kill_epoch is None or 1 <= self.chaos_kill_epoch <= self.epochs,
-            "train.chaos_kill_epoch", self.chaos_kill_epoch, f"must be unset or in [1, {self.epochs}]",
-        )
 
 
 def small_data_batch(train: TrainConfig, train_size: int, world_size: int) -> TrainConfig:

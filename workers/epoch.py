@@ -1,0 +1,205 @@
+"""The loop's arithmetic: one micro-step, one epoch of them, a probation, and evaluation over a split.
+
+Plain functions of the `Loop`; the only events they fire are `batch` / `batch_end` around each
+micro-step (`workers.events`), so fault injection and the advisor's gradient statistics stay out of here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from orchestration.protocol import ProbationMetrics
+from workers.data import probation_batches, stable_seed
+from workers.events import Event
+from workers.loop import BatchInfo, Loop, positions_by_rank
+
+
+@dataclass(kw_only=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    sample_losses: np.ndarray | None = None  # per sample, ranks' shards in rank order (with `per_sample`)
+    sample_correct: np.ndarray | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochResult:
+    train_loss: float  # mean over every rank's samples
+    train_accuracy: float
+    samples: int  # over every rank
+    local_samples_per_s: float  # this rank's training throughput
+    train_seconds: float
+
+
+def train_step(loop: Loop, batch: np.ndarray, weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-step on `batch` (indices into the train split); returns the detached loss and the number of
+    samples the model got right (in training mode, before the step). `weights` are batch selection's
+    importance weights (the loss is the mean of w * loss); the research modes may add a penalty (L2-SP)."""
+    engine, data, device = loop.engine, loop.data, loop.device
+    index = torch.from_numpy(data.split.train[batch])
+    target = data.labels[index].to(device)
+    logits = engine(data.features[index].to(device, loop.dtype)).float()
+    if weights is None:
+        loss = F.cross_entropy(logits, target)
+    else:
+        loss = (torch.from_numpy(weights).to(device, torch.float32) * F.cross_entropy(logits, target, reduction="none")).mean()
+    penalty = loop.modes.penalty()
+    engine.backward(loss if penalty is None else loss + penalty)
+    engine.step()
+    return loss.detach(), (logits.detach().argmax(dim=1) == target).sum()
+
+
+def run_steps(loop: Loop, batches: list[np.ndarray], weights: list[np.ndarray] | None, *, phase: str, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`train_step` on each batch, firing `batch` before and `batch_end` after each one."""
+    results = []
+    for step, batch in enumerate(batches):
+        loop.batch = BatchInfo(phase=phase, epoch=epoch, step=step, steps=len(batches))
+        loop.fire(Event.BATCH)
+        results.append(train_step(loop, batch, None if weights is None else weights[step]))
+        loop.fire(Event.BATCH_END)
+    loop.batch = None
+    return results
+
+
+def run_epoch(loop: Loop, epoch: int) -> EpochResult:
+    """Train one epoch of this rank's shard. Dropout masks depend only on (seed, epoch, rank), so a resumed
+    run replays the same randomness; the research modes may draw the batches (curriculum, batch selection)."""
+    train, started = loop.train, time.perf_counter()
+    torch.manual_seed(stable_seed(train.seed, epoch, loop.rank))
+    loop.scores = sample_scores(loop)
+    batches, weights = loop.modes.epoch_batches(loop.scores, num_samples=len(loop.data.split.train), rank=loop.rank,
+                                                world_size=loop.world_size, epoch=epoch, seed=train.seed)
+    loop.engine.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.float64)
+    for batch, (loss, right) in zip(batches, run_steps(loop, batches, weights, phase="epoch", epoch=epoch)):
+        loss_sum += loss.double().cpu() * len(batch)
+        correct += right.double().cpu()
+    seen = sum(len(batch) for batch in batches)
+    train_seconds = time.perf_counter() - started
+    loss_total, correct_total, samples = all_reduce_sums(loss_sum, correct, seen)
+    return EpochResult(train_loss=loss_total / samples, train_accuracy=correct_total / samples, samples=int(samples),
+                       local_samples_per_s=seen / train_seconds, train_seconds=train_seconds)
+
+
+def sample_scores(loop: Loop) -> np.ndarray | None:
+    """Each training sample's loss under the current model (curriculum and batch selection), by position in
+    the train split, the same on every rank; None when no mode needs it."""
+    if not loop.modes.needs_scores:
+        return None
+    split = loop.data.split
+    result = evaluate(loop, split.train, per_sample=True)
+    scores = np.empty(len(split.train))
+    scores[positions_by_rank(len(split.train), loop.world_size)] = result.sample_losses
+    return scores
+
+
+def validate(loop: Loop, *, per_sample: bool = False) -> EvalResult:
+    return evaluate(loop, loop.data.split.val, per_sample=per_sample)
+
+
+def run_probation(loop: Loop, micro_steps: int) -> ProbationMetrics:
+    """Train `micro_steps` on this epoch's probation batches, then validate (the advice's two branches alike)."""
+    train, epoch, num_samples = loop.train, loop.state.epoch, len(loop.data.split.train)
+    torch.manual_seed(stable_seed(train.seed, epoch, loop.rank, "probation"))
+    loop.engine.train()
+    if loop.modes.needs_scores:  # drawn the way the next epoch would draw them (from this epoch's scores), with the branch's own mode state
+        drawn, drawn_weights = loop.modes.epoch_batches(loop.scores, num_samples=num_samples, rank=loop.rank, world_size=loop.world_size,
+                                                        epoch=epoch + 1, seed=train.seed, probation=True)
+        batches = [drawn[i % len(drawn)] for i in range(micro_steps)]
+        weights = None if drawn_weights is None else [drawn_weights[i % len(drawn_weights)] for i in range(micro_steps)]
+    else:
+        batches = probation_batches(num_samples, rank=loop.rank, world_size=loop.world_size, batch_size=train.batch_size, epoch=epoch,
+                                    seed=train.seed, micro_steps=micro_steps)
+        weights = None
+    losses = [float(loss) for loss, _ in run_steps(loop, batches, weights, phase="probation", epoch=epoch)]
+    train_loss, count = all_reduce_sums(sum(losses), len(losses))
+    probe = validate(loop, per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
+    return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
+                            sample_losses=tuple(probe.sample_losses.tolist()), sample_correct=tuple(probe.sample_correct.tolist()))
+
+
+def evaluate(loop: Loop, indices: np.ndarray, *, gather: bool = False, per_sample: bool = False) -> EvalResult:
+    """Mean loss and accuracy over `indices`, each rank taking a shard; all ranks get the result.
+    `gather`: also the predictions and labels; `per_sample`: also each sample's loss and correctness.
+
+    All ranks run the same number of forward passes, even on an empty shard, because under ZeRO-3
+    every forward gathers parameters collectively.
+    """
+    engine, features, labels = loop.engine, loop.data.features, loop.data.labels
+    engine.eval()
+    shard = indices[loop.rank::loop.world_size]
+    batch_size = max(256, loop.train.batch_size)
+    steps = math.ceil(math.ceil(len(indices) / loop.world_size) / batch_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = 0
+    predictions: list[np.ndarray] = []
+    sample_losses: list[np.ndarray] = []
+    device = next(engine.module.parameters()).device
+    with torch.no_grad():
+        for chunk in np.array_split(shard, steps):
+            index = torch.from_numpy(chunk)
+            logits = engine(features[index].to(device, loop.dtype)).float()
+            targets = labels[index].to(device)
+            if len(chunk):
+                losses = F.cross_entropy(logits, targets, reduction="none").double().cpu()
+                loss_sum += losses.sum()
+                sample_losses.append(losses.numpy())
+                predicted = logits.argmax(dim=1)
+                correct += int((predicted == targets).sum())
+                predictions.append(predicted.cpu().numpy())
+    totals = torch.tensor([float(loss_sum), correct, len(shard)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    result = EvalResult(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]))
+    if gather or per_sample:
+        _gather_samples(result, predictions, sample_losses, labels[torch.from_numpy(shard)].numpy(), loop.world_size)
+    return result
+
+
+def _gather_samples(result: EvalResult, predictions: list[np.ndarray], sample_losses: list[np.ndarray], local_labels: np.ndarray,
+                    world_size: int) -> None:
+    """Every rank's predictions, labels and per-sample losses, in rank order, into `result`."""
+    local_predictions = np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
+    local = (local_predictions, local_labels, np.concatenate(sample_losses) if sample_losses else np.zeros(0))
+    gathered: list[Any] = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    result.predictions = np.concatenate([g[0] for g in gathered])
+    result.labels = np.concatenate([g[1] for g in gathered])
+    result.sample_losses = np.concatenate([g[2] for g in gathered])
+    result.sample_correct = (result.predictions == result.labels).astype(np.int64)
+
+
+def test_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1 and the confusion matrix (rows: true class)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="macro", zero_division=0)
+    return {
+        "test_accuracy": float((predictions == labels).mean()),
+        "test_macro_precision": float(precision),
+        "test_macro_recall": float(recall),
+        "test_macro_f1": float(f1),
+        "test_confusion_matrix": confusion_matrix(labels, predictions, labels=list(range(num_classes))).tolist(),
+    }
+
+
+def all_reduce_sums(*values: float | torch.Tensor) -> tuple[float, ...]:
+    """Each value summed over the ranks (float64 on the CPU; gloo's and NCCL's sums alike)."""
+    totals = torch.tensor([float(value) for value in values], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return tuple(float(total) for total in totals)
