@@ -84,6 +84,36 @@ class _OnProbation:
     source: Literal["advisor", "cache"] = "advisor"
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the answer to a query comes from (`choose_source`): `keep` (nothing on the menu answers a finding,
+    so the menu's "keep" is the answer and no one is asked), `cache` (a similar snapshot's accepted answer) or
+    `ask` (the advisor). `proposal` is the keep option or the cached answer; `reason` says why, for the ledger."""
+
+    kind: Literal["keep", "cache", "ask"]
+    reason: str
+    proposal: Proposal | None = None
+
+
+def choose_source(prompt: TrainingSnapshot, *, config: CoordinatorConfig, cache: ResponseCache, asker: str) -> Source:
+    """Keep, use the cache, or ask the advisor, for the query `prompt` (its menu built) of run `asker`.
+
+    Keeping comes first: asking a model for "keep" would cost seconds of the cores training uses
+    (`ask_when_healthy` asks anyway). Then the cache, whose lookup counts a hit or a miss; nothing else changes.
+    """
+    if config.advice_mode == "choose" and not config.ask_when_healthy and not any(option.remedy for option in prompt.menu):
+        logger.debug("epoch %d: no finding on the menu; kept without asking", prompt.epoch)
+        return Source("keep", "no finding to answer, kept without asking the advisor (coordinator.ask_when_healthy)",
+                      Proposal.from_dict(prompt.menu[0].proposal))
+    if not config.cache_enabled:
+        return Source("ask", "cache off")
+    entry, distance = cache.lookup_entry(prompt, asker=asker)
+    if entry is None:
+        return Source("ask", f"no similar answer cached (nearest at distance {distance:.3g})")
+    learned = f"answer learned by run {entry.origin}; " if entry.origin and entry.origin != asker else ""
+    return Source("cache", f"{learned}cache distance {distance:.3g}", entry.proposal)
+
+
 def _still_found(asked: TrainingSnapshot, now: Diagnosis) -> bool:
     """Whether a finding the query `asked` about is present in the diagnosis `now` (any finding, without a menu)."""
     remedies = {option.remedy for option in asked.menu if option.remedy}
@@ -295,7 +325,7 @@ class Coordinator:
     # --- internals ----------------------------------------------------------------------------
 
     def _ask(self, snapshot: TrainingSnapshot, reason: str) -> Decision:
-        """Answer from the cache if a similar snapshot was answered well before, else submit."""
+        """Keep, answer from the cache or submit to the advisor, as `choose_source` decides; each leaves a ledger row."""
         assert self.advisor is not None and not self.in_flight
         self.query_count += 1
         query_id = f"{self.run_id}:q{self.query_count}"
@@ -304,27 +334,16 @@ class Coordinator:
         if self.config.advice_mode == "choose":
             prompt.menu = build_menu(prompt, snapshot.diagnosis or diagnose(snapshot, self.thresholds),
                                      self.outcomes if self.config.track_record else ())
-            if not self.config.ask_when_healthy and not any(option.remedy for option in prompt.menu):
-                # Nothing on the menu answers a finding: "keep" is the answer, and asking a model for it would
-                # cost seconds of the cores training uses. Recorded like an answer, so the ledger shows the look.
-                self._record("kept", epoch=snapshot.epoch, step=snapshot.step, query_id=query_id, proposal=Proposal.from_dict(prompt.menu[0].proposal),
-                             reason=f"{reason}; no finding to answer, kept without asking the advisor (coordinator.ask_when_healthy)")
-                return Continue(f"kept without asking ({query_id}): no finding", asked_now=True)
-        if self.config.cache_enabled:
-            entry, distance = self.cache.lookup_entry(prompt, asker=self.run_id)
-            if entry is not None:
-                cached = entry.proposal
-                if entry.origin and entry.origin != self.run_id:
-                    reason = f"{reason}; answer learned by run {entry.origin}"
-                self._record(
-                    "cache_hit",
-                    epoch=snapshot.epoch,
-                    step=snapshot.step,
-                    reason=f"{reason}; cache distance {distance:.3g}",
-                    query_id=query_id,
-                    proposal=cached,
-                )
-                return self._start_probation(query_id, cached, prompt, source="cache", at=snapshot)
+        source = choose_source(prompt, config=self.config, cache=self.cache, asker=self.run_id)
+        if source.kind == "keep":  # recorded like an answer, so the ledger shows the look
+            self._record("kept", epoch=snapshot.epoch, step=snapshot.step, query_id=query_id, proposal=source.proposal,
+                         reason=f"{reason}; {source.reason}")
+            return Continue(f"kept without asking ({query_id}): no finding", asked_now=True)
+        if source.kind == "cache":
+            assert source.proposal is not None
+            self._record("cache_hit", epoch=snapshot.epoch, step=snapshot.step, reason=f"{reason}; {source.reason}", query_id=query_id,
+                         proposal=source.proposal)
+            return self._start_probation(query_id, source.proposal, prompt, source="cache", at=snapshot)
         self._record("query", epoch=snapshot.epoch, step=snapshot.step, reason=reason, query_id=query_id)
         try:
             future = self.advisor.submit(prompt)
