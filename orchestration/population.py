@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import AdvisorPort, Coordinator
+from orchestration.errors import HybridtrainError
 from orchestration.protocol import Decision, ProbationMetrics, TrainingSnapshot, Verdict
 
 _Result = TypeVar("_Result")
 
 
-class RunNotOpen(KeyError):
+class RunNotOpen(HybridtrainError, KeyError):
     """A call named a run this population does not coordinate: never opened, closed, or opened in an
     actor that has since restarted (a restarted actor starts empty, so its workers open the run again:
     `workers.coordinator_link` tells a restart by this class). Still a `KeyError`, as before it had one.
-    (To derive from `orchestration.errors.HybridtrainError` too once that module is committed.)
     """
 
     def __init__(self, run: str, open_runs: list[str]) -> None:
