@@ -3,7 +3,7 @@
 Snapshots become fixed-length, quantised feature vectors (`snapshot_features`); a lookup is a
 nearest-neighbour search by Euclidean distance among entries of the same model signature
 (model kind and parameter-group names, so a cached proposal never names groups a model lacks)
-whose training change still fits the run's research modes (`orchestration.menu.fit_training`: no
+whose training change still fits the run's research modes (`orchestration.fitting.fit`: no
 unfreeze once nothing is frozen, no switch to the activation a layer already has).
 
 One cache can serve a whole population (a sweep's trials, through `orchestration.population`):
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from orchestration.config import CoordinatorConfig
-from orchestration.menu import fit_training, run_modes
+from orchestration.fitting import fit
 from orchestration.protocol import Proposal, TrainingSnapshot
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _fits_modes(proposal: Proposal, snapshot: TrainingSnapshot) -> bool:
     (blocks thaw, an activation was switched, the curriculum is off in another run of the population)."""
     if proposal.training.is_empty():
         return True
-    _, done = fit_training(proposal.training, run_modes(snapshot))
+    _, done = fit(proposal.training, snapshot.modes_view())
     return not done
 
 

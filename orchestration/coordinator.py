@@ -35,7 +35,7 @@ from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.diagnostics import DiagnosticThresholds, diagnose
 from orchestration.ledger import InterventionRecord, Ledger, RecordKind, to_json
-from orchestration.menu import action_of, build_menu, finding_present, mode_neuron_groups, neuron_group_keys, run_modes
+from orchestration.menu import action_of, build_menu, finding_present, neuron_group_keys
 from orchestration.policy import QueryPolicy
 from orchestration.protocol import (
     AdvisorResponse,
@@ -409,7 +409,7 @@ class Coordinator:
         at: TrainingSnapshot,
         answer: AdvisorResponse | None = None,
     ) -> Apply:
-        neuron_groups = mode_neuron_groups(run_modes(at)) if self.config.neuron_groups else {}
+        neuron_groups = at.modes_view().neuron_groups if self.config.neuron_groups else {}
         alphas = self.alphas.for_proposal(proposal, expand=lambda group: neuron_group_keys(group, neuron_groups))
         groups = list(alphas)
         self._record(

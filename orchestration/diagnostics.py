@@ -1,5 +1,9 @@
 """One reading of a training snapshot: plateau, divergence, slow learning, overfitting, dead units. Pure.
 
+Each finding is a `Finding` (`orchestration.protocol`): a flag of the `Diagnosis` (`Diagnosis.findings()`, what
+the menu and the coordinator match on) and a note that starts with the finding's words (what the prompt and
+the query policy quote).
+
 The query policy asks the advisor on what `diagnose` finds, and the prompt tells the advisor the
 same findings (the coordinator ships its `Diagnosis` inside the snapshot), so the two can never
 disagree. Thresholds come from the coordinator's config (`DiagnosticThresholds.from_config`).
@@ -12,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestration.config import CoordinatorConfig
-from orchestration.protocol import Diagnosis, TrainingSnapshot
+from orchestration.protocol import Diagnosis, Finding, TrainingSnapshot
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -180,29 +184,29 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
     divergence = is_diverging(snapshot.train_loss, snapshot.val_loss, thresholds.divergence_factor, snapshot.val_accuracy)
     if divergence is not None:
         diagnosis.diverging = True
-        diagnosis.notes.append(f"diverging: {divergence}")
+        diagnosis.notes.append(f"{Finding.DIVERGING}: {divergence}")
     else:
         improvement = relative_improvement(snapshot.val_loss, window)
         if improvement is not None and improvement < thresholds.plateau_threshold:
             diagnosis.plateau = True
-            diagnosis.notes.append(f"plateau: validation loss improved {improvement:.2%} over {window} epochs")
+            diagnosis.notes.append(f"{Finding.PLATEAU}: validation loss improved {improvement:.2%} over {window} epochs")
     fast = None if diagnosis.diverging else too_fast(snapshot, thresholds, stalled=diagnosis.plateau)
     if fast is not None:
         diagnosis.too_fast = True
-        diagnosis.notes.append(f"learning rate too high: {fast}")
+        diagnosis.notes.append(f"{Finding.TOO_FAST}: {fast}")
     slow = None if diagnosis.diverging or fast is not None else slow_learning(snapshot, thresholds)
     if slow is not None:
         diagnosis.underfitting = True
         diagnosis.lr_raise = lr_raise(snapshot, thresholds)
-        diagnosis.notes.append(f"learning slowly: {slow}")
+        diagnosis.notes.append(f"{Finding.LEARNING_SLOWLY}: {slow}")
     growth = gap_growth(snapshot.train_loss, snapshot.val_loss, window)
     finite_val = [value for value in snapshot.val_loss if math.isfinite(value)]
     if growth is not None and growth > thresholds.overfit_gap_growth and snapshot.val_loss[-1] > min(finite_val):
         diagnosis.overfitting = True
-        diagnosis.notes.append(f"overfitting: val-train loss gap grew by {growth:.3g} over {window} epochs")
+        diagnosis.notes.append(f"{Finding.OVERFITTING}: val-train loss gap grew by {growth:.3g} over {window} epochs")
     elif (level := overfit_level(snapshot, thresholds)) is not None:
         diagnosis.overfitting = True
-        diagnosis.notes.append(f"overfitting: {level}")
+        diagnosis.notes.append(f"{Finding.OVERFITTING}: {level}")
     # Dead units matter only in a net that is not learning well: a healthy ReLU net often has half
     # of a wide hidden layer silent on the validation set, and re-drawing those units only hurts it.
     accuracy = snapshot.val_accuracy[-1] if snapshot.val_accuracy and math.isfinite(snapshot.val_accuracy[-1]) else None

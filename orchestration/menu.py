@@ -11,33 +11,31 @@ and a scoring backend multiplies into its own probabilities (`action_prior`).
 `action_of` names the family of any proposal (menu-made, free-form or cached), so the track record
 covers every mode.
 
-When the run enables research modes (`TrainingSnapshot.modes`), their actions join the menu: switch the
-activation after a layer with dead units to PReLU, unfreeze the next frozen block, widen the curriculum
-faster, switch batch selection on or off. `fit_training` is the one reading of what the modes let a
-proposal's `TrainingChange` do; the validator and the response cache go through it too.
+When the run enables research modes (`TrainingSnapshot.modes_view()`), their actions join the menu: switch
+the activation after a layer with dead units to PReLU, unfreeze the next frozen block, widen the curriculum
+faster, switch batch selection on or off. What the modes let a proposal's `TrainingChange` do is
+`orchestration.fitting.fit`'s to say. Options name the finding they answer as a `Finding`, and
+`finding_present` matches on it.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from orchestration.protocol import (
-    ACTIVATIONS,
     CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
     MAX_ABS_EXPLICIT_VALUE,
-    MAX_EXPLICIT_VALUES,
-    MAX_UNFREEZE_BLOCKS,
     NEURON_GROUP_MARK,
     Diagnosis,
+    Finding,
     MenuOption,
+    NeuronGroup,
     Proposal,
     ProposalOutcome,
-    TrainingChange,
     TrainingSnapshot,
     split_neuron_group,
 )
@@ -45,104 +43,10 @@ from orchestration.protocol import (
 ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection", "free_values")
 MENU_KEYS = "ABCDEF"
 MAX_RESCUE_GROUPS = 4
-MAX_MODE_NAME_CHARS = 80  # a layer or block name longer than this, or not printable, is neither offered nor accepted
 _INDEXED_MODULE = re.compile(r"^(.*)\.(\d+)$")  # "features.0" -> ("features", 0)
 
 
-# --- what the run's research modes let a proposal do ------------------------------------------------
-
-
-def _usable_name(name: Any) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= MAX_MODE_NAME_CHARS and name.isprintable()
-
-
-def run_modes(snapshot: TrainingSnapshot) -> Mapping[str, Any]:
-    """The snapshot's `modes`, or no modes when it holds anything but a mapping."""
-    return snapshot.modes if isinstance(snapshot.modes, Mapping) else {}
-
-
-def mode_activations(modes: Mapping[str, Any]) -> dict[str, str]:
-    """The run's adaptive activations, {layer module name: kind}, in the order the run lists them (forward
-    order); empty without them. Names that are not short printable strings are left out."""
-    activations = modes.get("activations")
-    if not isinstance(activations, Mapping):
-        return {}
-    return {name: kind for name, kind in activations.items() if _usable_name(name) and isinstance(kind, str)}
-
-
-def mode_frozen_blocks(modes: Mapping[str, Any]) -> list[str]:
-    """The run's frozen blocks in forward order; an unfreeze thaws them from the last (nearest the head)."""
-    blocks = modes.get("frozen_blocks")
-    return [block for block in blocks if _usable_name(block)] if isinstance(blocks, list) else []
-
-
-def fit_training(change: TrainingChange, modes: Mapping[str, Any]) -> tuple[TrainingChange, list[str]]:
-    """The part of `change` the run's `modes` let through, and what was done to get it (empty: it fits as is).
-
-    Dropped: a field whose mode the run does not enable; an activation switch naming a layer the run lacks,
-    a kind outside `ACTIVATIONS`, half a switch (a layer without a kind or the reverse) or the kind the layer
-    already has; a batch-selection switch to the state it is in. Clamped: `curriculum_pace` to
-    `CURRICULUM_PACE_BOUNDS`, `unfreeze` to [1, min(MAX_UNFREEZE_BLOCKS, frozen blocks)]. Field types are the
-    caller's to check (the validator rejects malformed ones before this)."""
-    done: list[str] = []
-    fitted: dict[str, Any] = {}
-    if change.curriculum_pace is not None:
-        if "curriculum_pace" not in modes:
-            done.append("dropped training.curriculum_pace: the run has no curriculum")
-        else:
-            low, high = CURRICULUM_PACE_BOUNDS
-            pace = min(max(change.curriculum_pace, low), high)
-            if pace != change.curriculum_pace:
-                done.append(f"clamped training.curriculum_pace from {change.curriculum_pace:g} to {pace:g} (bounds [{low:g}, {high:g}])")
-            fitted["curriculum_pace"] = pace
-    if change.batch_selection is not None:
-        state = modes.get("batch_selection")
-        if state not in ("on", "off"):
-            done.append("dropped training.batch_selection: the run does not let the advisor switch batch selection")
-        elif (state == "on") == change.batch_selection:
-            done.append(f"dropped training.batch_selection: batch selection is already {state}")
-        else:
-            fitted["batch_selection"] = change.batch_selection
-    if change.activation_layer is not None or change.activation is not None:
-        activations = mode_activations(modes)
-        layer, kind = change.activation_layer, change.activation
-        if not activations:
-            done.append("dropped training.activation: the run has no adaptive activations")
-        elif layer is None or kind is None:
-            done.append("dropped training.activation: a switch needs both activation_layer and activation")
-        elif layer not in activations:
-            done.append(f"dropped training.activation: no adaptive activation {layer[:80]!r}")
-        elif kind not in ACTIVATIONS:
-            done.append(f"dropped training.activation: unknown activation {kind[:40]!r} (one of {', '.join(ACTIVATIONS)})")
-        elif activations[layer] == kind:
-            done.append(f"dropped training.activation: {layer} already is {kind}")
-        else:
-            fitted.update(activation_layer=layer, activation=kind)
-    if change.unfreeze is not None:
-        frozen = mode_frozen_blocks(modes)
-        if not frozen:
-            done.append("dropped training.unfreeze: the run has no frozen blocks")
-        else:
-            high = min(MAX_UNFREEZE_BLOCKS, len(frozen))
-            count = min(max(change.unfreeze, 1), high)
-            if count != change.unfreeze:
-                done.append(f"clamped training.unfreeze from {change.unfreeze} to {count} (bounds [1, {high}], {len(frozen)} blocks frozen)")
-            fitted["unfreeze"] = count
-    return TrainingChange(**fitted), done
-
-
-def mode_free_values(modes: Mapping[str, Any]) -> tuple[str, list[float], list[tuple[float, list[float]]]] | None:
-    """Gradient-free proposals: (group, its current values, [(val loss, values)] best first), or None when the
-    run does not enable them or the snapshot's entry is malformed (values of another length, not finite)."""
-    free = modes.get("free_values")
-    if not isinstance(free, Mapping) or not _usable_name(free.get("group")):
-        return None
-    current = free.get("current")
-    if not _numbers(current) or not 0 < len(current) <= MAX_EXPLICIT_VALUES:
-        return None
-    history = [(float(entry[0]), list(entry[1])) for entry in free.get("history") or []
-               if isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_number(entry[0]) and _numbers(entry[1]) and len(entry[1]) == len(current)]
-    return free["group"], list(current), sorted(history, key=lambda entry: entry[0])
+# --- what the run's research modes offer (read through `TrainingSnapshot.modes_view`) ---------------
 
 
 def free_value_candidates(current: Sequence[float], history: Sequence[tuple[float, Sequence[float]]]) -> list[tuple[str, list[float]]]:
@@ -161,19 +65,6 @@ def free_value_candidates(current: Sequence[float], history: Sequence[tuple[floa
         mean = [sum(column) / len(others) for column in zip(*others)]
         candidates.append(("a step past its best values, away from its worse ones", clamp([b + 0.5 * (b - m) for b, m in zip(best, mean)])))
     return candidates
-
-
-def _numbers(values: Any) -> bool:
-    return isinstance(values, list) and all(_is_number(value) for value in values)
-
-
-def mode_neuron_groups(modes: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    """Neuron-group coupling: {layer module: [{"size", "active", "mean"} per group]} from the snapshot; empty without it."""
-    groups = modes.get("neuron_groups")
-    if not isinstance(groups, Mapping):
-        return {}
-    return {layer: [group for group in described if isinstance(group, Mapping)] for layer, described in groups.items()
-            if _usable_name(layer) and isinstance(described, list) and described}
 
 
 def neuron_group_keys(group: str, neuron_groups: Mapping[str, Sequence[Any]]) -> list[str]:
@@ -295,71 +186,66 @@ def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | 
 
 
 # (action, what it does, the finding it answers or "", proposal)
-_Candidate = tuple[str, str, str, dict]
+_Candidate = tuple[str, str, Finding | str, dict]
+AFTER_LR, FILLER = "after lr", "filler"  # where a mode's option goes when it answers no finding's cause directly
 
 
-def _mode_options(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> dict[str, list[_Candidate]]:
-    """The research modes' options for this state, by where they go on the menu: "overfitting", "dead units",
-    "learning slowly" and "plateau" before the textbook remedy of that finding (each answers the finding's cause
-    in this run more directly), "after lr" after every learning-rate remedy, "filler" where lr moves would go."""
-    modes = run_modes(snapshot)
-    options: dict[str, list[_Candidate]] = {}
+def _mode_options(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> dict[Finding | str, list[_Candidate]]:
+    """The research modes' options for this state, by where they go on the menu: under a `Finding` (overfitting,
+    dead units, learning slowly, plateau) before the textbook remedy of that finding (each answers the finding's
+    cause in this run more directly), `AFTER_LR` after every learning-rate remedy, `FILLER` where lr moves would go."""
+    modes = snapshot.modes_view()
+    options: dict[Finding | str, list[_Candidate]] = {}
     # Stuck (learning slowly, or not at all) with a sane learning rate: a rate too high or diverging comes first.
-    stuck = "" if diagnosis.diverging or diagnosis.too_fast else "learning slowly" if diagnosis.underfitting else "plateau" if diagnosis.plateau else ""
-    selection = modes.get("batch_selection")
-    if diagnosis.overfitting and selection == "on":
-        options.setdefault("overfitting", []).append(
-            ("selection", "switch batch selection off (a focus on hard samples overfits)", "overfitting",
+    stuck = (None if diagnosis.diverging or diagnosis.too_fast else Finding.LEARNING_SLOWLY if diagnosis.underfitting
+             else Finding.PLATEAU if diagnosis.plateau else None)
+    if diagnosis.overfitting and modes.batch_selection == "on":
+        options.setdefault(Finding.OVERFITTING, []).append(
+            ("selection", "switch batch selection off (a focus on hard samples overfits)", Finding.OVERFITTING,
              _proposal("overfitting: batch selection off", training={"batch_selection": False})))
-    activations = mode_activations(modes)
+    activations = modes.activations
     if diagnosis.dead_groups and activations:
         order = [layer.name for layer in snapshot.layers]
         layers = [activation_after(group, activations, order) for group in diagnosis.dead_groups]
         layer = next((layer for layer in layers if layer is not None and activations[layer] != "prelu"), None)
         if layer is not None:
             # A PReLU passes gradient for negative inputs: it revives dead units without re-drawing any weight.
-            options.setdefault("dead units", []).append(
-                ("activation", f"switch {layer} to prelu (passes gradient to dead units)", "dead units",
+            options.setdefault(Finding.DEAD_UNITS, []).append(
+                ("activation", f"switch {layer} to prelu (passes gradient to dead units)", Finding.DEAD_UNITS,
                  _proposal(f"dead units: {layer} to prelu", training={"activation_layer": layer, "activation": "prelu"})))
-    frozen = mode_frozen_blocks(modes)
+    frozen = modes.frozen_blocks
     if stuck and frozen:
         # A frozen backbone keeps most update ratios at 0 (read as learning slowly) and caps what the net can fit.
         options.setdefault(stuck, []).append(
             ("unfreeze", f"unfreeze the next block ({frozen[-1]})", stuck, _proposal(f"{stuck}: unfreeze {frozen[-1]}", training={"unfreeze": 1})))
-    pool, pace = modes.get("curriculum_pool"), modes.get("curriculum_pace")
-    if stuck and _is_number(pool) and pool < 1 and _is_number(pace):
+    pool, pace = modes.curriculum_pool, modes.curriculum_pace
+    if stuck and pool is not None and pool < 1 and pace is not None:
         faster = min(CURRICULUM_PACE_BOUNDS[1], max(CURRICULUM_PACE_BOUNDS[0], 2 * pace))
         if faster != pace:
             # Stuck on the easy part of the data: a plateau while the pool is partial is the curriculum's to lift.
-            where = "plateau" if stuck == "plateau" else "after lr"
-            options.setdefault(where, []).append(
+            options.setdefault(Finding.PLATEAU if stuck == Finding.PLATEAU else AFTER_LR, []).append(
                 ("curriculum", f"widen the curriculum faster (pace x2, to {faster:.2g}; {pool:.0%} of the data in use)", stuck,
                  _proposal(f"{stuck}: curriculum pace x2", training={"curriculum_pace": faster})))
-    if stuck and selection == "off":
-        options.setdefault("after lr", []).append(
+    if stuck and modes.batch_selection == "off":
+        options.setdefault(AFTER_LR, []).append(
             ("selection", "switch batch selection on (train on the samples the model gets wrong)", stuck,
              _proposal(f"{stuck}: batch selection on", training={"batch_selection": True})))
-    free = mode_free_values(modes)
+    free = modes.free_values
     if free is not None and not (diagnosis.diverging or diagnosis.too_fast):
         # Gradient-free: explicit values for a small group, from its (values, val loss) history; the probation
         # compares them with the gradient step they compete with. A remedy when stuck, otherwise a filler.
-        group, current, history = free
-        for does, values in free_value_candidates(current, history):
-            options.setdefault(stuck or "filler", []).append(
-                ("free_values", f"set {group} to {does}", stuck,
-                 _proposal(f"{stuck or 'gradient-free'}: {group} to {does}", alpha=1.0,
-                           weights=[{"op": "values", "group": group, "amount": 0.0, "values": values}])))
+        for does, values in free_value_candidates(free.current, free.history):
+            options.setdefault(stuck or FILLER, []).append(
+                ("free_values", f"set {free.group} to {does}", stuck or "",
+                 _proposal(f"{stuck or 'gradient-free'}: {free.group} to {does}", alpha=1.0,
+                           weights=[{"op": "values", "group": free.group, "amount": 0.0, "values": values}])))
     if diagnosis.plateau and activations:
         layer = next((name for name, kind in activations.items() if kind != "rational"), None)
         if layer is not None:
-            options.setdefault("filler", []).append(
+            options.setdefault(FILLER, []).append(
                 ("activation", f"switch {layer} to rational (a learnable activation)", "",
                  _proposal(f"{layer} to rational", training={"activation_layer": layer, "activation": "rational"})))
     return options
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Sequence[ProposalOutcome] = ()) -> list[MenuOption]:
@@ -373,7 +259,7 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
     fillers (`_fit_to_keys`)."""
     decay = float(snapshot.hyperparameters.get("weight_decay", 0.0) or 0.0)
     dropout = float(snapshot.hyperparameters.get("dropout", 0.0) or 0.0)
-    mode_options = _mode_options(snapshot, diagnosis) if run_modes(snapshot) else {}
+    mode_options = _mode_options(snapshot, diagnosis)
     candidates: list[_Candidate] = [("keep", "keep everything as it is", "", _proposal("keep: nothing needs fixing"))]
     textbook: list[_Candidate] = []  # the remedies a run without modes gets: never crowded out by a mode's option
 
@@ -383,38 +269,38 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
 
     if diagnosis.diverging:
         by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)[:MAX_RESCUE_GROUPS]
-        add_remedy(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", "diverging",
+        add_remedy(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", Finding.DIVERGING,
                     _proposal("diverging: cut lr 3x, weights toward best", alpha=1.0, lr_scale=0.3,
                               weights=[{"op": "toward_best", "group": layer.name, "amount": 0.5} for layer in by_update])))
     if diagnosis.too_fast and not diagnosis.diverging:
-        add_remedy(("lr_down", "cut the learning rate 3x", "learning rate too high", _proposal("learning rate too high: cut lr 3x", lr_scale=0.3)))
-    candidates += mode_options.get("overfitting", [])
+        add_remedy(("lr_down", "cut the learning rate 3x", Finding.TOO_FAST, _proposal("learning rate too high: cut lr 3x", lr_scale=0.3)))
+    candidates += mode_options.get(Finding.OVERFITTING, [])
     if diagnosis.overfitting:
         new_decay = min(HYPERPARAMETER_BOUNDS["weight_decay"][1], max(3 * decay, 5e-4))
         new_dropout = min(HYPERPARAMETER_BOUNDS["dropout"][1], dropout + 0.1)
-        add_remedy(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", "overfitting",
+        add_remedy(("regularise", f"raise weight decay to {new_decay:.2g} and dropout to {new_dropout:.2g}", Finding.OVERFITTING,
                     _proposal("overfitting: more weight decay and dropout", weight_decay=new_decay, dropout=new_dropout)))
-    candidates += mode_options.get("dead units", [])
+    candidates += mode_options.get(Finding.DEAD_UNITS, [])
     if diagnosis.dead_groups:
         groups = diagnosis.dead_groups[:MAX_RESCUE_GROUPS]
         # A unit is its weight row and its bias: a dead unit re-drawn with its old, very negative bias stays dead.
         known = {layer.name for layer in snapshot.layers}
         targets = list(dict.fromkeys(name for group in groups for name in (group, group.removesuffix(".weight") + ".bias") if name in known))
-        targets = _dead_neuron_groups(targets, mode_neuron_groups(run_modes(snapshot)))
-        add_remedy(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", "dead units",
+        targets = _dead_neuron_groups(targets, snapshot.modes_view().neuron_groups)
+        add_remedy(("reinit_dead", f"re-draw half the dead units of {', '.join(groups)}", Finding.DEAD_UNITS,
                     _proposal("dead units: re-draw half", alpha=1.0,
                               weights=[{"op": "reinit_dead", "group": name, "amount": 0.5} for name in targets[:8]])))
-    candidates += mode_options.get("learning slowly", [])
+    candidates += mode_options.get(Finding.LEARNING_SLOWLY, [])
     if diagnosis.underfitting:
         raise_by = diagnosis.lr_raise or 3.0
-        add_remedy(("lr_up", f"raise the learning rate {raise_by:g}x", "learning slowly",
+        add_remedy(("lr_up", f"raise the learning rate {raise_by:g}x", Finding.LEARNING_SLOWLY,
                     _proposal(f"learning slowly: raise lr {raise_by:g}x", lr_scale=raise_by)))
-    candidates += mode_options.get("plateau", [])
+    candidates += mode_options.get(Finding.PLATEAU, [])
     if (diagnosis.diverging or diagnosis.plateau) and not diagnosis.too_fast:
-        why = "diverging" if diagnosis.diverging else "plateau"
+        why = Finding.DIVERGING if diagnosis.diverging else Finding.PLATEAU
         add_remedy(("lr_down", "halve the learning rate", why, _proposal(f"{why}: halve lr", lr_scale=0.5)))
-    candidates += mode_options.get("after lr", [])
-    candidates += mode_options.get("filler", [])
+    candidates += mode_options.get(AFTER_LR, [])
+    candidates += mode_options.get(FILLER, [])
     # Few findings: offer both learning-rate moves anyway, so that choosing is a real decision.
     offered = {candidate[0] for candidate in candidates}
     if len(candidates) < 3:
@@ -443,13 +329,13 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
 DEAD_GROUP_ACTIVITY = 0.05  # a neuron group whose units are positive this rarely on average is a dead cluster
 
 
-def _dead_neuron_groups(targets: list[str], neuron_groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+def _dead_neuron_groups(targets: list[str], neuron_groups: Mapping[str, Sequence[NeuronGroup]]) -> list[str]:
     """Neuron-group coupling: each grouped layer among `targets` narrowed to its dead clusters (groups active at most
     `DEAD_GROUP_ACTIVITY`), so re-drawing them, and the verdict's change of alpha, touch those groups only."""
     narrowed = []
     for target in targets:
-        described = neuron_groups.get(target.rpartition(".")[0], [])
-        dead = [index for index, group in enumerate(described) if _is_number(group.get("active")) and group["active"] <= DEAD_GROUP_ACTIVITY]
+        described = neuron_groups.get(target.rpartition(".")[0], ())
+        dead = [index for index, group in enumerate(described) if group.active <= DEAD_GROUP_ACTIVITY]
         narrowed += [f"{target}{NEURON_GROUP_MARK}{index}" for index in dead] or [target]
     return narrowed
 
@@ -471,12 +357,14 @@ def _fit_to_keys(candidates: list[_Candidate], textbook: list[_Candidate]) -> li
     return [candidates[position] for position in kept]
 
 
-def finding_present(diagnosis: Diagnosis, remedy: str) -> bool:
-    """Whether the finding an option answered (`MenuOption.remedy`) is still in `diagnosis`."""
-    present = {"diverging": diagnosis.diverging, "plateau": diagnosis.plateau, "learning slowly": diagnosis.underfitting,
-               "learning rate too high": diagnosis.too_fast,
-               "overfitting": diagnosis.overfitting, "dead units": bool(diagnosis.dead_groups)}
-    return present.get(remedy, True)
+def finding_present(diagnosis: Diagnosis, remedy: Finding | str) -> bool:
+    """Whether the finding an option answered (`MenuOption.remedy`) is still in `diagnosis`; True for an option
+    that answers none."""
+    try:
+        finding = Finding(remedy)  # a remedy read back from JSON is the finding's plain words
+    except ValueError:
+        return True
+    return finding in diagnosis.findings()
 
 
 def remedies(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> list[MenuOption]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from orchestration.config import CoordinatorConfig
 from orchestration.diagnostics import DiagnosticThresholds, diagnose, is_diverging, relative_improvement
-from orchestration.protocol import Diagnosis, TrainingSnapshot
+from orchestration.protocol import Diagnosis, Finding, TrainingSnapshot
 
 __all__ = ["Query", "QueryPolicy", "is_diverging", "relative_improvement"]
 
@@ -71,21 +71,21 @@ class QueryPolicy:
 
         diagnosis = diagnosis or diagnose(snapshot, self.thresholds)
         if diagnosis.diverging:
-            return Query(reason=_finding(diagnosis, "diverging").replace("diverging:", "divergence:", 1))
+            return Query(reason=_finding(diagnosis, Finding.DIVERGING).replace("diverging:", "divergence:", 1))
 
         epochs_since_query = epoch - (last_query_epoch if last_query_epoch is not None else 0)
         if diagnosis.plateau:
             if last_query_epoch is None or epochs_since_query >= config.plateau_window:
-                return Query(reason=_finding(diagnosis, "plateau"))
+                return Query(reason=_finding(diagnosis, Finding.PLATEAU))
             logger.debug("epoch %d: plateau, but asked %d epochs ago", epoch, epochs_since_query)
 
-        for flagged, prefix in ((diagnosis.too_fast, "learning rate too high"), (diagnosis.underfitting, "learning slowly"),
-                                (diagnosis.overfitting, "overfitting")):
+        for flagged, finding in ((diagnosis.too_fast, Finding.TOO_FAST), (diagnosis.underfitting, Finding.LEARNING_SLOWLY),
+                                (diagnosis.overfitting, Finding.OVERFITTING)):
             if not flagged:
                 continue
             if last_query_epoch is None or epochs_since_query >= config.plateau_window:
-                return Query(reason=_finding(diagnosis, prefix))
-            logger.debug("epoch %d: %s, but asked %d epochs ago", epoch, prefix, epochs_since_query)
+                return Query(reason=_finding(diagnosis, finding))
+            logger.debug("epoch %d: %s, but asked %d epochs ago", epoch, finding, epochs_since_query)
 
         if math.isfinite(weight_drift) and weight_drift > config.drift_threshold:
             return Query(reason=f"weight drift {weight_drift:.3g} > {config.drift_threshold:g}")
@@ -97,5 +97,6 @@ class QueryPolicy:
         return None
 
 
-def _finding(diagnosis: Diagnosis, prefix: str) -> str:
-    return next((note for note in diagnosis.notes if note.startswith(prefix)), prefix)
+def _finding(diagnosis: Diagnosis, finding: Finding) -> str:
+    """The note `diagnose` wrote for `finding` (it starts with the finding's words), or those words alone."""
+    return next((note for note in diagnosis.notes if note.startswith(finding)), str(finding))

@@ -20,7 +20,10 @@ coordinator and the workers' blending all read them from here.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
@@ -60,6 +63,7 @@ ACTIVATIONS = ("relu", "prelu", "rational")  # what an adaptive activation may b
 CURRICULUM_PACE_BOUNDS = (0.02, 1.0)  # fraction of the training set added to the curriculum's pool per epoch
 MAX_UNFREEZE_BLOCKS = 4  # blocks one proposal may unfreeze (transfer learning)
 NEURON_GROUP_MARK = "#"  # "features.0.weight#2": the rows of neuron group 2 of that layer (neuron-group coupling)
+MAX_MODE_NAME_CHARS = 80  # a layer or block name longer than this, or not printable, is neither offered nor accepted
 
 
 def split_neuron_group(name: str) -> tuple[str, int | None]:
@@ -91,6 +95,20 @@ class ProposalOutcome:
     action: str = ""  # the proposal's action family (`orchestration.menu.action_of`), for the track record
 
 
+class Finding(StrEnum):
+    """What `orchestration.diagnostics.diagnose` can find, deepest cause first (the order of the menu's remedies).
+
+    The values are the words prompts, notes, ledgers and reports have always carried; a `StrEnum` formats and
+    serialises as its value, so a finding written to JSON, CSV or a prompt reads as before."""
+
+    DIVERGING = "diverging"
+    TOO_FAST = "learning rate too high"
+    OVERFITTING = "overfitting"
+    DEAD_UNITS = "dead units"
+    LEARNING_SLOWLY = "learning slowly"
+    PLATEAU = "plateau"
+
+
 @dataclass(kw_only=True, slots=True)
 class Diagnosis:
     """What the numbers say (see `orchestration.diagnostics.diagnose`), as flags plus one line per finding.
@@ -108,9 +126,15 @@ class Diagnosis:
     dead_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def findings(self) -> list[Finding]:
+        """The findings present, deepest cause first."""
+        present = {Finding.DIVERGING: self.diverging, Finding.TOO_FAST: self.too_fast, Finding.OVERFITTING: self.overfitting,
+                   Finding.DEAD_UNITS: bool(self.dead_groups), Finding.LEARNING_SLOWLY: self.underfitting, Finding.PLATEAU: self.plateau}
+        return [finding for finding, flagged in present.items() if flagged]
+
     def has_findings(self) -> bool:
         """Whether anything calls for a remedy."""
-        return self.plateau or self.diverging or self.overfitting or self.underfitting or self.too_fast or bool(self.dead_groups)
+        return bool(self.findings())
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,8 +145,149 @@ class MenuOption:
     action: str  # the action family: keep, lr_down, lr_up, regularise, reinit_dead, rescue
     label: str  # one line for the prompt: what it does, what it is for, its track record
     proposal: dict[str, Any] = field(default_factory=dict)  # `Proposal.to_dict()`; validated again when chosen
-    remedy: str = ""  # the finding it answers ("plateau", ...); empty for "keep" and for options no finding calls for
+    remedy: Finding | Literal[""] = ""  # the finding it answers; empty for "keep" and for options no finding calls for
     prior: float = 1.0  # the coordinator's prior for choosing it: finding and track record (`orchestration.menu.action_prior`)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remedy, str) and self.remedy in Finding._value2member_map_:  # read back from JSON: a plain string
+            self.remedy = Finding(self.remedy)
+
+
+# --- the research modes, as a snapshot tells them ---------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_numbers(values: Any) -> bool:
+    return isinstance(values, (list, tuple)) and all(_is_number(value) for value in values)
+
+
+def usable_name(name: Any) -> bool:
+    """Whether a layer or block name from a snapshot may be offered and accepted: a short printable string."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_MODE_NAME_CHARS and name.isprintable()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NeuronGroup:
+    """One neuron group of a layer (neuron-group coupling, `workers.coupling.describe_groups`)."""
+
+    size: int  # units in the group
+    active: float  # mean fraction of the units' activations that are positive
+    mean: float  # mean pre-activation
+
+    @classmethod
+    def from_dict(cls, data: Any) -> NeuronGroup | None:
+        """The group, or None when the entry is malformed (a size that is no whole number >= 0, an activity that is no number)."""
+        if not isinstance(data, Mapping):
+            return None
+        size, active, mean = data.get("size"), data.get("active"), data.get("mean", 0.0)
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and _is_number(active) and _is_number(mean)):
+            return None
+        return cls(size=size, active=active, mean=mean)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FreeValues:
+    """Gradient-free proposals: the parameter group the advisor may set to explicit values, and its history."""
+
+    group: str
+    current: tuple[float, ...] = ()
+    history: tuple[tuple[float, tuple[float, ...]], ...] = ()  # (val loss, values) of the best epochs, best first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "current": list(self.current), "history": [[loss, list(values)] for loss, values in self.history]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FreeValues | None:
+        """The entry, or None when the run offers nothing to set yet or the entry is malformed (a group name that is not
+        usable, values that are not finite numbers, more of them than a proposal may set); history entries whose values
+        are of another length are left out."""
+        if not isinstance(data, Mapping) or not usable_name(data.get("group")):
+            return None
+        current = data.get("current")
+        if not _is_numbers(current) or not 0 < len(current) <= MAX_EXPLICIT_VALUES:
+            return None
+        history = [(entry[0], tuple(entry[1])) for entry in data.get("history") or ()
+                   if isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_number(entry[0]) and _is_numbers(entry[1])
+                   and len(entry[1]) == len(current)]
+        return cls(group=data["group"], current=tuple(current), history=tuple(sorted(history, key=lambda entry: entry[0])))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModesView:
+    """The research modes a run enables and where they stand: the one reading of `TrainingSnapshot.modes`.
+
+    The snapshot carries them as the plain dict `to_dict` writes (so its JSON, which prompts, caches, ledgers
+    and the Serve endpoint see, is what it always was); every reader goes through `from_dict`, which leaves out
+    what is malformed (names that are not short printable strings, numbers that are not finite), so untrusted
+    snapshots are read in one place. A field at None (or empty) is a mode the run does not enable."""
+
+    curriculum_pace: float | None = None  # curriculum learning: fraction of the training set added to the pool per epoch
+    curriculum_pool: float | None = None  # ... and the fraction in this epoch's pool
+    batch_selection: Literal["on", "off"] | None = None  # set only when the advisor may switch batch selection
+    activations: dict[str, str] = field(default_factory=dict)  # adaptive activations {layer module: kind}, forward order
+    frozen_blocks: tuple[str, ...] | None = None  # transfer learning: frozen blocks, forward order (an unfreeze thaws the last)
+    trainable_blocks: tuple[str, ...] | None = None
+    free_values: FreeValues | None = None  # gradient-free proposals
+    neuron_groups: dict[str, tuple[NeuronGroup, ...]] = field(default_factory=dict)  # neuron-group coupling {layer module: groups}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form, `TrainingSnapshot.modes`: only the modes the run enables appear."""
+        described: dict[str, Any] = {}
+        if self.curriculum_pace is not None:
+            described["curriculum_pace"] = self.curriculum_pace
+            if self.curriculum_pool is not None:
+                described["curriculum_pool"] = self.curriculum_pool
+        if self.batch_selection is not None:
+            described["batch_selection"] = self.batch_selection
+        if self.activations:
+            described["activations"] = dict(self.activations)
+        if self.frozen_blocks is not None:
+            described["frozen_blocks"] = list(self.frozen_blocks)
+        if self.trainable_blocks is not None:
+            described["trainable_blocks"] = list(self.trainable_blocks)
+        if self.free_values is not None:
+            described["free_values"] = self.free_values.to_dict()
+        if self.neuron_groups:
+            described["neuron_groups"] = {layer: [dataclasses.asdict(group) for group in groups] for layer, groups in self.neuron_groups.items()}
+        return described
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModesView:
+        """Read a snapshot's `modes`, leaving out what is malformed; anything but a mapping reads as no modes."""
+        if not isinstance(data, Mapping):
+            return cls()
+        pace, pool, selection = data.get("curriculum_pace"), data.get("curriculum_pool"), data.get("batch_selection")
+        activations = data.get("activations")
+
+        def blocks(value: Any) -> tuple[str, ...] | None:
+            return tuple(block for block in value if usable_name(block)) if isinstance(value, (list, tuple)) else None
+
+        return cls(
+            curriculum_pace=pace if _is_number(pace) else None,
+            curriculum_pool=pool if _is_number(pool) else None,
+            batch_selection=selection if selection in ("on", "off") else None,
+            activations={name: kind for name, kind in activations.items() if usable_name(name) and isinstance(kind, str)}
+            if isinstance(activations, Mapping) else {},
+            frozen_blocks=blocks(data.get("frozen_blocks")),
+            trainable_blocks=blocks(data.get("trainable_blocks")),
+            free_values=FreeValues.from_dict(data.get("free_values")),
+            neuron_groups=_neuron_groups(data.get("neuron_groups")),
+        )
+
+
+def _neuron_groups(data: Any) -> dict[str, tuple[NeuronGroup, ...]]:
+    """{layer: groups} for each layer whose name is usable and whose groups are all well-formed (at least one)."""
+    if not isinstance(data, Mapping):
+        return {}
+    layers = {}
+    for layer, described in data.items():
+        groups = tuple(NeuronGroup.from_dict(group) for group in described) if isinstance(described, (list, tuple)) else ()
+        if usable_name(layer) and groups and None not in groups:
+            layers[layer] = groups
+    return layers
 
 
 @dataclass(kw_only=True, slots=True)
@@ -146,10 +311,13 @@ class TrainingSnapshot:
     recent_proposals: list[ProposalOutcome] = field(default_factory=list)
     diagnosis: Diagnosis | None = None  # set by the coordinator on the copy it sends to the advisor
     menu: list[MenuOption] = field(default_factory=list)  # set by the coordinator: the advisor picks one (empty: it writes a proposal)
-    # The research modes this run enables and where they stand (`workers.modes.TrainingModes.describe`); only
-    # enabled ones appear: curriculum_pace, curriculum_pool (fraction of the training set in use),
-    # batch_selection ("on"/"off"), activations ({layer: kind}), frozen_blocks / trainable_blocks (lists of names).
+    # The research modes this run enables and where they stand, as `ModesView.to_dict` writes them (built by
+    # `workers.modes.TrainingModes.view`); only enabled ones appear. Read them through `modes_view()`.
     modes: dict[str, Any] = field(default_factory=dict)
+
+    def modes_view(self) -> ModesView:
+        """The typed reading of `modes` (malformed entries left out): what every reader of the modes goes through."""
+        return ModesView.from_dict(self.modes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

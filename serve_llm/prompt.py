@@ -11,13 +11,11 @@ from __future__ import annotations
 import functools
 import math
 import string
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 from orchestration.diagnostics import diagnose
-from orchestration.menu import mode_activations, mode_free_values, mode_frozen_blocks, mode_neuron_groups, remedies, run_modes
+from orchestration.menu import remedies
 from orchestration.protocol import (
     ACTIVATIONS,
     ALPHA_BOUNDS,
@@ -25,6 +23,8 @@ from orchestration.protocol import (
     HYPERPARAMETER_BOUNDS,
     MAX_UNFREEZE_BLOCKS,
     WEIGHT_OP_AMOUNT_BOUNDS,
+    ModesView,
+    NeuronGroup,
     Proposal,
     TrainingSnapshot,
 )
@@ -103,55 +103,50 @@ def _hyperparameters(snapshot: TrainingSnapshot) -> str:
     return " ".join(items) or "unknown"
 
 
-def _mode_settings(modes: Mapping[str, Any]) -> str:
+def _mode_settings(modes: ModesView) -> str:
     """Where the run's research modes stand, on one line: "" when it enables none."""
     parts = []
-    if "curriculum_pace" in modes:
-        pool = modes.get("curriculum_pool")
-        in_use = f", {pool:.0%} of the data in use" if isinstance(pool, (int, float)) and not isinstance(pool, bool) and math.isfinite(pool) else ""
-        parts.append(f"curriculum pace {_number(modes['curriculum_pace'])} per epoch{in_use}")
-    if "batch_selection" in modes:
-        parts.append(f"batch selection {_one_line(modes['batch_selection'], 3)}")
-    activations = mode_activations(modes)
+    if modes.curriculum_pace is not None:
+        in_use = f", {modes.curriculum_pool:.0%} of the data in use" if modes.curriculum_pool is not None else ""
+        parts.append(f"curriculum pace {_number(modes.curriculum_pace)} per epoch{in_use}")
+    if modes.batch_selection is not None:
+        parts.append(f"batch selection {modes.batch_selection}")
+    activations = modes.activations
     if activations:
         shown = [f"{_one_line(name, 60)}={_one_line(kind, 12)}" for name, kind in list(activations.items())[:MAX_ACTIVATIONS_SHOWN]]
         if len(activations) > len(shown):
             shown.append(f"+{len(activations) - len(shown)} more")
         parts.append(f"activations {' '.join(shown)}")
-    if "frozen_blocks" in modes:
-        frozen = mode_frozen_blocks(modes)
-        trainable = modes.get("trainable_blocks")
+    if modes.frozen_blocks is not None:
+        frozen, trainable = modes.frozen_blocks, modes.trainable_blocks
         blocks = f"{len(frozen)} blocks frozen" + (f" (next to unfreeze: {_one_line(frozen[-1], 60)})" if frozen else "")
-        parts.append(blocks + (f", {len(trainable)} trainable" if isinstance(trainable, list) else ""))
-    neuron_groups = mode_neuron_groups(modes)
-    if neuron_groups:
-        shown = [f"{_one_line(layer, 40)} [{' '.join(_neuron_group(group) for group in groups[:8])}]" for layer, groups in list(neuron_groups.items())[:4]]
+        parts.append(blocks + (f", {len(trainable)} trainable" if trainable is not None else ""))
+    if modes.neuron_groups:
+        shown = [f"{_one_line(layer, 40)} [{' '.join(_neuron_group(group) for group in groups[:8])}]" for layer, groups in list(modes.neuron_groups.items())[:4]]
         parts.append(f"neuron groups (units/fraction active; name one as LAYER.weight#N) {'; '.join(shown)}")
-    free = mode_free_values(modes)
+    free = modes.free_values
     if free is not None:
-        group, current, history = free
-        shown = "; ".join(f"{_number(loss)}: [{' '.join(_number(value) for value in values[:MAX_FREE_VALUES_SHOWN])}]" for loss, values in history[:3])
-        parts.append(f"gradient-free {_one_line(group, 60)} now [{' '.join(_number(value) for value in current[:MAX_FREE_VALUES_SHOWN])}]"
+        shown = "; ".join(f"{_number(loss)}: [{' '.join(_number(value) for value in values[:MAX_FREE_VALUES_SHOWN])}]" for loss, values in free.history[:3])
+        parts.append(f"gradient-free {_one_line(free.group, 60)} now [{' '.join(_number(value) for value in free.current[:MAX_FREE_VALUES_SHOWN])}]"
                      + (f", best epochs (val loss: values) {shown}" if shown else ""))
     return "\nModes: " + "; ".join(parts) if parts else ""
 
 
-def _neuron_group(group: Mapping[str, Any]) -> str:
-    return f"{_number(group.get('size'))}/{_number(group.get('active'))}"
+def _neuron_group(group: NeuronGroup) -> str:
+    return f"{_number(group.size)}/{_number(group.active)}"
 
 
-def _training_options(modes: Mapping[str, Any]) -> str:
+def _training_options(modes: ModesView) -> str:
     """The "training" object's fields the run enables, for the answer format: "" when it enables none."""
     fields = []
-    if "curriculum_pace" in modes:
+    if modes.curriculum_pace is not None:
         fields.append(f"curriculum_pace {_bounds(CURRICULUM_PACE_BOUNDS)} (data added per epoch)")
-    if modes.get("batch_selection") in ("on", "off"):
+    if modes.batch_selection is not None:
         fields.append("batch_selection true or false")
-    if mode_activations(modes):
+    if modes.activations:
         fields.append(f"activation_layer (a layer under Modes) with activation {' or '.join(ACTIVATIONS)}")
-    frozen = mode_frozen_blocks(modes)
-    if frozen:
-        fields.append(f"unfreeze 1-{min(MAX_UNFREEZE_BLOCKS, len(frozen))} (blocks, from the head down)")
+    if modes.frozen_blocks:
+        fields.append(f"unfreeze 1-{min(MAX_UNFREEZE_BLOCKS, len(modes.frozen_blocks))} (blocks, from the head down)")
     return f" Optional \"training\": {{{', '.join(fields)}}}, null keeps it." if fields else ""
 
 
@@ -197,7 +192,7 @@ def render_prompt(snapshot: TrainingSnapshot, template: str = "advisor_v1") -> P
     system, user = load_template(template)
     signals = snapshot.diagnosis or diagnose(snapshot)  # the coordinator's own reading when it sent one
     groups = generation_groups([layer.name for layer in snapshot.layers])
-    modes = run_modes(snapshot)
+    modes = snapshot.modes_view()
     values = {
         "model_kind": _one_line(snapshot.model_kind, 24),
         "epoch": _one_line(snapshot.epoch, 12),

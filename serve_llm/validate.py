@@ -15,25 +15,22 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
 from typing import Any
 
-from orchestration.menu import fit_training, mode_activations, mode_frozen_blocks, mode_neuron_groups, run_modes
+from orchestration.fitting import fit
 from orchestration.protocol import (
-    ACTIVATIONS,
     ALPHA_BOUNDS,
-    CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
     MAX_ABS_EXPLICIT_VALUE,
     MAX_EXPLICIT_VALUES,
     MAX_REASON_CHARS,
-    MAX_UNFREEZE_BLOCKS,
     MAX_WEIGHT_OPS,
     NEURON_GROUP_MARK,
     WEIGHT_OP_AMOUNT_BOUNDS,
     WEIGHT_OPS,
     AdvisorResponse,
     HyperparameterChange,
+    ModesView,
     Proposal,
     TrainingChange,
     TrainingSnapshot,
@@ -205,9 +202,9 @@ def _weights(value: Any, group_sizes: dict[str, int], problems: list[str]) -> li
     return [op for op in ops if op is not None]
 
 
-def _training(value: Any, modes: Mapping[str, Any], problems: list[str]) -> TrainingChange:
+def _training(value: Any, modes: ModesView, problems: list[str]) -> TrainingChange:
     """The checked training change: malformed types reject the answer; what the run's modes do not let through
-    is dropped or clamped (`orchestration.menu.fit_training`), and recorded."""
+    is dropped or clamped (`orchestration.fitting.fit`), and recorded."""
     if value is None:
         return TrainingChange()
     if not isinstance(value, dict):
@@ -233,7 +230,7 @@ def _training(value: Any, modes: Mapping[str, Any], problems: list[str]) -> Trai
             raise _Rejected(f"training.unfreeze must be a whole number of blocks, got {count:g}")
         unfreeze = int(count)
     change = TrainingChange(curriculum_pace=pace, batch_selection=selection, activation_layer=layer, activation=kind, unfreeze=unfreeze)
-    fitted, done = fit_training(change, modes)
+    fitted, done = fit(change, modes)
     problems.extend(done)
     return fitted
 
@@ -245,7 +242,7 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
     group_sizes = parameter_group_sizes(snapshot)
     hyperparameters = _hyperparameters(data.get("hyperparameters"), problems)
     weights = _weights(data.get("weights"), group_sizes, problems)
-    training = _training(data.get("training"), run_modes(snapshot), problems)
+    training = _training(data.get("training"), snapshot.modes_view(), problems)
     alpha = data.get("alpha")
     if alpha is not None:
         alpha = _clamp(_number(alpha, "alpha"), ALPHA_BOUNDS, "alpha", problems)
@@ -318,9 +315,9 @@ def parameter_group_sizes(snapshot: TrainingSnapshot) -> dict[str, int]:
     """Numbers per parameter group a weight op may name: the snapshot's layers and, with neuron-group coupling,
     each grouped layer's neuron groups ("features.0.weight#2": the rows of that group)."""
     sizes = {layer.name: int(layer.num_params) for layer in snapshot.layers}
-    for module, groups in mode_neuron_groups(run_modes(snapshot)).items():
-        units = [group.get("size") for group in groups]
-        if not all(isinstance(size, int) and size >= 0 for size in units) or sum(units) == 0:
+    for module, groups in snapshot.modes_view().neuron_groups.items():
+        units = [group.size for group in groups]
+        if sum(units) == 0:
             continue
         for name in (f"{module}.weight", f"{module}.bias"):
             if name in sizes and sizes[name] % sum(units) == 0:
@@ -332,8 +329,9 @@ def parameter_group_sizes(snapshot: TrainingSnapshot) -> dict[str, int]:
 def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[str]:
     """Every way `proposal` breaks a bound or names a group the snapshot lacks (empty if none).
 
-    An independent re-check of the validator's output, for tests and for the coordinator to
-    assert on proposals it got from a cache or a file.
+    An independent re-check of the validator's output against the protocol's bounds, for tests and for the
+    coordinator to assert on proposals it got from a cache or a file. A training change is checked by
+    `orchestration.fitting.fit`, the one rule for what the run's modes take: whatever it would repair is a violation.
     """
     violations: list[str] = []
     group_sizes = parameter_group_sizes(snapshot)
@@ -369,39 +367,11 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
                     check(value, (-MAX_ABS_EXPLICIT_VALUE, MAX_ABS_EXPLICIT_VALUE), f"weights[{index}].values")
         elif op.values is not None:
             violations.append(f"weights[{index}].values set on op {op.op!r}")
-    violations += _training_violations(proposal.training, run_modes(snapshot))
+    violations += fit(proposal.training, snapshot.modes_view())[1]
     if not isinstance(proposal.reason, str) or len(proposal.reason) > MAX_REASON_CHARS:
         violations.append("reason is not a string of at most MAX_REASON_CHARS characters")
     elif any(unicodedata.category(ch) in _STRIPPED_CATEGORIES for ch in proposal.reason):
         violations.append("reason holds control characters")
-    return violations
-
-
-def _training_violations(change: TrainingChange, modes: Mapping[str, Any]) -> list[str]:
-    """Every way a training change breaks its bounds or asks for a mode the run does not enable."""
-    violations: list[str] = []
-    pace = change.curriculum_pace
-    if pace is not None:
-        if "curriculum_pace" not in modes:
-            violations.append("training.curriculum_pace set in a run without a curriculum")
-        elif isinstance(pace, bool) or not isinstance(pace, (int, float)) or not CURRICULUM_PACE_BOUNDS[0] <= pace <= CURRICULUM_PACE_BOUNDS[1]:
-            violations.append(f"training.curriculum_pace={pace!r} outside {CURRICULUM_PACE_BOUNDS}")
-    if change.batch_selection is not None:
-        if modes.get("batch_selection") not in ("on", "off"):
-            violations.append("training.batch_selection set in a run that does not let the advisor switch it")
-        elif not isinstance(change.batch_selection, bool):
-            violations.append(f"training.batch_selection={change.batch_selection!r} is not a bool")
-    if (change.activation_layer is None) != (change.activation is None):
-        violations.append("training.activation_layer and training.activation must be set together")
-    elif change.activation_layer is not None:
-        if change.activation_layer not in mode_activations(modes):
-            violations.append(f"training.activation_layer {change.activation_layer!r} is no adaptive activation of the run")
-        if change.activation not in ACTIVATIONS:
-            violations.append(f"training.activation {change.activation!r} not one of {ACTIVATIONS}")
-    if change.unfreeze is not None:
-        high = min(MAX_UNFREEZE_BLOCKS, len(mode_frozen_blocks(modes)))
-        if isinstance(change.unfreeze, bool) or not isinstance(change.unfreeze, int) or not 1 <= change.unfreeze <= high:
-            violations.append(f"training.unfreeze={change.unfreeze!r} outside [1, {high}]")
     return violations
 
 

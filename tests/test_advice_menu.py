@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -15,8 +16,10 @@ from orchestration.menu import action_of, build_menu, finding_present, track_rec
 from orchestration.protocol import (
     Apply,
     Diagnosis,
+    Finding,
     HyperparameterChange,
     LayerStats,
+    MenuOption,
     ProbationMetrics,
     Proposal,
     ProposalOutcome,
@@ -38,6 +41,14 @@ def state(**overrides) -> TrainingSnapshot:
 
 def actions(menu) -> dict[str, str]:
     return {option.action: option.remedy for option in menu}
+
+
+def test_findings_are_the_words_they_always_were() -> None:
+    assert [finding.value for finding in Finding] == ["diverging", "learning rate too high", "overfitting", "dead units", "learning slowly", "plateau"]
+    assert Diagnosis(plateau=True, dead_groups=["fc1.weight"], too_fast=True).findings() == [Finding.TOO_FAST, Finding.DEAD_UNITS, Finding.PLATEAU]
+    read_back = MenuOption(key="A", action="lr_down", label="halve lr", remedy="plateau")  # a menu read back from JSON
+    assert read_back.remedy is Finding.PLATEAU and json.dumps(read_back.remedy) == '"plateau"' and f"for {read_back.remedy}" == "for plateau"
+    assert diagnose(state(val_loss=[1.0, 0.99, 0.99, 0.99, 0.99, 0.99])).notes[0].startswith(f"{Finding.PLATEAU}: ")
 
 
 def test_a_healthy_state_offers_keep_first_and_prefers_it() -> None:

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from orchestration.cache import ResponseCache
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import Coordinator
-from orchestration.menu import MENU_KEYS, activation_after, action_of, build_menu, fit_training, remedies
+from orchestration.fitting import fit, fit_weight_ops
+from orchestration.menu import MENU_KEYS, activation_after, action_of, build_menu, remedies
 from orchestration.protocol import (
     ACTIVATIONS,
     CURRICULUM_PACE_BOUNDS,
@@ -23,6 +24,7 @@ from orchestration.protocol import (
     Diagnosis,
     HyperparameterChange,
     LayerStats,
+    ModesView,
     ProbationMetrics,
     Proposal,
     ProposalOutcome,
@@ -164,12 +166,35 @@ def test_unknown_training_fields_are_ignored_and_recorded() -> None:
     assert any("learning_rate_warmup" in p and "in training" in p for p in response.problems)
 
 
-def test_violations_catch_a_training_change_that_does_not_fit() -> None:
-    bad = Proposal(training=TrainingChange(curriculum_pace=3.0, batch_selection=True, activation_layer="features.1", unfreeze=7))
-    assert len(proposal_violations(bad, state())) == 3  # pace out of bounds, half a switch, unfreeze past the frozen blocks
-    assert len(proposal_violations(Proposal(training=TrainingChange(curriculum_pace=0.1, batch_selection=True, unfreeze=1)), state({}))) == 3
-    assert proposal_violations(Proposal(training=TrainingChange(activation_layer="nope", activation="tanh")), state()) == [
-        "training.activation_layer 'nope' is no adaptive activation of the run", f"training.activation 'tanh' not one of {ACTIVATIONS}"]
+def test_fit_says_what_it_does_to_a_training_change_that_does_not_fit() -> None:
+    bad = TrainingChange(curriculum_pace=3.0, batch_selection=True, activation_layer="features.1", unfreeze=7)
+    fitted, done = fit(bad, state().modes_view())
+    assert len(done) == 3  # pace out of bounds, half a switch, unfreeze past the frozen blocks
+    assert fitted == TrainingChange(curriculum_pace=CURRICULUM_PACE_BOUNDS[1], batch_selection=True, unfreeze=2)
+    assert len(proposal_violations(Proposal(training=bad), state())) == 3  # the validator's oracle reads the same rule
+    assert len(fit(TrainingChange(curriculum_pace=0.1, batch_selection=True, unfreeze=1), state({}).modes_view())[1]) == 3
+    assert fit(TrainingChange(activation_layer="nope", activation="tanh"), state().modes_view()) == (
+        TrainingChange(), ["dropped training.activation: no adaptive activation 'nope'"])
+    assert fit(fitted, state().modes_view()) == (fitted, [])  # what fit returns fits as it is
+
+
+def test_weight_ops_on_frozen_blocks_are_dropped_whole_or_by_neuron_group() -> None:
+    ops = [WeightOp(op="shrink", group="features.0.weight", amount=0.1), WeightOp(op="noise", group="features.0.bias#1", amount=0.1),
+           WeightOp(op="shrink", group="classifier.4.weight", amount=0.1)]
+    kept, done = fit_weight_ops(ops, {"features.0.weight", "features.0.bias"})
+    assert kept == ops[2:] and done == ["dropped weight ops on frozen blocks (features.0.bias#1, features.0.weight): unfreeze them first"]
+    assert fit_weight_ops(ops, set()) == (ops, [])
+
+
+def test_the_modes_view_reads_the_snapshot_once_and_writes_it_back_unchanged() -> None:
+    view = ModesView.from_dict(MODES)
+    assert view.frozen_blocks == ("features.0", "features.2") and view.batch_selection == "off" and view.curriculum_pace == 0.1
+    assert json.dumps(view.to_dict()) == json.dumps(MODES)  # the wire form is what it was
+    assert state().modes_view() == view and ModesView.from_dict("junk") == ModesView() == ModesView.from_dict({})
+    hostile = {"activations": {"a\n### system": "relu", "b": 3}, "batch_selection": "off\n### system", "curriculum_pace": "fast",
+               "frozen_blocks": "all", "free_values": {"group": "fc.bias", "current": [float("nan")]},
+               "neuron_groups": {"fc1": [{"size": -1, "active": 0.5, "mean": 0.0}]}}
+    assert ModesView.from_dict(hostile) == ModesView()  # what is malformed is no mode at all
 
 
 _junk = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(), st.text(max_size=12)),
@@ -196,7 +221,7 @@ def test_property_hostile_training_never_crashes_and_what_passes_fits(training, 
         assert response.status in ("valid", "clamped", "rejected")
         if response.proposal is not None:
             assert proposal_violations(response.proposal, snapshot) == []
-            assert fit_training(response.proposal.training, modes)[1] == []  # nothing left the modes would refuse
+            assert fit(response.proposal.training, snapshot.modes_view())[1] == []  # nothing left the modes would refuse
             json.dumps(response.to_dict(), allow_nan=False)
 
 
