@@ -3,12 +3,16 @@
     plan = plan_run(config, run_dir)        # resolved config, run directory, run id, resume point; writes nothing
     summary = execute_run(plan)             # connect, start the advisor and coordinator, fit, summarise
 
-Ray Tune trials (`tune_search`) call the same pieces with their own storage and reporting, so a
-trial trains exactly as `hybridtrain run` does. A run directory holds `config.yaml` (the resolved
-config), `metrics.csv` (one row per epoch), `interventions.csv` (the advisor ledger),
-`summary.json`, the final `model.safetensors` with `model.json`, and `ray/` (Ray Train's storage:
-checkpoints that `--resume` and worker restarts continue from; each one also holds the
-coordinator's state, so the ledger survives a killed driver).
+A Ray Tune trial (`cluster.trial`) plans and executes its run with the same two calls, adding a
+`TrialContext` (the sweep's shared coordinator, the checkpoint Tune handed it, the callbacks that
+forward its reports), so a trial trains exactly as `hybridtrain run` does. The pieces a run and a
+sweep share live here once: `resolve_output_dir`, `needed_cpus`, `deploy_served_advisor`. Ray Train
+receives a frozen `workers.plan.WorkerPlan`, built by `worker_plan`.
+
+A run directory holds `config.yaml` (the resolved config), `metrics.csv` (one row per epoch),
+`interventions.csv` (the advisor ledger), `summary.json`, the final `model.safetensors` with
+`model.json`, and `ray/` (Ray Train's storage: checkpoints that `--resume` and worker restarts
+continue from; each one also holds the coordinator's state, so the ledger survives a killed driver).
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from cluster.console import RAY_LOGS, ProgressTail, collect_ray_logs, since_now
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
 from cluster.runtime import ClusterInfo, check_shared_storage, connect
 from orchestration.errors import RunError
 from orchestration.ledger import InterventionRecord, Ledger
+from serve_llm.config import AdvisorConfig
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
+from workers.plan import WorkerPlan
 from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,24 @@ logger = logging.getLogger(__name__)
 RAY_STORAGE = "ray"
 RAY_RUN_NAME = "train"
 LEDGER = "interventions.csv"
+TRIAL_CPU = 0.01  # a sweep trial's own request: it is only the Train driver (Tune refuses an empty request)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrialContext:
+    """What a sweep trial adds to a run; `hybridtrain run` has none.
+
+    The sweep deployed the advisor and created one coordinator actor for the whole population, and
+    checked its directory's storage once; Tune hands the trial a checkpoint to start from and wants
+    every report forwarded with its checkpoint.
+    """
+
+    coordinator: tuple[str, str] | None  # the sweep's shared coordinator actor (name, namespace); None: trials are not advised
+    initial_checkpoint: Path | None = None  # Tune's checkpoint for this start: its own after a pause, or a PBT clone
+    callbacks: tuple[Any, ...] = ()  # Train callbacks: forward each report (metrics and checkpoint) to the trial thread
+    digest_checkpoints: bool = True  # each checkpoint records a hash of its weights, so a PBT clone can be checked
+    keep_all_checkpoints: bool = True  # Train rotates none away: the trial removes each one after Tune has its copy
+    storage_checked: bool = True  # the sweep checked its whole directory's shared storage once, not each trial
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,24 +98,50 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
     On `resume` the config comes from `run_dir/config.yaml`; `address` (if given) replaces the
     cluster address saved there. Bad configs, data and run directories raise `ConfigError`/`DataError`.
     """
-    run_dir = Path(run_dir).resolve()
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {str(run_dir)!r}: not a run directory (no config.yaml)")
-        if (run_dir / "summary.json").is_file():
-            raise ConfigError(f"--resume {str(run_dir)!r}: the run already finished (summary.json is there)")
-        config = read_config(run_dir / "config.yaml")
-    else:
-        if config is None:
-            raise ValueError("plan_run needs a config unless it resumes a run directory")
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; use --resume to continue it or choose another --output")
-        config = dataclasses.replace(config)
-    if address is not None:
-        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=address))
+    config, run_dir = resolve_output_dir("run", config, run_dir, resume=resume, address=address)
     return RunPlan(config=config, run_dir=run_dir, run_id=run_id(config), resume=resume,
                    resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=check_data(config),
-                   needed_cpus=math.ceil(config.train.num_workers * config.train.cpus_per_worker + config.advisor.served_cpus))
+                   needed_cpus=needed_cpus(config))
+
+
+_NEEDS_A_CONFIG = {"run": "plan_run", "sweep": "run_sweep"}  # the entry point of each kind, named when a new one comes without a config
+
+
+def resolve_output_dir(kind: Literal["run", "sweep"], config: ExperimentConfig | None, path: str | Path, *, resume: bool = False,
+                       address: str | None = None) -> tuple[ExperimentConfig, Path]:
+    """The config and absolute directory of a new or resumed run or sweep; reads, never writes.
+
+    On `resume` the config is the one saved in `path/config.yaml` (a run that already finished is
+    refused: its summary is final); a new one needs `config` and a `path` that holds none yet.
+    `address` (if given) replaces the cluster address in the config, which may name a cluster that is gone.
+    """
+    if kind not in _NEEDS_A_CONFIG:
+        raise ValueError(f"kind must be one of {sorted(_NEEDS_A_CONFIG)}, got {kind!r}")
+    path = Path(path).resolve()
+    if resume:
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume {str(path)!r}: not a {kind} directory (no config.yaml)")
+        if kind == "run" and (path / "summary.json").is_file():
+            raise ConfigError(f"--resume {str(path)!r}: the run already finished (summary.json is there)")
+        config = read_config(path / "config.yaml")
+    elif config is None:
+        raise ValueError(f"{_NEEDS_A_CONFIG[kind]} needs a config unless it resumes a {kind} directory")
+    elif (path / "config.yaml").exists():
+        raise ConfigError(f"{kind} directory {str(path)!r} already holds a {kind}; use --resume to continue it or choose another --output")
+    else:
+        config = dataclasses.replace(config)  # the caller's object stays theirs
+    if address is not None:
+        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=address))
+    return config, path
+
+
+def needed_cpus(config: ExperimentConfig, *, trials: int | None = None) -> int:
+    """Logical CPUs that must be free at once: one run's train workers, or those of `trials` sweep trials
+    (each trial also holds `TRIAL_CPU` as its Train driver; PBT needs the whole population running),
+    plus the advisor's Serve replicas at their most (deployed once, shared by every trial)."""
+    workers = config.train.num_workers * config.train.cpus_per_worker
+    runs = workers if trials is None else trials * (workers + TRIAL_CPU)
+    return math.ceil(runs + config.advisor.served_cpus)
 
 
 def run_id(config: ExperimentConfig) -> str:
@@ -127,23 +177,18 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
-                coordinator: tuple[str, str] | None = None, initial_checkpoint: str | None = None,
-                callbacks: list[Any] | None = None, digest_checkpoints: bool = False, check_storage: bool = True,
-                keep_all_checkpoints: bool = False) -> dict[str, Any]:
+                trial: TrialContext | None = None) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
-    `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes the
-    sweep's shared `coordinator` actor (name, namespace) to open its run in (the sweep deployed the
-    advisor once), the checkpoint Tune handed it (`initial_checkpoint`), Train callbacks that forward
-    each report, `digest_checkpoints` (each checkpoint records a hash of its weights, so a PBT clone
-    can be checked), `check_storage=False` (the sweep checked its directory) and
-    `keep_all_checkpoints` (Train rotates none away: the trial removes each one after Tune has its copy).
+    `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes its
+    `trial` context: the run opens in the sweep's shared coordinator, starts from the checkpoint Tune
+    handed it and forwards each report (what else changes is listed on `TrialContext`).
     """
     config, run_dir = plan.config, plan.run_dir
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if check_storage:  # a sweep checks its whole directory once, not each trial
+    if trial is None or not trial.storage_checked:
         check_shared_storage(run_dir, cluster)  # workers on any node write checkpoints here
     write_config(config, run_dir / "config.yaml")
     use_gpu = resolve_use_gpu(config, cluster)
@@ -151,14 +196,14 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
 
+    coordinator = trial.coordinator if trial is not None else None
     handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
     shared = coordinator is not None
-    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, initial_checkpoint=initial_checkpoint, callbacks=callbacks,
-                            digest_checkpoints=digest_checkpoints, keep_all_checkpoints=keep_all_checkpoints)
+    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial)
     started, logs_since = time.perf_counter(), since_now()
     # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
     # output does (--verbose); a sweep trial's progress stays in its run directory.
-    tail = ProgressTail(run_dir / PROGRESS) if not config.cluster.verbose and coordinator is None else contextlib.nullcontext()
+    tail = ProgressTail(run_dir / PROGRESS) if not config.cluster.verbose and trial is None else contextlib.nullcontext()
     try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
         try:
             with tail:
@@ -189,36 +234,42 @@ def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
     return use_gpu
 
 
-def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, initial_checkpoint: str | None = None,
-                  callbacks: list[Any] | None = None, digest_checkpoints: bool = False, keep_all_checkpoints: bool = False):
+def worker_plan(plan: RunPlan, *, advice: AdviceSettings | None, trial: TrialContext | None = None) -> WorkerPlan:
+    """What every worker of `plan` receives: its config sections, where it writes, and how it starts."""
+    config = plan.config
+    return WorkerPlan(data=config.data, model=config.model, train=config.train, modes=config.modes, run_dir=plan.run_dir,
+                      checkpoint_root=plan.storage_path / RAY_RUN_NAME, advice=advice, faults=config.faults,
+                      initial_checkpoint=trial.initial_checkpoint if trial is not None else None,
+                      digest_checkpoints=trial is not None and trial.digest_checkpoints)
+
+
+def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, trial: TrialContext | None = None):
     """The Ray Train `TorchTrainer` for `plan`: `num_workers` DeepSpeed workers (gloo on CPU, NCCL on GPU).
 
     The same name and storage on `--resume` make Ray Train hand the latest checkpoint to the workers;
-    without one, the workers start from `initial_checkpoint` if given (Train V2 has no
-    `resume_from_checkpoint`, so the path travels in the loop config).
+    without one, a sweep trial's workers start from its `initial_checkpoint` (Train V2 has no
+    `resume_from_checkpoint`, so the path travels in the `WorkerPlan`).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.train_loop import train_loop_per_worker
 
-    config, train = plan.config, plan.config.train
+    train = plan.config.train
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    keep_all = trial is not None and trial.keep_all_checkpoints
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"data": dataclasses.asdict(config.data), "model": dataclasses.asdict(config.model),
-                           "train": dataclasses.asdict(train), "run_dir": str(plan.run_dir), "advice": advice,
-                           "initial_checkpoint": initial_checkpoint, "digest_checkpoints": digest_checkpoints,
-                           "checkpoint_root": str(plan.storage_path / RAY_RUN_NAME)},
+        train_loop_config=worker_plan(plan, advice=advice, trial=trial).as_loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
             storage_path=str(plan.storage_path),
             failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else train.checkpoints_to_keep),
+            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all else train.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own progress lines say what matters
-            callbacks=callbacks or None,
+            callbacks=list(trial.callbacks) if trial is not None and trial.callbacks else None,
         ),
     )
 
@@ -244,11 +295,8 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
         name, namespace = coordinator
         handle = ray.get_actor(name, namespace=namespace)
     else:
-        if config.advisor.is_served and advisor_factory is None:
-            from serve_llm.deployment import deploy_advisor
-
-            print(f"[hybridtrain] starting the advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
-            deploy_advisor(config.advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
+        if advisor_factory is None:
+            deploy_served_advisor(config.advisor)
         name, namespace = plan.coordinator_name, ray.get_runtime_context().namespace
         handle = get_or_create_coordinator(name, namespace, config=config.coordinator,
                                            advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
@@ -259,6 +307,18 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
                                   history_window=config.coordinator.history_window, verify_rollback=config.coordinator.verify_rollback,
                                   call_timeout_s=max(config.coordinator.wait_for_answer_s, config.coordinator.wait_on_findings_s) + 120.0,
                                   coordinator_config=config.coordinator, opening_state=opening_state)
+
+
+def deploy_served_advisor(advisor: AdvisorConfig, *, shared: bool = False) -> bool:
+    """Deploy the advisor on Ray Serve if its backend is served; a sweep deploys it once, `shared` by every trial.
+    Returns whether it deployed."""
+    if not advisor.is_served:
+        return False
+    from serve_llm.deployment import deploy_advisor
+
+    print(f"[hybridtrain] starting the {'shared ' if shared else ''}advisor ({advisor.backend}) on Ray Serve ...", flush=True)
+    deploy_advisor(advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
+    return True
 
 
 def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.experiment import ExperimentConfig, config_from_dict, read_config, write_config
-from cluster.launch import execute_run, plan_run
+from cluster.experiment import ExperimentConfig, config_from_dict, write_config
+from cluster.launch import TRIAL_CPU, TrialContext, deploy_served_advisor, execute_run, needed_cpus, plan_run, resolve_output_dir
 from cluster.runtime import check_shared_storage, connect
 from workers.train_loop import PLACEMENT_GROUP, TENSORBOARD
 from orchestration.telemetry import Telemetry
@@ -50,7 +50,6 @@ TUNE_RUN_NAME = "tune"
 EXPLORES = "explores.jsonl"  # written by trials: every start from another trial's checkpoint
 EXPLORE_DECISIONS = "explore_decisions.jsonl"  # written by the LLM explorer: every explore it decided
 POPULATION_COORDINATOR = "hybridtrain-population-{digest}"  # the sweep's shared coordinator actor, by sweep directory
-TRIAL_CPU = 0.01
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 _REPORTED = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr")
 
@@ -80,12 +79,6 @@ def check_space(config: ExperimentConfig) -> None:
                 trial_config(base, {key: value})
             except ConfigError as error:
                 raise ConfigError(f"tune.space.{key}: value {value!r} does not make a valid run config: {error}") from error
-
-
-def needed_cpus(config: ExperimentConfig) -> int:
-    """Logical CPUs for the whole population at once (PBT needs every trial running), plus the advisor."""
-    per_trial = config.train.num_workers * config.train.cpus_per_worker + TRIAL_CPU
-    return math.ceil(config.tune.concurrency * per_trial + config.advisor.served_cpus)
 
 
 def free_placement_groups(root: Path) -> int:
@@ -144,14 +137,13 @@ def trial_main(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, 
     if initial is not None:
         _record_start(Path(sweep_dir), name, Path(context.get_trial_dir()), initial, params, plan.run_dir)
     reports = Queue(actor_options={"num_cpus": 0})
+    trial = TrialContext(coordinator=coordinator, initial_checkpoint=Path(initial) if initial is not None else None,
+                         callbacks=(_report_callback(reports),))
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
-            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), coordinator=coordinator,
-                                             initial_checkpoint=initial,
-                                             callbacks=[_report_callback(reports)], digest_checkpoints=True,
-                                             check_storage=False, keep_all_checkpoints=True)
+            outcome["summary"] = execute_run(plan, cluster=connect(config.cluster, quiet=True), trial=trial)
         except BaseException as error:  # noqa: BLE001 - raised again in the trial thread below
             outcome["error"] = error
 
@@ -284,32 +276,18 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
     """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary."""
     from ray import tune
 
-    sweep_dir = Path(sweep_dir).resolve()
-    if resume:
-        if not (sweep_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {str(sweep_dir)!r}: not a sweep directory (no config.yaml)")
-        config = read_config(sweep_dir / "config.yaml")
-    elif config is None:
-        raise ValueError("run_sweep needs a config unless it resumes a sweep directory")
-    elif (sweep_dir / "config.yaml").exists():
-        raise ConfigError(f"sweep directory {str(sweep_dir)!r} already holds a sweep; use --resume to continue it or choose another --output")
-    if address is not None:
-        config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=address))
+    config, sweep_dir = resolve_output_dir("sweep", config, sweep_dir, resume=resume, address=address)
     check_space(config)
     # Starting a whole population at once on a small machine takes a while: give Train's worker groups
     # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
     # inherit this process's environment; set it on the cluster's nodes otherwise).
     os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
-    cluster = connect(config.cluster, min_cpus=needed_cpus(config))
+    cluster = connect(config.cluster, min_cpus=needed_cpus(config, trials=config.tune.concurrency))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
     if not resume:
         write_config(config, sweep_dir / "config.yaml")
-    if config.advisor.is_served:
-        from serve_llm.deployment import deploy_advisor
-
-        print(f"[hybridtrain] starting the shared advisor ({config.advisor.backend}) on Ray Serve ...", flush=True)
-        deploy_advisor(config.advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
+    deploy_served_advisor(config.advisor, shared=True)
     population = start_population(config, sweep_dir)
     tune_config = config.tune
     callbacks = [_progress_callback(tune_config.metric), _telemetry_callback(sweep_dir, config.name, tune_config.metric, tune_config.mode)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.experiment import build_config
-from cluster.sweep import check_space, needed_cpus, trial_config, trial_generator
+from cluster.launch import needed_cpus
+from cluster.sweep import check_space, trial_config, trial_generator
 from orchestration.settings import ConfigError
 from tune_search.config import TuneConfig
 from tune_search.search import build_scheduler, mutable_keys, param_space
@@ -80,7 +81,7 @@ def test_a_trial_config_is_the_base_with_the_sampled_values() -> None:
 def test_the_population_is_sized_to_run_at_once() -> None:
     config = build_config(recipe="smoke", sweep=True)
     assert config.tune.concurrency == config.tune.num_samples == 4
-    assert needed_cpus(config) == 5  # 4 trials x 2 workers x 0.5 CPU, plus the trials' token shares
+    assert needed_cpus(config, trials=config.tune.concurrency) == 5  # 4 trials x 2 workers x 0.5 CPU, plus the trials' token shares
 
 
 
