@@ -6,7 +6,8 @@ import pytest
 
 from cluster.experiment import build_config
 from cluster.launch import needed_cpus
-from cluster.sweep import check_space, trial_config, trial_generator
+from cluster.sweep import check_space, trial_generator
+from cluster.trial import trial_config
 from orchestration.settings import ConfigError
 from tune_search.config import TuneConfig
 from tune_search.search import build_scheduler, mutable_keys, param_space
@@ -110,7 +111,7 @@ def test_sweep_outputs_name_a_failed_trial_and_pick_the_best_finished_one(tmp_pa
 
     import pandas as pd
 
-    from cluster.sweep import write_sweep_outputs
+    from cluster.sweep_outputs import write_sweep_outputs
 
     @dataclass
     class Result:  # what write_sweep_outputs reads of a ray.tune.Result
