@@ -57,15 +57,15 @@ METHODS = {
     "llm-no-record": ["advisor.backend=smollm2", "coordinator.track_record=false", "coordinator.max_recent_proposals=0"],
     "llm-invent": ["advisor.backend=smollm2", "coordinator.advice_mode=invent"],
     # Research modes (`workers.modes`), each with the heuristic advisor where the advisor may steer it, or alone.
-    "curriculum": ["advisor.backend=heuristic", "train.curriculum=true"],
-    "selection": ["advisor.backend=heuristic", "train.batch_selection=advised"],
-    "selection-on": ["advisor.backend=none", "train.batch_selection=on"],
+    "curriculum": ["advisor.backend=heuristic", "modes.curriculum=true"],
+    "selection": ["advisor.backend=heuristic", "modes.batch_selection=advised"],
+    "selection-on": ["advisor.backend=none", "modes.batch_selection=on"],
     "activation": ["advisor.backend=heuristic", "model.activation=adaptive"],
     "prelu": ["advisor.backend=none", "model.activation=prelu"],
     "rational": ["advisor.backend=none", "model.activation=rational"],
     "transfer": ["advisor.backend=heuristic", "model.pretrained={source}"],
-    "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "train.unfreeze_every=2"],
-    "gradient-free": ["advisor.backend=heuristic", "train.gradient_free=true"],
+    "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "modes.unfreeze_every=2"],
+    "gradient-free": ["advisor.backend=heuristic", "modes.gradient_free=true"],
     "neuron-groups": ["advisor.backend=heuristic", "coordinator.neuron_groups=true"],
 }
 # Transfer learning starts from a run of the other image task (the CNN's conv layers fit both; the head is

@@ -18,7 +18,7 @@ from orchestration.config import CoordinatorConfig
 from orchestration.settings import ConfigError, build_section, merge, parse_override
 from serve_llm.config import AdvisorConfig
 from tune_search.config import TuneConfig
-from workers.config import DataConfig, ModelConfig, TrainConfig
+from workers.config import DataConfig, ModelConfig, ModesConfig, TrainConfig
 from workers.faults import FaultConfig
 
 
@@ -29,6 +29,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    modes: ModesConfig = field(default_factory=ModesConfig)  # research modes, all off by default (`workers.modes`)
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # used by `hybridtrain tune` only
@@ -37,8 +38,12 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.faults.kill_epoch is not None and self.faults.kill_epoch > self.train.epochs:
             raise ConfigError(f"faults.kill_epoch must be unset or in [1, {self.train.epochs}], got {self.faults.kill_epoch!r}")
-        if self.train.l2sp > 0 and not self.model.pretrained:
-            raise ConfigError(f"train.l2sp={self.train.l2sp!r} pulls weights toward pretrained ones: set model.pretrained too")
+        # L2-SP pulls the backbone toward the pretrained weights: it needs them, and needs them whole on every rank.
+        if self.modes.l2sp > 0 and not self.model.pretrained:
+            raise ConfigError(f"modes.l2sp={self.modes.l2sp!r} pulls weights toward pretrained ones: set model.pretrained too")
+        if self.modes.l2sp > 0 and self.train.zero_stage == 3:
+            raise ConfigError(f"modes.l2sp={self.modes.l2sp!r} needs train.zero_stage 0-2 (ZeRO-3 partitions the weights the pull reads), "
+                              f"got train.zero_stage={self.train.zero_stage!r}")
         if self.model.pretrained:
             from workers.modes import pretrained_file
 

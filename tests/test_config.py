@@ -31,6 +31,21 @@ def test_bad_value_names_the_field(override: str, field: str) -> None:
         build_config(overrides=[override])
 
 
+def test_the_research_modes_are_their_own_section() -> None:
+    config = build_config(overrides=["modes.curriculum=true", "modes.batch_selection=on", "modes.unfreeze_every=2"])
+    assert (config.modes.curriculum, config.modes.batch_selection, config.modes.unfreeze_every) == (True, "on", 2)
+    assert build_config(overrides=["modes.batch_selection=off"]).modes.batch_selection == "off"  # YAML's off is false: both work
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['train\.curriculum'\]"):
+        build_config(overrides=["train.curriculum=true"])
+    with pytest.raises(ConfigError, match=r"modes\.curriculum_pace must be in \[0\.02, 1\]"):
+        build_config(overrides=["modes.curriculum_pace=0.01"])
+    # the rules that span sections: L2-SP needs the pretrained weights, whole on every rank
+    with pytest.raises(ConfigError, match=r"modes\.l2sp=0\.1 pulls weights toward pretrained ones: set model\.pretrained"):
+        build_config(overrides=["modes.l2sp=0.1"])
+    with pytest.raises(ConfigError, match=r"modes\.l2sp=0\.1 needs train\.zero_stage 0-2"):
+        build_config(recipe="zero3", overrides=["modes.l2sp=0.1", "model.pretrained=."])
+
+
 def test_overrides_recipe_and_file_compose(tmp_path) -> None:
     config_file = tmp_path / "exp.yaml"
     config_file.write_text("train:\n  epochs: 5\n  lr: 0.01\nmodel:\n  kind: mlp\n")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from orchestration.protocol import Apply, ProbationMetrics, Proposal, TrainingChange, Verdict
-from workers.config import ModelConfig, TrainConfig
+from workers.config import ModelConfig, ModesConfig, TrainConfig
 from workers.engine import build_engine, full_fp32_params, set_peak_lr
 from workers.models import build_model
 from workers.modes import TrainingModes, load_pretrained, model_blocks
@@ -33,10 +33,10 @@ def _pretrained_run(tmp_path, *, classes: int = 5, seed: int = 1):
     return run, source.state_dict()
 
 
-def _engine(train: TrainConfig, model_config: ModelConfig, *, classes: int = 10):
+def _engine(train: TrainConfig, model_config: ModelConfig, *, classes: int = 10, modes_config: ModesConfig | None = None):
     torch.manual_seed(0)
     model = build_model(model_config, SHAPE, classes)
-    modes = TrainingModes.create(train, model_config, model)
+    modes = TrainingModes.create(modes_config or ModesConfig(), train, model_config, model)
     engine, _ = build_engine(model, train, world_size=1, micro_steps_per_epoch=8, device=torch.device("cpu"), param_groups=modes.optimizer_groups())
     modes.attach(engine)
     return engine, modes
@@ -51,10 +51,18 @@ def _steps(engine, count: int, *, seed: int = 3) -> None:
         engine.step()
 
 
-def _transfer(tmp_path, stage: int = 0, **train_overrides):
+def _split(overrides: dict) -> tuple[dict, dict]:
+    """(train.* overrides, modes.* overrides): the research modes' keys live in their own section."""
+    mode_keys = {config_field.name for config_field in dataclasses.fields(ModesConfig)}
+    return ({key: value for key, value in overrides.items() if key not in mode_keys},
+            {key: value for key, value in overrides.items() if key in mode_keys})
+
+
+def _transfer(tmp_path, stage: int = 0, **overrides):
     run, source = _pretrained_run(tmp_path)
+    train_overrides, mode_overrides = _split(overrides)
     train = TrainConfig(**({"zero_stage": stage, "num_workers": 1, "warmup_epochs": 0.0, "lr": 1e-2} | train_overrides))
-    engine, modes = _engine(train, ModelConfig(dropout=0.0, pretrained=str(run)))
+    engine, modes = _engine(train, ModelConfig(dropout=0.0, pretrained=str(run)), modes_config=ModesConfig(**mode_overrides))
     return engine, modes, source
 
 
@@ -149,7 +157,7 @@ def test_pretrained_weights_that_fit_nothing_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="shares no parameter"):
         load_pretrained(build_model(ModelConfig(), SHAPE, 10), tmp_path)
     with pytest.raises(ValueError, match="model.pretrained"):
-        TrainingModes.create(TrainConfig(l2sp=1.0), ModelConfig(), build_model(ModelConfig(), SHAPE, 10))
+        TrainingModes.create(ModesConfig(l2sp=1.0), TrainConfig(), ModelConfig(), build_model(ModelConfig(), SHAPE, 10))
 
 
 def test_blocks_group_batch_norm_and_activations_with_their_layer() -> None:
@@ -161,9 +169,9 @@ def test_blocks_group_batch_norm_and_activations_with_their_layer() -> None:
 # --- curriculum and batch selection ------------------------------------------------------------
 
 
-def _sampling_modes(**train_overrides) -> TrainingModes:
-    train = TrainConfig(num_workers=1, batch_size=16, **train_overrides)
-    return TrainingModes.create(train, ModelConfig(), build_model(ModelConfig(), SHAPE, 10))
+def _sampling_modes(**mode_overrides) -> TrainingModes:
+    train = TrainConfig(num_workers=1, batch_size=16)
+    return TrainingModes.create(ModesConfig(**mode_overrides), train, ModelConfig(), build_model(ModelConfig(), SHAPE, 10))
 
 
 def test_the_curriculum_trains_on_the_easiest_samples_and_widens_at_its_pace() -> None:
@@ -203,7 +211,7 @@ def test_an_activation_switch_is_part_of_the_modes_state() -> None:
     train = TrainConfig(num_workers=1)
     config = ModelConfig(activation="adaptive", dropout=0.0)
     model = build_model(config, SHAPE, 10)
-    modes = TrainingModes.create(train, config, model)
+    modes = TrainingModes.create(ModesConfig(), train, config, model)
     layers = modes.describe()["activations"]
     assert set(layers.values()) == {"relu"}
     first = next(iter(layers))
@@ -228,7 +236,7 @@ def test_without_modes_nothing_changes() -> None:
     batches, weights = modes.epoch_batches(None, num_samples=100, rank=0, world_size=2, epoch=3, seed=5)
     expected = shard_batches(100, rank=0, world_size=2, batch_size=16, epoch=3, seed=5)
     assert weights is None and all(np.array_equal(a, b) for a, b in zip(batches, expected, strict=True))
-    assert dataclasses.asdict(TrainConfig()) == dataclasses.asdict(TrainConfig(curriculum=False, batch_selection="off"))
+    assert dataclasses.asdict(ModesConfig()) == dataclasses.asdict(ModesConfig(curriculum=False, batch_selection="off"))
 
 
 # --- gradient-free proposals ----------------------------------------------------------------------
@@ -238,8 +246,8 @@ def test_gradient_free_proposals_set_the_head_bias_to_values_from_its_history(si
     from orchestration.menu import action_of, build_menu
     from orchestration.protocol import Diagnosis, TrainingSnapshot, WeightOp
 
-    train = TrainConfig(num_workers=1, gradient_free=True, warmup_epochs=0.0)
-    engine, modes = _engine(train, ModelConfig(dropout=0.0))
+    train = TrainConfig(num_workers=1, warmup_epochs=0.0)
+    engine, modes = _engine(train, ModelConfig(dropout=0.0), modes_config=ModesConfig(gradient_free=True))
     assert modes.free_group == "classifier.4.bias"
     for epoch, loss in enumerate([0.9, 0.5, 0.7], start=1):  # epoch 2 is the best so far
         _steps(engine, 2, seed=epoch)

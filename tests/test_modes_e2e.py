@@ -31,7 +31,7 @@ def test_training_changes_go_through_probation_and_the_ledger(ray_local, tmp_pat
     script.write_text(json.dumps(CHANGES))
     run_dir = tmp_path / "modes"
     overrides = ["train.num_workers=2", "train.epochs=9", "train.early_stopping_patience=0", "train.checkpoint_every=1",
-                 f"model.pretrained={source}", "model.activation=adaptive", "train.curriculum=true", "train.batch_selection=advised",
+                 f"model.pretrained={source}", "model.activation=adaptive", "modes.curriculum=true", "modes.batch_selection=advised",
                  "advisor.backend=scripted", f"advisor.script={script}", "coordinator.query_interval=1", "coordinator.burn_in_epochs=1", "coordinator.ask_when_healthy=true",
                  "coordinator.probation_steps=3", "coordinator.cache_enabled=false", "coordinator.verify_rollback=true"]
     summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)

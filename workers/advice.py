@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from orchestration.protocol import Apply, Continue, ProbationMetrics, Verdict
+from orchestration.protocol import Apply, Continue, ModesView, NeuronGroup, ProbationMetrics, Verdict
 from workers.coordinator_link import CoordinatorLink
 from workers.engine import broadcast_from_rank0, full_fp32_params
 from workers.observer import AdviceObserver
@@ -124,11 +124,14 @@ class WorkerAdvice:
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")
 
     def _modes(self) -> dict[str, Any]:
-        """The snapshot's `modes`: the research modes' state and, with neuron-group coupling, the groups."""
-        modes = self.modes.describe() if self.modes is not None else {}
+        """The snapshot's `modes` (a `ModesView`'s wire form): the research modes' state and, with neuron-group
+        coupling, the groups."""
+        view = self.modes.view() if self.modes is not None else ModesView()
         if self.observer.unit_groups:
-            modes["neuron_groups"] = self.observer.describe_neuron_groups()
-        return modes
+            groups = self.observer.describe_neuron_groups()
+            view = replace(view, neuron_groups={layer: tuple(NeuronGroup(**group) for group in described)
+                                                            for layer, described in groups.items()})
+        return view.to_dict()
 
     def _judge(self, decision: Apply, candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None, *,
                epoch: int, step: int) -> Verdict:

@@ -1,10 +1,11 @@
-"""Configs owned by the worker side: data, model and training."""
+"""Configs owned by the worker side: data, model, training and the research modes."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from orchestration.protocol import CURRICULUM_PACE_BOUNDS
 from orchestration.settings import require
 
 MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet")
@@ -103,17 +104,6 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch and an early stop always save one); a restart redoes at most this many
     checkpoints_to_keep: int = 2
-    # --- research modes (off by default; `workers.modes`) ---
-    curriculum: bool = False  # easiest samples first (loss under the current model), the pool widening each epoch
-    curriculum_start: float = 0.3  # fraction of the training set in the first epoch's pool
-    curriculum_pace: float = 0.15  # fraction added to the pool per epoch (the advisor may change it)
-    batch_selection: str | bool = "off"  # off | on | advised: batches drawn by loss, importance-weighted so the gradient stays unbiased (YAML reads on/off as true/false: both work)
-    selection_floor: float = 0.2  # share of uniform probability mixed in (bounds each importance weight by 1 / floor)
-    freeze_pretrained: bool = True  # with model.pretrained: train the head only at first
-    unfreeze_every: int = 0  # with frozen blocks: unfreeze the next one every this many epochs; 0 = only when the advisor asks
-    layer_lr_decay: float = 0.3  # discriminative learning rates: a block k below the head trains at lr * layer_lr_decay**k
-    l2sp: float = 0.0  # with model.pretrained: strength of the L2 pull toward the pretrained weights (L2-SP)
-    gradient_free: bool = False  # the advisor may set the last layer's bias to explicit values, from a history of (values, val loss)
     tensorboard: bool = True  # rank 0 writes RUN_DIR/tensorboard (the series Ray's metrics export; orchestration/telemetry.py)
 
     def __post_init__(self) -> None:
@@ -135,17 +125,40 @@ class TrainConfig:
         require(self.early_stopping_patience >= 0, "train.early_stopping_patience", self.early_stopping_patience, "must be >= 0")
         require(self.max_failures >= -1, "train.max_failures", self.max_failures, "must be >= -1 (-1: retry forever)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModesConfig:
+    """The research modes (`workers.modes`), all off by default: curriculum learning, batch selection, transfer
+    learning's schedule (with `model.pretrained`) and gradient-free proposals. Adaptive activations and the
+    pretrained weights are `model.activation` and `model.pretrained`: they define the network.
+
+    Rules that span sections (`l2sp` needs `model.pretrained` and `train.zero_stage` 0-2) are checked by
+    `cluster.experiment.ExperimentConfig`."""
+
+    curriculum: bool = False  # easiest samples first (loss under the current model), the pool widening each epoch
+    curriculum_start: float = 0.3  # fraction of the training set in the first epoch's pool
+    curriculum_pace: float = 0.15  # fraction added to the pool per epoch (the advisor may change it)
+    batch_selection: str | bool = "off"  # off | on | advised: batches drawn by loss, importance-weighted so the gradient stays unbiased (YAML reads on/off as true/false: both work)
+    selection_floor: float = 0.2  # share of uniform probability mixed in (bounds each importance weight by 1 / floor)
+    freeze_pretrained: bool = True  # with model.pretrained: train the head only at first
+    unfreeze_every: int = 0  # with frozen blocks: unfreeze the next one every this many epochs; 0 = only when the advisor asks
+    layer_lr_decay: float = 0.3  # discriminative learning rates: a block k below the head trains at lr * layer_lr_decay**k
+    l2sp: float = 0.0  # with model.pretrained: strength of the L2 pull toward the pretrained weights (L2-SP)
+    gradient_free: bool = False  # the advisor may set the last layer's bias to explicit values, from a history of (values, val loss)
+
+    def __post_init__(self) -> None:
         if isinstance(self.batch_selection, bool):
             self.batch_selection = "on" if self.batch_selection else "off"
-        require(0 < self.curriculum_start <= 1, "train.curriculum_start", self.curriculum_start, "must be in (0, 1]")
-        require(0.02 <= self.curriculum_pace <= 1, "train.curriculum_pace", self.curriculum_pace, "must be in [0.02, 1]")
-        require(self.batch_selection in BATCH_SELECTION, "train.batch_selection", self.batch_selection, f"must be one of {BATCH_SELECTION}")
-        require(0 < self.selection_floor <= 1, "train.selection_floor", self.selection_floor, "must be in (0, 1]")
-        require(self.unfreeze_every >= 0, "train.unfreeze_every", self.unfreeze_every, "must be >= 0")
-        require(0 <= self.layer_lr_decay <= 1, "train.layer_lr_decay", self.layer_lr_decay, "must be in [0, 1]")
-        require(self.l2sp >= 0, "train.l2sp", self.l2sp, "must be >= 0")
-        require(self.l2sp == 0 or self.zero_stage < 3, "train.l2sp", self.l2sp, "needs train.zero_stage 0-2 (ZeRO-3 partitions the weights the pull reads)")
-        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "must be >= 1")
+        low, high = CURRICULUM_PACE_BOUNDS
+        require(0 < self.curriculum_start <= 1, "modes.curriculum_start", self.curriculum_start, "must be in (0, 1]")
+        require(low <= self.curriculum_pace <= high, "modes.curriculum_pace", self.curriculum_pace, f"must be in [{low:g}, {high:g}]")
+        require(self.batch_selection in BATCH_SELECTION, "modes.batch_selection", self.batch_selection, f"must be one of {BATCH_SELECTION}")
+        require(0 < self.selection_floor <= 1, "modes.selection_floor", self.selection_floor, "must be in (0, 1]")
+        require(self.unfreeze_every >= 0, "modes.unfreeze_every", self.unfreeze_every, "must be >= 0")
+        require(0 <= self.layer_lr_decay <= 1, "modes.layer_lr_decay", self.layer_lr_decay, "must be in [0, 1]")
+        require(self.l2sp >= 0, "modes.l2sp", self.l2sp, "must be >= 0")
 
 
 def small_data_batch(train: TrainConfig, train_size: int, world_size: int) -> TrainConfig:

@@ -148,7 +148,7 @@ def prepare(plan: WorkerPlan) -> Loop:
     train = small_data_batch(plan.train, len(data.split.train), world_size)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(model_config, data.dataset.sample_shape, len(data.dataset.classes))
-    modes = TrainingModes.create(train, model_config, model, log=lambda message: progress_log(rank, plan.run_dir, message))
+    modes = TrainingModes.create(plan.modes, train, model_config, model, log=lambda message: progress_log(rank, plan.run_dir, message))
     micro_steps = len(shard_batches(len(data.split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0,
                                     seed=train.seed, grad_accum_steps=train.grad_accum_steps))
     engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=ray.train.torch.get_device(),

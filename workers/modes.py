@@ -1,18 +1,19 @@
 """The research modes a run may enable, on every rank alike: curriculum learning, batch selection,
 adaptive activations and transfer learning (`workers.config`: `model.activation`, `model.pretrained`,
-`train.curriculum`, `train.batch_selection`, `train.freeze_pretrained`, ...).
+and the `modes` section, `ModesConfig`: `modes.curriculum`, `modes.batch_selection`, `modes.freeze_pretrained`, ...).
 
 `TrainingModes` holds where each mode stands, draws each epoch's batches, adds the L2-SP penalty to
 the loss, and carries out the `TrainingChange` of a proposal (`orchestration.protocol`). Its state is
 small and plain (`state` / `load_state`), so a probation saves and restores it with the weights, and a
-checkpoint carries it. What the advisor may change it `describe`s in every snapshot.
+checkpoint carries it. What the advisor may change it tells in every snapshot as a `ModesView` (`view`);
+what a proposal may do with that is `orchestration.fitting.fit`'s to say, here as in the validator.
 
 Transfer learning freezes by blocks: a block is a conv/linear layer with what follows it up to the next
 one (batch norm, activation parameters); the head is the last block. A frozen block keeps its weights
 bit for bit: its learning rate is 0 (so no weight decay either) and a gradient hook zeroes its gradient
 (so it takes no part in gradient clipping and its optimizer moments stay 0 until it thaws). The
 optimizer has one parameter group per block, the head's first (`read_hyperparameters` reads group 0),
-and an unfrozen block k below the head trains at `lr * train.layer_lr_decay**k`.
+and an unfrozen block k below the head trains at `lr * modes.layer_lr_decay**k`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestration.protocol import ACTIVATIONS, CURRICULUM_PACE_BOUNDS, TrainingChange
-from workers.config import ModelConfig, TrainConfig
+from orchestration.fitting import fit, fit_weight_ops
+from orchestration.protocol import FreeValues, ModesView, TrainingChange, WeightOp
+from workers.config import ModelConfig, ModesConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
+_CHANGE_FIELDS = tuple(change_field.name for change_field in fields(TrainingChange))
 _INDEXED = re.compile(r"^(.*?\.\d+)\.")  # "features.0.weight" -> "features.0"; "blocks.1.conv1.weight" -> "blocks.1"
 
 
@@ -120,7 +123,8 @@ def optimizer_groups(model: nn.Module, blocks: list[tuple[str, list[str]]], *, l
 class TrainingModes:
     """Where every enabled research mode stands on this rank (the same on every rank)."""
 
-    train: TrainConfig
+    config: ModesConfig
+    train: TrainConfig  # read for lr, batch_size and grad_accum_steps
     model: nn.Module
     blocks: list[tuple[str, list[str]]] = field(default_factory=list)  # transfer only
     frozen: list[str] = field(default_factory=list)  # block names, in forward order
@@ -134,25 +138,27 @@ class TrainingModes:
     _hooks: list[Any] = field(default_factory=list)
 
     @classmethod
-    def create(cls, train: TrainConfig, model_config: ModelConfig, model: nn.Module, *, log=lambda message: None) -> TrainingModes:
-        """Set the modes up on the bare model, before DeepSpeed wraps it (pretrained weights are loaded here)."""
-        modes = cls(train=train, model=model, pace=train.curriculum_pace, selecting=train.batch_selection == "on",
-                    pool_fraction=train.curriculum_start if train.curriculum else 1.0)
+    def create(cls, config: ModesConfig, train: TrainConfig, model_config: ModelConfig, model: nn.Module, *,
+               log=lambda message: None) -> TrainingModes:
+        """Set the modes up on the bare model, before DeepSpeed wraps it (pretrained weights are loaded here).
+        `train` is the run's training config as the workers use it (its batch size lowered on small data)."""
+        modes = cls(config=config, train=train, model=model, pace=config.curriculum_pace, selecting=config.batch_selection == "on",
+                    pool_fraction=config.curriculum_start if config.curriculum else 1.0)
         if model_config.pretrained:
             loaded = load_pretrained(model, model_config.pretrained)
             modes.blocks = model_blocks(model)
             head = set(modes.blocks[-1][1])
             modes.pretrained = {name: value.detach().clone() for name, value in model.named_parameters() if name in loaded.loaded and name not in head}
-            if train.freeze_pretrained:
+            if config.freeze_pretrained:
                 modes.frozen = [block for block, _ in modes.blocks[:-1]]
             log(f"transfer: {len(loaded.loaded)} tensors from {loaded.source}, {len(loaded.skipped)} fresh ({', '.join(list(loaded.skipped)[:4])}); "
                 f"{len(modes.frozen)} of {len(modes.blocks)} blocks frozen")
             for name, value in model.named_parameters():
                 value.register_hook(modes._gradient_gate(name))
-        if train.gradient_free:
+        if config.gradient_free:
             modes.free_group = free_values_group(model)
-        if train.l2sp > 0 and not modes.pretrained:
-            raise ValueError("train.l2sp pulls weights toward pretrained ones: set model.pretrained too")
+        if config.l2sp > 0 and not modes.pretrained:  # `ExperimentConfig` refuses the config; this is what the penalty needs
+            raise ValueError("modes.l2sp pulls the backbone toward pretrained weights, and none were loaded: set model.pretrained too")
         return modes
 
     @property
@@ -163,7 +169,7 @@ class TrainingModes:
         """The optimizer's parameter groups (None: one group, as without transfer learning)."""
         if not self.transfer:
             return None
-        return optimizer_groups(self.model, self.blocks, lr=self.train.lr, frozen=self.frozen, layer_lr_decay=self.train.layer_lr_decay)
+        return optimizer_groups(self.model, self.blocks, lr=self.train.lr, frozen=self.frozen, layer_lr_decay=self.config.layer_lr_decay)
 
     def attach(self, engine) -> None:
         self.engine = engine
@@ -180,7 +186,7 @@ class TrainingModes:
     @property
     def needs_scores(self) -> bool:
         """Whether each epoch's batches depend on per-sample losses (curriculum or batch selection)."""
-        return self.train.curriculum or self.train.batch_selection != "off"
+        return self.config.curriculum or self.config.batch_selection != "off"
 
     def epoch_batches(self, scores: np.ndarray | None, *, num_samples: int, rank: int, world_size: int, epoch: int, seed: int,
                       probation: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -195,8 +201,8 @@ class TrainingModes:
             seed = stable_seed(seed, epoch, "probation")
         if self.selecting and scores is not None:
             return sampling.selected_batches(scores, rank=rank, world_size=world_size, batch_size=batch_size, epoch=epoch, seed=seed,
-                                             floor=self.train.selection_floor, grad_accum_steps=accumulation)
-        if self.train.curriculum and scores is not None and self.pool_fraction < 1.0:
+                                             floor=self.config.selection_floor, grad_accum_steps=accumulation)
+        if self.config.curriculum and scores is not None and self.pool_fraction < 1.0:
             pool = sampling.curriculum_pool(scores, self.pool_fraction)
             return sampling.pool_batches(pool, num_samples=num_samples, rank=rank, world_size=world_size, batch_size=batch_size,
                                          epoch=epoch, seed=seed, grad_accum_steps=accumulation), None
@@ -205,84 +211,83 @@ class TrainingModes:
 
     def penalty(self) -> torch.Tensor | None:
         """The L2-SP term, `l2sp / 2 * sum ||W - W_pretrained||^2` over the backbone, or None."""
-        if self.train.l2sp <= 0 or not self.pretrained:
+        if self.config.l2sp <= 0 or not self.pretrained:
             return None
         named = dict(self.engine.module.named_parameters() if self.engine is not None else self.model.named_parameters())
         total = sum(((named[name] - anchor.to(named[name].device, named[name].dtype)) ** 2).sum() for name, anchor in self.pretrained.items())
-        return 0.5 * self.train.l2sp * total
+        return 0.5 * self.config.l2sp * total
 
     def end_epoch(self, epoch: int, *, val_loss: float = math.nan, log=lambda message: None) -> None:
-        """Advance the schedules: widen the curriculum's pool; thaw a block every `train.unfreeze_every` epochs;
+        """Advance the schedules: widen the curriculum's pool; thaw a block every `modes.unfreeze_every` epochs;
         remember the free group's values with the epoch's validation loss. Collective under ZeRO-3 (gradient-free)."""
         if self.free_group:
             from workers.engine import full_fp32_params
 
             values = [round(float(value), 5) for value in full_fp32_params(self.engine)[self.free_group].flatten()]
             self.free_history = [*self.free_history, [float(val_loss), values]][-FREE_HISTORY_KEPT:]
-        if self.train.curriculum:
+        if self.config.curriculum:
             from workers.sampling import next_pool_fraction
 
             self.pool_fraction = next_pool_fraction(self.pool_fraction, self.pace)
-        if self.frozen and self.train.unfreeze_every and epoch % self.train.unfreeze_every == 0:
-            log(f"transfer: unfroze {', '.join(self._unfreeze(1))} (every {self.train.unfreeze_every} epochs)")
+        if self.frozen and self.config.unfreeze_every and epoch % self.config.unfreeze_every == 0:
+            log(f"transfer: unfroze {', '.join(self._unfreeze(1))} (every {self.config.unfreeze_every} epochs)")
 
     # --- the advisor's changes ---
 
-    def describe(self) -> dict[str, Any]:
-        """What the snapshot says about the modes the advisor may change (`TrainingSnapshot.modes`)."""
+    def view(self) -> ModesView:
+        """What the advisor may change and where it stands; the snapshot carries it as `ModesView.to_dict` writes it."""
         from workers.models import adaptive_activations
 
-        described: dict[str, Any] = {}
-        if self.train.curriculum:
-            described.update(curriculum_pace=round(self.pace, 4), curriculum_pool=round(self.pool_fraction, 4))
-        if self.train.batch_selection == "advised":
-            described["batch_selection"] = "on" if self.selecting else "off"
-        activations = {name: module.kind for name, module in adaptive_activations(self._module()).items()}
-        if activations:
-            described["activations"] = activations
-        if self.transfer:
-            described["frozen_blocks"] = list(self.frozen)
-            described["trainable_blocks"] = [block for block, _ in self.blocks if block not in self.frozen]
+        free = None
         if self.free_group:
             best = sorted((entry for entry in self.free_history if math.isfinite(entry[0])), key=lambda entry: entry[0])[:FREE_HISTORY_SHOWN]
-            described["free_values"] = {"group": self.free_group, "current": self.free_history[-1][1] if self.free_history else [],
-                                        "history": [list(entry) for entry in best]}
-        return described
+            free = FreeValues(group=self.free_group, current=tuple(self.free_history[-1][1]) if self.free_history else (),
+                              history=tuple((loss, tuple(values)) for loss, values in best))
+        curriculum, transfer = self.config.curriculum, self.transfer
+        return ModesView(
+            curriculum_pace=round(self.pace, 4) if curriculum else None,
+            curriculum_pool=round(self.pool_fraction, 4) if curriculum else None,
+            batch_selection=("on" if self.selecting else "off") if self.config.batch_selection == "advised" else None,
+            activations={name: module.kind for name, module in adaptive_activations(self._module()).items()},
+            frozen_blocks=tuple(self.frozen) if transfer else None,
+            trainable_blocks=tuple(block for block, _ in self.blocks if block not in self.frozen) if transfer else None,
+            free_values=free,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """`view()` as the snapshot carries it (`TrainingSnapshot.modes`)."""
+        return self.view().to_dict()
 
     def apply(self, change: TrainingChange) -> list[str]:
-        """Carry out a proposal's training change; raises ValueError (touching nothing) if the run cannot."""
+        """Carry out a proposal's training change, clamped as `orchestration.fitting.fit` clamps it; raises ValueError
+        (touching nothing) when `fit` would drop any part of it: a mode the run does not enable, a layer it lacks,
+        a switch to the state it is already in."""
         from workers.models import adaptive_activations
 
-        activations = adaptive_activations(self._module())
-        if change.curriculum_pace is not None and not self.train.curriculum:
-            raise ValueError("curriculum_pace: this run has no curriculum")
-        if change.batch_selection is not None and self.train.batch_selection != "advised":
-            raise ValueError("batch_selection: this run does not let the advisor switch batch selection (train.batch_selection: advised)")
-        if change.activation_layer is not None and (change.activation_layer not in activations or change.activation not in ACTIVATIONS):
-            raise ValueError(f"activation: no adaptive activation {change.activation_layer!r} or unknown kind {change.activation!r}")
-        if change.unfreeze is not None and (not self.frozen or change.unfreeze < 1):
-            raise ValueError("unfreeze: no frozen blocks")
-        done = []
-        if change.curriculum_pace is not None:
-            low, high = CURRICULUM_PACE_BOUNDS
-            self.pace = min(max(change.curriculum_pace, low), high)
-            done.append(f"curriculum pace {self.pace:g}")
-        if change.batch_selection is not None:
-            self.selecting = bool(change.batch_selection)
-            done.append(f"batch selection {'on' if self.selecting else 'off'}")
-        if change.activation_layer is not None:
-            activations[change.activation_layer].set_kind(change.activation)
-            done.append(f"{change.activation_layer} -> {change.activation}")
-        if change.unfreeze is not None:
-            done.append(f"unfroze {', '.join(self._unfreeze(change.unfreeze))}")
-        return done
+        fitted, done = fit(change, self.view())
+        if any(getattr(change, name) is not None and getattr(fitted, name) is None for name in _CHANGE_FIELDS):
+            raise ValueError("; ".join(done))
+        applied = []
+        if fitted.curriculum_pace is not None:
+            self.pace = fitted.curriculum_pace
+            applied.append(f"curriculum pace {self.pace:g}")
+        if fitted.batch_selection is not None:
+            self.selecting = fitted.batch_selection
+            applied.append(f"batch selection {'on' if self.selecting else 'off'}")
+        if fitted.activation_layer is not None:
+            adaptive_activations(self._module())[fitted.activation_layer].set_kind(fitted.activation)
+            applied.append(f"{fitted.activation_layer} -> {fitted.activation}")
+        if fitted.unfreeze is not None:
+            applied.append(f"unfroze {', '.join(self._unfreeze(fitted.unfreeze))}")
+        return applied
 
-    def check_weight_ops(self, ops) -> None:
-        """Frozen blocks keep their pretrained weights: a weight op on one raises ValueError (recorded as not applicable)."""
+    def check_weight_ops(self, ops: Sequence[WeightOp]) -> None:
+        """Frozen blocks keep their pretrained weights: a weight op on one (`orchestration.fitting.fit_weight_ops`)
+        raises ValueError (recorded as not applicable)."""
         frozen = {name for block, names in self.blocks if block in self.frozen for name in names}
-        touched = sorted({op.group for op in ops} & frozen)
-        if touched:
-            raise ValueError(f"weight ops on frozen blocks ({', '.join(touched)}): unfreeze them first")
+        _, done = fit_weight_ops(ops, frozen)
+        if done:
+            raise ValueError("; ".join(done))
 
     def _unfreeze(self, count: int) -> list[str]:
         """Thaw the `count` frozen blocks nearest the head: each gets `head lr * layer_lr_decay**depth` from now on."""
@@ -303,7 +308,7 @@ class TrainingModes:
             frozen = group["name"] in self.frozen
             if index == 0 or frozen == (bases[index] == 0.0):
                 continue
-            bases[index] = 0.0 if frozen else bases[0] * self.train.layer_lr_decay**index
+            bases[index] = 0.0 if frozen else bases[0] * self.config.layer_lr_decay**index
             group["lr"] = bases[index] * factor
         scheduler.base_lrs = bases
 
@@ -338,9 +343,9 @@ def free_values_group(model: nn.Module) -> str:
 
     last = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.bias is not None]
     if not last:
-        raise ValueError("train.gradient_free needs a model whose last linear layer has a bias")
+        raise ValueError("modes.gradient_free needs a model whose last linear layer has a bias")
     group = f"{last[-1]}.bias"
     size = dict(model.named_parameters())[group].numel()
     if size > MAX_EXPLICIT_VALUES:
-        raise ValueError(f"train.gradient_free: {group} has {size} numbers, more than a proposal may set ({MAX_EXPLICIT_VALUES})")
+        raise ValueError(f"modes.gradient_free: {group} has {size} numbers, more than a proposal may set ({MAX_EXPLICIT_VALUES})")
     return group

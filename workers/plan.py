@@ -7,11 +7,11 @@ only plain dataclasses and paths: no handles, no callables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.config import DataConfig, ModelConfig, TrainConfig
+from workers.config import DataConfig, ModelConfig, ModesConfig, TrainConfig
 from workers.faults import FaultConfig
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ class WorkerPlan:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    modes: ModesConfig = field(default_factory=ModesConfig)  # the research modes (`workers.modes`); all off by default
     run_dir: Path
     checkpoint_root: Path  # Ray Train's run folder: where the newest intact checkpoint is looked for on a restart
     advice: AdviceSettings | None = None  # None: the run trains without an advisor

@@ -134,7 +134,7 @@ class CurriculumState:
     a re-paced one; both validate. `to_dict`/`from_dict` carry it through checkpoints.
     """
 
-    pool_fraction: float  # in (0, 1]; train.curriculum_start at the first epoch
+    pool_fraction: float  # in (0, 1]; modes.curriculum_start at the first epoch
     pace: float  # fraction of the train split added per epoch, >= 0 (0 holds the pool where it is)
 
     def __post_init__(self) -> None:
