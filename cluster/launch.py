@@ -177,8 +177,11 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
-                trial: TrialContext | None = None) -> dict[str, Any]:
+                trial: TrialContext | None = None, components: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Train `plan` into its run directory and return the summary (also written to `summary.json`).
+
+    `components` are the caller's own loop components (picklable factories, `workers.events`), fired on
+    every worker after the built-in ones.
 
     `advisor_factory` replaces the configured advisor with a custom client (anything with
     `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes its
@@ -199,7 +202,7 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     coordinator = trial.coordinator if trial is not None else None
     handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
     shared = coordinator is not None
-    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial)
+    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
     started, logs_since = time.perf_counter(), since_now()
     # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
     # output does (--verbose); a sweep trial's progress stays in its run directory.
@@ -234,16 +237,18 @@ def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
     return use_gpu
 
 
-def worker_plan(plan: RunPlan, *, advice: AdviceSettings | None, trial: TrialContext | None = None) -> WorkerPlan:
+def worker_plan(plan: RunPlan, *, advice: AdviceSettings | None, trial: TrialContext | None = None,
+                components: tuple[Any, ...] = ()) -> WorkerPlan:
     """What every worker of `plan` receives: its config sections, where it writes, and how it starts."""
     config = plan.config
     return WorkerPlan(data=config.data, model=config.model, train=config.train, modes=config.modes, run_dir=plan.run_dir,
                       checkpoint_root=plan.storage_path / RAY_RUN_NAME, advice=advice, faults=config.faults,
                       initial_checkpoint=trial.initial_checkpoint if trial is not None else None,
-                      digest_checkpoints=trial is not None and trial.digest_checkpoints)
+                      digest_checkpoints=trial is not None and trial.digest_checkpoints, extra_components=tuple(components))
 
 
-def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, trial: TrialContext | None = None):
+def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool, trial: TrialContext | None = None,
+                  components: tuple[Any, ...] = ()):
     """The Ray Train `TorchTrainer` for `plan`: `num_workers` DeepSpeed workers (gloo on CPU, NCCL on GPU).
 
     The same name and storage on `--resume` make Ray Train hand the latest checkpoint to the workers;
@@ -260,7 +265,7 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     keep_all = trial is not None and trial.keep_all_checkpoints
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_plan(plan, advice=advice, trial=trial).as_loop_config(),
+        train_loop_config=worker_plan(plan, advice=advice, trial=trial, components=components).as_loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
