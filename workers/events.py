@@ -27,10 +27,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from workers.loop import Loop
+# A component sees the rank's `workers.loop.Loop` (it sits above this module, so it is not imported here).
+Loop = Any
 
 
 class Event(str, enum.Enum):
@@ -71,7 +71,7 @@ class Intervention(Component):
     """Changes training state; `on` returns what it changed (empty when nothing)."""
 
 
-ComponentFactory = Callable[["Loop"], "Component | None"]
+ComponentFactory = Callable[[Loop], "Component | None"]
 
 
 class Components:

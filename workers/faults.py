@@ -12,13 +12,10 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from orchestration.settings import require
-from workers.events import Event, Observer
-
-if TYPE_CHECKING:
-    from workers.loop import Loop
+from workers.events import Event, Loop, Observer
 
 KILL_PHASES = ("epoch", "probation")
 KILLED_MARKER = ".chaos_killed"  # in the run directory: the kill happened (holds the killed pid)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from workers.config import DataConfig, ModelConfig, ModesConfig, TrainConfig
 from workers.faults import FaultConfig
 
 if TYPE_CHECKING:
     from workers.advice import AdviceSettings
-    from workers.events import ComponentFactory
 
 PLAN_KEY = "plan"  # the one key of Ray Train's `train_loop_config`
 
@@ -33,7 +33,7 @@ class WorkerPlan:
     faults: FaultConfig = FaultConfig()  # testing aid: off unless a test or the soak bench sets it
     initial_checkpoint: Path | None = None  # a sweep trial's handed-over checkpoint (its own after a pause, or a PBT clone)
     digest_checkpoints: bool = False  # each checkpoint records the SHA-256 of its weights (a sweep proves a PBT clone with it)
-    extra_components: tuple[ComponentFactory, ...] = ()  # the user's own loop components, fired after the built-in ones (`workers.events`)
+    extra_components: tuple[Callable[..., Any], ...] = ()  # the user's own loop components, fired after the built-in ones (`workers.events`)
 
     def as_loop_config(self) -> dict[str, WorkerPlan]:
         """What `TorchTrainer(train_loop_config=...)` takes (Ray Train wants a dict)."""
