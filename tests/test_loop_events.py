@@ -111,9 +111,16 @@ class EpochCounter(Observer):
 
 @pytest.mark.e2e
 def test_a_component_registered_from_outside_the_loop_is_fired_by_a_real_run(ray_local, tmp_path: Path) -> None:
-    from cluster.experiment import build_config
-    from cluster.launch import plan_run, execute_run
+    import sys
 
+    from ray import cloudpickle
+
+    from cluster.experiment import build_config
+    from cluster.launch import execute_run, plan_run
+
+    # This test file is not importable on Ray's workers (a Ray started by another module has another sys.path):
+    # ship the component by value, as a user defining one in a notebook or script would.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = build_config(recipe="smoke", overrides=["train.epochs=3", "train.checkpoint_every=2", "advisor.backend=none"])
     summary = execute_run(plan_run(config, tmp_path / "run"), components=(EpochCounter.create,))
     counted = json.loads((tmp_path / "run" / "epochs_counted.json").read_text())
