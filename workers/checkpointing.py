@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 import torch.distributed as dist
 
 from workers.checkpoints import write_manifest
@@ -23,7 +22,7 @@ from workers.engine import full_fp32_params, load_engine_checkpoint, params_dige
 from workers.events import Event, Observer
 
 if TYPE_CHECKING:
-    from workers.loop import Loop, LoopState
+    from workers.loop import Loop
 
 CHECKPOINT_TAG = "state"
 LOOP_STATE = "loop_state.json"
@@ -75,16 +74,14 @@ def save_and_report(loop: Loop) -> None:
         ray.train.report(dict(loop.row), checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def restore(loop: Loop, directory: Path) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
-    """Load a checkpoint into the engine and every component; returns its loop state and best weights."""
+def restore(loop: Loop, directory: Path) -> None:
+    """Load a checkpoint into the engine, `loop.state`, `loop.best_params` and every component."""
     from safetensors.torch import load_file
 
     from workers.loop import LoopState
 
     load_engine_checkpoint(loop.engine, str(directory), CHECKPOINT_TAG)
-    state = LoopState(**json.loads((directory / LOOP_STATE).read_text()))
+    loop.state = LoopState(**json.loads((directory / LOOP_STATE).read_text()))
     best_file = directory / BEST_WEIGHTS
-    best = load_file(str(best_file)) if best_file.exists() else None
-    loop.state, loop.best_params = state, best
+    loop.best_params = load_file(str(best_file)) if best_file.exists() else None
     loop.components.restore(directory, loop)
-    return state, best

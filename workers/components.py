@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -163,8 +164,6 @@ class EpochTelemetry(Observer):
             self.telemetry.close()
 
     def _emit(self, loop: Loop, worker_rates: list[float], *, advisor: dict[str, Any] | None) -> None:
-        import time
-
         row, epoch, telemetry = loop.row, loop.epoch, self.telemetry
         telemetry.emit({name: row[name] for name in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "samples_per_s", "probation_s")}
                        | {"epoch": epoch, "epoch_s": time.perf_counter() - loop.epoch_started}, step=epoch)

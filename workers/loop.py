@@ -151,11 +151,12 @@ def prepare(plan: WorkerPlan) -> Loop:
     modes = TrainingModes.create(plan.modes, train, model_config, model, log=lambda message: progress_log(rank, plan.run_dir, message))
     micro_steps = len(shard_batches(len(data.split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0,
                                     seed=train.seed, grad_accum_steps=train.grad_accum_steps))
-    engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=ray.train.torch.get_device(),
+    device = ray.train.torch.get_device()
+    engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device,
                                 param_groups=modes.optimizer_groups())
     modes.attach(engine)
     configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": model_config.dropout}
-    return Loop(plan=plan, rank=rank, world_size=world_size, device=ray.train.torch.get_device(), train=train, model_config=model_config,
+    return Loop(plan=plan, rank=rank, world_size=world_size, device=device, train=train, model_config=model_config,
                 data=data, engine=engine, spec=spec, modes=modes, nodes=nodes, configured=configured, state=LoopState(configured=configured))
 
 

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workers.checkpoints import checkpoint_problem, choose_checkpoint
+from workers.checkpoints import CheckpointError, checkpoint_problem, choose_checkpoint
 from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
 from workers.engine import full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
@@ -90,8 +90,6 @@ def restore_or_begin(loop: Loop) -> list[str]:
     Sets `loop.start`, `loop.state` and `loop.best_params`; returns the checkpoints found unusable."""
     import ray.train
 
-    from orchestration.errors import CheckpointError
-
     registered = ray.train.get_checkpoint()
     chosen, problems = choose_checkpoint(loop.plan.checkpoint_root, registered.path if registered is not None else None)
     for problem in problems:
@@ -118,12 +116,11 @@ def restore_or_begin(loop: Loop) -> list[str]:
 def _begin_from_handed_over(loop: Loop, initial: Path) -> None:
     """A checkpoint from outside this Train run: a sweep trial's own (after a pause) or a better trial's (PBT
     exploit). Its hyperparameters are the old run's; this run's config wins."""
-    from orchestration.errors import CheckpointError
-
     problem = checkpoint_problem(initial)
     if problem is not None:
         raise CheckpointError(f"the checkpoint this trial starts from is unusable: {problem}")
-    state, _ = restore(loop, Path(initial))
+    restore(loop, Path(initial))
+    state = loop.state
     restored_lr = loop.engine.get_lr()[0]
     digest = params_digest(full_fp32_params(loop.engine)) if loop.plan.digest_checkpoints else ""  # collective under ZeRO-3
     changed = apply_configured_hyperparameters(loop.engine, state.configured, loop.configured, batch_size=loop.train.batch_size)
