@@ -1,0 +1,116 @@
+"""cluster.rundir: one driver per directory (a lock a dead process releases), whole files, tolerant logs. No Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cluster.rundir import LOCK_FILE, DirectoryInUseError, atomic_write_text, claim_directory, read_jsonl
+from orchestration.errors import DataError, HybridtrainError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from cluster.rundir import claim_directory
+    with claim_directory(sys.argv[1], "run"):
+        print("claimed", flush=True)
+        time.sleep(120)
+""")
+
+
+def _start_holder(directory: Path) -> subprocess.Popen:
+    """A second process that claims `directory` and sleeps holding it; returns once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "claimed"
+    return holder
+
+
+def test_a_second_process_is_refused_naming_the_directory_and_holder_then_claims_after_the_holder_is_killed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    holder = _start_holder(run_dir)
+    try:
+        with pytest.raises(DirectoryInUseError) as refused:
+            with claim_directory(run_dir, "run"):
+                pytest.fail("claimed a directory another live process holds")
+        message = str(refused.value)
+        assert str(run_dir) in message and f"pid {holder.pid}" in message
+        assert isinstance(refused.value, HybridtrainError) and refused.value.exit_code == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no clean-up code runs: the kernel must release the lock
+        holder.wait(timeout=30)
+    with claim_directory(run_dir, "run") as claimed:
+        assert claimed == run_dir.resolve()
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_claim_is_released_when_its_context_ends_and_an_empty_directory_it_created_is_removed(tmp_path: Path) -> None:
+    with claim_directory(tmp_path / "new", "sweep"):
+        assert (tmp_path / "new" / LOCK_FILE).is_file()
+    assert not (tmp_path / "new").exists()  # refused or failed before writing anything: nothing left behind
+    with claim_directory(tmp_path / "kept", "run") as directory:
+        (directory / "config.yaml").write_text("name: x\n")
+    with claim_directory(tmp_path / "kept", "run"):  # released: the same process claims it again
+        pass
+    assert (tmp_path / "kept" / "config.yaml").is_file()
+
+
+def test_a_claim_in_the_same_process_is_refused_too(tmp_path: Path) -> None:
+    with claim_directory(tmp_path, "run"):
+        with pytest.raises(DirectoryInUseError, match=f"pid {os.getpid()}"):
+            with claim_directory(tmp_path, "run"):
+                pass
+
+
+def test_atomic_write_replaces_whole_and_a_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, '{"old": 1}')
+    atomic_write_text(target, '{"new": 2}')
+    assert json.loads(target.read_text()) == {"new": 2}
+
+    def full_disk(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(target, '{"newer": 3}')
+    assert json.loads(target.read_text()) == {"new": 2}  # not truncated, not half-written
+    assert [path.name for path in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def test_read_jsonl_skips_a_torn_last_line_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "explores.jsonl"
+    log.write_text('{"trial": "a"}\n{"trial": "b"}\n{"trial": "c", "ep')
+    with caplog.at_level(logging.WARNING, logger="cluster.rundir"):
+        assert read_jsonl(log) == [{"trial": "a"}, {"trial": "b"}]
+    assert "torn last line 3" in caplog.text and str(log) in caplog.text
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_read_jsonl_refuses_corruption_in_the_middle(tmp_path: Path) -> None:
+    log = tmp_path / "explores.jsonl"
+    log.write_text('{"trial": "a"}\n{"tri\n{"trial": "c"}\n\n')
+    with pytest.raises(DataError, match=r"line 2 of 3"):
+        read_jsonl(log)
+
+
+def test_the_holder_stamp_is_written_only_once_the_lock_is_held(tmp_path: Path) -> None:
+    holder = _start_holder(tmp_path)
+    try:
+        before = (tmp_path / LOCK_FILE).read_text()
+        with pytest.raises(DirectoryInUseError):
+            with claim_directory(tmp_path, "run"):
+                pass
+        assert (tmp_path / LOCK_FILE).read_text() == before  # a refused claim does not wipe the holder's stamp
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
