@@ -16,13 +16,13 @@ import math
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Protocol
 
 from serve_llm.config import AdvisorConfig
+from serve_llm.net import post_json
 from serve_llm.decoding import RegexLogitsConstraint, generation_json_schema, generation_regex
 from serve_llm.prompt import render_prompt
 from orchestration.protocol import HYPERPARAMETER_BOUNDS, MAX_WEIGHT_OPS, TrainingSnapshot
@@ -269,7 +269,9 @@ class OpenAICompatibleBackend:
     """Any server speaking OpenAI's chat-completions API (vLLM, llama.cpp server, OpenAI itself).
 
     Asks for the proposal JSON schema through `response_format`; servers that ignore it still
-    get validated. Requests in a batch go out concurrently (they are I/O, not compute).
+    get validated. Requests in a batch go out concurrently (they are I/O, not compute). Each goes
+    through `post_json`: a redirect is refused (the API key goes to `endpoint` and nowhere else),
+    the reply is capped at `max_reply_bytes` and must be whole within `reply_deadline_s`.
     """
 
     def __init__(self, config: AdvisorConfig) -> None:
@@ -306,17 +308,16 @@ class OpenAICompatibleBackend:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         body = json.dumps(self._request(snapshot)).encode()
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        deadline_s = self._config.reply_deadline
         try:
-            with urllib.request.urlopen(request, timeout=self._config.request_timeout_s) as reply:
-                payload = json.loads(reply.read().decode("utf-8", errors="replace"))
-            text = payload["choices"][0]["message"]["content"]
+            reply = post_json(self._url, body, headers, deadline_s=deadline_s, max_bytes=self._config.max_reply_bytes)
+            text = json.loads(reply.decode("utf-8", errors="replace"))["choices"][0]["message"]["content"]
         except TimeoutError as error:
             return AdvisorResponse.failure(
-                "timeout", f"no answer from {self._url} within {self._config.request_timeout_s}s: {error}",
+                "timeout", f"no answer from {self._url} within {deadline_s:g}s: {error}",
                 latency_s=time.perf_counter() - started, backend=self.name, model=self.model,
             )
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        except (OSError, HTTPException, ValueError, KeyError, IndexError, TypeError) as error:
             return AdvisorResponse.failure(
                 "error", f"request to {self._url} failed: {type(error).__name__}: {error}",
                 latency_s=time.perf_counter() - started, backend=self.name, model=self.model,

@@ -47,6 +47,9 @@ class AdvisorConfig:
     max_new_tokens: int = 192  # the generation format needs ~70-170 tokens; ~18 tokens/s on 2 CPU cores
     temperature: float = 0.0  # 0.0 = greedy, reproducible
     request_timeout_s: float = 120.0  # per request, queueing in the batch included
+    # "openai": the whole HTTP exchange (connect to last byte), not each socket read; None = request_timeout_s
+    reply_deadline_s: float | None = None
+    max_reply_bytes: int = 1_048_576  # "openai": a reply past this is refused unread (one proposal's reply is ~1-3 KB)
     num_replicas: int | str = 1  # an int, or "auto" for Serve autoscaling between 1 and max_replicas
     max_replicas: int = 4  # upper bound when num_replicas == "auto"
     num_cpus_per_replica: float = 1.0
@@ -85,6 +88,9 @@ class AdvisorConfig:
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_number("temperature", self.temperature, allow_zero=True)
         _positive_number("request_timeout_s", self.request_timeout_s)
+        if self.reply_deadline_s is not None:
+            _positive_number("reply_deadline_s", self.reply_deadline_s)
+        _positive_int("max_reply_bytes", self.max_reply_bytes)
         if self.num_replicas != "auto":
             _positive_int("num_replicas", self.num_replicas)
         _positive_int("max_replicas", self.max_replicas)
@@ -105,6 +111,11 @@ class AdvisorConfig:
     def template_for(self, snapshot: Any) -> str:
         """The prompt template for a snapshot: the choosing one when it carries a menu."""
         return self.choose_template if getattr(snapshot, "menu", None) else self.prompt_template
+
+    @property
+    def reply_deadline(self) -> float:
+        """Seconds the OpenAI-compatible backend gives one whole exchange: `reply_deadline_s`, else `request_timeout_s`."""
+        return self.request_timeout_s if self.reply_deadline_s is None else float(self.reply_deadline_s)
 
     @property
     def wants_idle_cpu(self) -> bool:
