@@ -225,3 +225,23 @@ def test_bad_data_of_every_kind_names_the_file_and_the_problem(tmp_path, kind) -
     data_path, named = made if isinstance(made, tuple) else (made, made)
     with pytest.raises(DataError, match=re.escape(str(named)) + ": " + problem):
         load_dataset(DataConfig(path=str(data_path)))
+
+
+def test_an_empty_last_batch_keeps_the_epoch_loss_finite() -> None:
+    """digits with 2 workers and batch 1: one rank's shard is a sample short, so its last batch is empty."""
+    import torch
+
+    from workers.epoch import batch_loss
+
+    batches = shard_batches(1437, rank=1, world_size=2, batch_size=1, epoch=0, seed=0)
+    assert len(batches[-1]) == 0
+    logits = torch.randn(0, 10, requires_grad=True)
+    loss = batch_loss(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    full = torch.randn(4, 10)
+    target = torch.tensor([1, 2, 3, 4])
+    assert torch.allclose(batch_loss(full, target), torch.nn.functional.cross_entropy(full, target))
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    assert torch.allclose(batch_loss(full, target, weights),
+                          (weights * torch.nn.functional.cross_entropy(full, target, reduction="none")).mean())

@@ -49,14 +49,23 @@ def train_step(loop: Loop, batch: np.ndarray, weights: np.ndarray | None = None)
     index = torch.from_numpy(data.split.train[batch])
     target = data.labels[index].to(device)
     logits = engine(data.features[index].to(device, loop.dtype)).float()
-    if weights is None:
-        loss = F.cross_entropy(logits, target)
-    else:
-        loss = (torch.from_numpy(weights).to(device, torch.float32) * F.cross_entropy(logits, target, reduction="none")).mean()
+    loss = batch_loss(logits, target, None if weights is None else torch.from_numpy(weights).to(device, torch.float32))
     penalty = loop.modes.penalty()
     engine.backward(loss if penalty is None else loss + penalty)
     engine.step()
     return loss.detach(), (logits.detach().argmax(dim=1) == target).sum()
+
+
+def batch_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the batch (of `weights * loss` with batch selection's importance weights).
+
+    A rank's last batch can be empty (every rank takes the same number of steps, and a shard can be one
+    sample short): its loss is 0, not the NaN of a mean over nothing, and its gradients are zero, so the
+    epoch's sample-weighted loss stays the mean over the samples seen."""
+    losses = F.cross_entropy(logits, target, reduction="none")
+    if weights is not None:
+        losses = weights * losses
+    return losses.sum() / max(len(target), 1)
 
 
 def run_steps(loop: Loop, batches: list[np.ndarray], weights: list[np.ndarray] | None, *, phase: str, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
