@@ -1,6 +1,6 @@
 """`hybridtrain advisor ...`: serve the advisor on Ray, or ask it about one snapshot file.
 
-    hybridtrain advisor serve [--address ADDR] [--set key=value ...]
+    hybridtrain advisor serve [--address ADDR] [--host ADDRESS] [--set key=value ...]
     hybridtrain advisor ask SNAPSHOT.json [--backend heuristic] [--set key=value ...]
 """
 
@@ -27,6 +27,8 @@ def _config_from_args(args: argparse.Namespace) -> AdvisorConfig:
     overrides = [text if text.startswith("advisor.") else f"advisor.{text}" for text in args.set or []]
     if getattr(args, "backend", None):
         overrides.append(f"advisor.backend={args.backend}")
+    if getattr(args, "host", None):
+        overrides.append(f"advisor.http_host={args.host}")
     return build_config(overrides=overrides).advisor
 
 
@@ -118,6 +120,9 @@ def register(subparsers: Any) -> None:
                             help="override an advisor setting, e.g. --set advisor.max_batch_size=4 (repeatable)")
 
     serve_parser = commands.add_parser("serve", help="deploy the advisor on Ray Serve and block until Ctrl-C")
+    serve_parser.add_argument("--host", default=None, metavar="ADDRESS",
+                              help="address the HTTP route listens on (default 127.0.0.1, this machine only; 0.0.0.0 opens "
+                                   "it, unauthenticated, to every network the machine is on)")
     common(serve_parser)
     serve_parser.set_defaults(func=_serve)
 

@@ -56,9 +56,13 @@ class AdvisorConfig:
     num_gpus_per_replica: float = 0.0
     max_batch_size: int = 8  # snapshots answered by one generate() call
     batch_wait_timeout_s: float = 0.05  # how long a replica waits to fill a batch
-    http_host: str = "127.0.0.1"  # Serve's own default host may differ by version; keep it local
+    # Serve's own default host may differ by version; keep it local. Another address (0.0.0.0: every interface) opens
+    # the route, which has no authentication, to whoever reaches it: set it only on purpose (a warning says so).
+    http_host: str = "127.0.0.1"
     http_port: int = 8000
     route_prefix: str = "/advisor"
+    max_request_bytes: int = 262_144  # HTTP route: a larger POST body is refused with 413 (a snapshot is ~3 KB, ~20 KB for 60 layers)
+    max_history: int = 256  # HTTP route: entries allowed in each history of a posted snapshot (losses, accuracies, proposals)
     app_name: str = "hybridtrain-advisor"
     prompt_template: str = "advisor_v1"  # for answers written from scratch (coordinator.advice_mode: invent)
     choose_template: str = "advisor_choose_v1"  # for picks from the coordinator's menu (advice_mode: choose)
@@ -104,6 +108,8 @@ class AdvisorConfig:
                 "must start with '/'")
         require(isinstance(self.app_name, str) and bool(self.app_name), "advisor.app_name", self.app_name, "must be a non-empty string")
         _positive_int("menu_orders", self.menu_orders)
+        _positive_int("max_request_bytes", self.max_request_bytes)
+        _positive_int("max_history", self.max_history)
         for name in ("prompt_template", "choose_template"):
             value = getattr(self, name)
             require(isinstance(value, str) and value.replace("_", "").isalnum(), f"advisor.{name}", value, "must name a template in serve_llm/prompts")

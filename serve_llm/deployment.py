@@ -21,10 +21,60 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_llm.backends import make_backend
 from serve_llm.config import AdvisorConfig
+from serve_llm.net import is_loopback
 from orchestration.protocol import TrainingSnapshot
 from serve_llm.validate import AdvisorResponse
 
 logger = logging.getLogger(__name__)
+
+# The histories of a snapshot, as paths into its JSON: each may hold at most `AdvisorConfig.max_history` entries.
+HISTORIES = (("train_loss",), ("val_loss",), ("train_accuracy",), ("val_accuracy",), ("recent_proposals",),
+             ("modes", "free_values", "history"))
+
+
+class RouteRefused(ValueError):
+    """A POST the HTTP route answers with a 4xx and its reason, without asking the backend."""
+
+    def __init__(self, status_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+
+
+def refuse_declared_length(content_length: str | None, max_bytes: int) -> None:
+    """Refuse (413) a body whose announced length passes `max_bytes`, before any of it is read."""
+    if content_length is not None and content_length.strip().isdigit() and int(content_length) > max_bytes:
+        raise RouteRefused(413, f"body of {int(content_length)} bytes is over advisor.max_request_bytes={max_bytes}")
+
+
+def parse_posted_snapshot(body: bytes, *, max_bytes: int, max_history: int) -> dict[str, Any]:
+    """The snapshot dict a POST carries, checked before it costs anything: at most `max_bytes` (413), a JSON object
+    (400; nesting too deep to parse counts as not JSON), and no history longer than `max_history` entries (422)."""
+    if len(body) > max_bytes:
+        raise RouteRefused(413, f"body of {len(body)} bytes is over advisor.max_request_bytes={max_bytes}")
+    try:
+        snapshot = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise RouteRefused(400, f"body is not JSON: {type(error).__name__}: {str(error)[:200]}") from error
+    if not isinstance(snapshot, dict):
+        raise RouteRefused(400, f"body must be a JSON object (a snapshot), got {type(snapshot).__name__}")
+    for path in HISTORIES:
+        value: Any = snapshot
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, list) and len(value) > max_history:
+            raise RouteRefused(422, f"snapshot {'.'.join(path)} has {len(value)} entries, over advisor.max_history={max_history}")
+    return snapshot
+
+
+async def read_limited(chunks: Any, max_bytes: int) -> bytes:
+    """The body from an async iterator of chunks (starlette's `request.stream()`), refused (413) as soon as it passes
+    `max_bytes`: a body without a length, or longer than it announced, is never read whole."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_bytes:
+            raise RouteRefused(413, f"body is over advisor.max_request_bytes={max_bytes}")
+    return bytes(body)
 
 DEPLOYMENT_NAME = "AdvisorDeployment"
 HEALTH_CHECK_PERIOD_S = 10.0
@@ -151,17 +201,21 @@ class AdvisorDeployment:
             raise RuntimeError("advisor backend is not loaded")
 
     async def __call__(self, request: Any) -> Any:
-        """HTTP: GET -> health JSON; POST a snapshot JSON -> response JSON."""
+        """HTTP: GET -> health JSON; POST a snapshot JSON -> response JSON. A body over `max_request_bytes` (413), not a
+        JSON object (400) or with a history over `max_history` entries (422) is refused before the backend sees it."""
         from starlette.responses import JSONResponse
 
         if request.method == "GET":
             return JSONResponse(self.health())
         if request.method != "POST":
             return JSONResponse({"error": f"method {request.method} not allowed"}, status_code=405)
+        limit = self._config.max_request_bytes
         try:
-            body = json.loads(await request.body())
-        except ValueError as error:
-            return JSONResponse({"error": f"body is not JSON: {error}"}, status_code=400)
+            refuse_declared_length(request.headers.get("content-length"), limit)
+            body = parse_posted_snapshot(await read_limited(request.stream(), limit), max_bytes=limit,
+                                         max_history=self._config.max_history)
+        except RouteRefused as refused:
+            return JSONResponse({"error": str(refused)}, status_code=refused.status_code)
         return JSONResponse(await self.propose(body))
 
 
@@ -207,6 +261,9 @@ def deploy_advisor(config: AdvisorConfig, *, http: bool = True) -> DeploymentHan
     if config.backend == "none":
         raise ValueError("AdvisorConfig.backend='none' means no advisor: there is nothing to deploy")
     if http:
+        if not is_loopback(config.http_host):
+            logger.warning("the advisor's HTTP route listens on %s (advisor.http_host), reachable from other machines: it has no "
+                           "authentication, so anyone who reaches port %d can use this advisor", config.http_host, config.http_port)
         serve.start(http_options={"host": config.http_host, "port": config.http_port})
         _require_proxy()
     else:

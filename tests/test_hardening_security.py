@@ -152,3 +152,105 @@ def test_reply_limits_are_validated_naming_the_field() -> None:
             AdvisorConfig(**{field: value})
     assert AdvisorConfig(request_timeout_s=7).reply_deadline == 7
     assert AdvisorConfig(request_timeout_s=7, reply_deadline_s=2).reply_deadline == 2
+
+
+# ---- the advisor's HTTP route (`hybridtrain advisor serve`) ----------------------------------------------
+
+
+def _route():
+    """The real route handler of the Serve deployment around the heuristic backend, built as the plain class it wraps
+    (no Serve needed: it takes a starlette Request)."""
+    from serve_llm.deployment import AdvisorDeployment
+
+    config = AdvisorConfig(backend="heuristic", nice=0, idle_cpu=False, max_request_bytes=4096, max_history=16)
+    return AdvisorDeployment.func_or_class(config.to_dict())
+
+
+def _post(route, body: bytes, *, announced: int | None = None, chunk: int = 1024) -> tuple[int, dict]:
+    """POST `body` to the route in chunks, as Serve's proxy hands it over; `announced` is the Content-Length sent
+    (None: the body's own length; -1: none, as for a chunked upload)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    length = len(body) if announced is None else announced
+    headers = [(b"content-type", b"application/json")] + ([(b"content-length", str(length).encode())] if length >= 0 else [])
+    pieces = [body[start:start + chunk] for start in range(0, len(body), chunk)] or [b""]
+    messages = [{"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1} for index, piece in enumerate(pieces)]
+    given = []
+
+    async def receive() -> dict:
+        given.append(len(given))
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/advisor", "headers": headers, "query_string": b""}
+    reply = asyncio.run(route(Request(scope, receive)))
+    _post.chunks_read = len(given)
+    return reply.status_code, json.loads(reply.body)
+
+
+def test_the_route_hands_a_snapshot_within_its_limits_to_the_advisor() -> None:
+    route = _route()
+    asked = []
+
+    async def propose(snapshot: dict) -> dict:  # the batched call needs a live replica; the e2e test covers it
+        asked.append(snapshot)
+        return {"status": "valid"}
+
+    route.propose = propose
+    snapshot = example_snapshot("plateau").to_dict()
+    assert _post(route, json.dumps(snapshot).encode()) == (200, {"status": "valid"})
+    assert asked == [snapshot]
+
+
+def test_the_route_refuses_an_oversized_body_before_reading_it_whole() -> None:
+    route = _route()
+    huge = json.dumps({"run_id": "x" * 100_000}).encode()
+    assert _post(route, huge) == (413, {"error": f"body of {len(huge)} bytes is over advisor.max_request_bytes=4096"})
+    assert _post.chunks_read == 0  # refused on its announced length
+    for announced in (-1, 10):  # no length, or a length that lies: refused while reading, past the cap
+        status, answer = _post(route, huge, announced=announced)
+        assert status == 413 and "advisor.max_request_bytes=4096" in answer["error"]
+        assert _post.chunks_read <= 4096 // 1024 + 1
+
+
+def test_the_route_refuses_long_histories_and_bodies_that_are_no_snapshot() -> None:
+    route = _route()
+    status, answer = _post(route, json.dumps({"val_loss": [1.0] * 17}).encode())
+    assert status == 422 and answer["error"] == "snapshot val_loss has 17 entries, over advisor.max_history=16"
+    free = {"modes": {"free_values": {"group": "g", "current": [1.0], "history": [[1.0, [1.0]]] * 17}}}
+    assert _post(route, json.dumps(free).encode())[0] == 422
+    assert _post(route, b"[" * 2000 + b"]" * 2000)[0] == 400  # nesting too deep to parse: not a crash
+    assert _post(route, b"[1, 2]") == (400, {"error": "body must be a JSON object (a snapshot), got list"})
+    assert _post(route, b"{not json")[0] == 400
+
+
+def test_route_limits_are_validated_naming_the_field() -> None:
+    from orchestration.errors import ConfigError
+
+    for field in ("max_request_bytes", "max_history"):
+        with pytest.raises(ConfigError, match=f"advisor.{field}"):
+            AdvisorConfig(**{field: 0})
+
+
+def test_a_route_open_to_the_network_is_asked_for_and_warned_about(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    import argparse
+
+    from cluster.advisor_cli import _config_from_args, register
+    from serve_llm import deployment
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert _config_from_args(parser.parse_args(["advisor", "serve"])).http_host == "127.0.0.1"
+    exposed = _config_from_args(parser.parse_args(["advisor", "serve", "--host", "0.0.0.0", "--set", "backend=heuristic"]))
+    assert exposed.http_host == "0.0.0.0"
+    started = []
+    monkeypatch.setattr(deployment.serve, "start", lambda **options: started.append(options))
+    monkeypatch.setattr(deployment, "_require_proxy", lambda: None)
+    monkeypatch.setattr(deployment.serve, "run", lambda *args, **kwargs: "handle")
+    with caplog.at_level("WARNING", logger="serve_llm.deployment"):
+        deployment.deploy_advisor(AdvisorConfig(backend="heuristic"))
+        assert caplog.records == []  # loopback: nothing to warn about
+        deployment.deploy_advisor(exposed)
+    assert started[-1]["http_options"]["host"] == "0.0.0.0"
+    assert [record.levelname for record in caplog.records] == ["WARNING"] and "no authentication" in caplog.records[0].getMessage()
