@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from orchestration.protocol import CURRICULUM_PACE_BOUNDS
 from orchestration.settings import require
 
-MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet")
+MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet", "custom")  # custom: built by model.factory
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 INITS = ("default", "zero", "normal", "xavier", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -62,9 +63,23 @@ class ModelConfig:
     init: str = "default"  # weight init: default (PyTorch's), zero, normal, xavier, kaiming
     activation: str = "relu"  # relu | prelu | rational (learnable) | adaptive (ReLU the advisor may switch per layer)
     pretrained: str | None = None  # transfer learning: a run directory (or its model.safetensors) whose matching layers start this model
+    # Your own network: "package.module:function", called as function(sample_shape, num_classes, **options) and
+    # returning an nn.Module of logits. width/depth/hidden/activation are the built-in kinds' and do not apply;
+    # dropout, when set, is applied to the module's nn.Dropout layers; init applies as for the built-in kinds.
+    factory: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from workers.references import check_reference
+
         require(self.kind in MODEL_KINDS, "model.kind", self.kind, f"must be one of {MODEL_KINDS}")
+        if self.factory is not None:
+            check_reference(self.factory, "model.factory")
+            require(self.kind in ("auto", "custom"), "model.kind", self.kind, "must be auto (or unset) when model.factory is set")
+        require(self.kind != "custom" or self.factory is not None, "model.kind", self.kind, "custom needs model.factory")
+        require(isinstance(self.options, dict) and all(isinstance(key, str) for key in self.options), "model.options", self.options,
+                "must be a mapping of keyword arguments for model.factory")
+        require(not self.options or self.factory is not None, "model.options", self.options, "apply only with model.factory")
         require(self.activation in ACTIVATION_CHOICES, "model.activation", self.activation, f"must be one of {ACTIVATION_CHOICES}")
         require(self.init in INITS, "model.init", self.init, f"must be one of {INITS}")
         require(self.width is None or 1 <= self.width <= 4096, "model.width", self.width, "must be in [1, 4096]")
@@ -74,6 +89,8 @@ class ModelConfig:
 
     def for_kind(self, kind: str) -> ModelConfig:
         """This config with `kind` (resolved, not `auto`) and every unset field at that kind's default."""
+        if self.factory is not None:
+            return dataclasses.replace(self, kind="custom")
         defaults = KIND_DEFAULTS[kind]
         return dataclasses.replace(self, kind=kind, **{name: value for name, value in defaults.items() if getattr(self, name) is None})
 

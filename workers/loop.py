@@ -24,7 +24,7 @@ from workers.config import ModelConfig, TrainConfig, small_data_batch
 from workers.data import Dataset, Normalizer, Split, load_dataset, shard_batches, stratified_split
 from workers.engine import EngineSpec, build_engine, gather_to_all, input_dtype
 from workers.events import Components, Event
-from workers.models import build_model, resolve_kind
+from workers.models import build_model, first_dropout, resolve_kind
 from workers.modes import TrainingModes
 from workers.plan import WorkerPlan
 
@@ -155,7 +155,8 @@ def prepare(plan: WorkerPlan) -> Loop:
     engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device,
                                 param_groups=modes.optimizer_groups())
     modes.attach(engine)
-    configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": model_config.dropout}
+    dropout = model_config.dropout if model_config.dropout is not None else first_dropout(model)  # a factory's model sets its own
+    configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": dropout}
     return Loop(plan=plan, rank=rank, world_size=world_size, device=device, train=train, model_config=model_config,
                 data=data, engine=engine, spec=spec, modes=modes, nodes=nodes, configured=configured, state=LoopState(configured=configured))
 

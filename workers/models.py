@@ -265,6 +265,8 @@ def resolve_kind(kind: str, sample_shape: tuple[int, ...]) -> str:
 
 def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the configured model for samples of `sample_shape` ((C, H, W) images or (F,) features)."""
+    if config.factory is not None:
+        return build_from_factory(config, sample_shape, num_classes)
     kind = resolve_kind(config.kind, sample_shape)
     config = config.for_kind(kind)
     if kind in ("cnn2d", "resnet") and len(sample_shape) != 3:
@@ -282,6 +284,52 @@ def build_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes:
         model = MLP(math.prod(sample_shape), num_classes, width=config.width, depth=config.depth, dropout=config.dropout, activation=config.activation)
     initialize_weights(model, config.init)
     return model
+
+
+def build_from_factory(config: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """`model.factory(sample_shape, num_classes, **model.options)`, checked to be a module with parameters."""
+    from orchestration.errors import ConfigError
+    from workers.references import import_reference
+
+    factory = import_reference(config.factory, "model.factory")
+    call = f"model.factory {config.factory!r} called with sample_shape={tuple(sample_shape)}, num_classes={num_classes}, options={config.options}"
+    try:
+        model = factory(tuple(sample_shape), num_classes, **config.options)
+    except Exception as error:
+        raise ConfigError(f"{call} raised {type(error).__name__}: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{call} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError(f"{call} returned a {type(model).__name__} with no trainable parameters")
+    if config.dropout is not None:
+        set_dropout(model, config.dropout)
+    initialize_weights(model, config.init)
+    return model
+
+
+def check_model(config: ModelConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
+    """Build the model once and run two zero samples through it, so a bad factory or a model whose output is
+    not (batch, num_classes) logits fails on the driver, before any worker starts. Returns its sizes."""
+    from orchestration.errors import ConfigError
+
+    model = build_model(config, sample_shape, num_classes)
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *sample_shape))
+    except Exception as error:
+        raise ConfigError(f"model ({config.factory or config.kind}) fails on a batch of 2 samples of shape {tuple(sample_shape)}: "
+                          f"{type(error).__name__}: {error}") from error
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"model ({config.factory or config.kind}) must return logits of shape (batch, {num_classes}) for "
+                          f"{num_classes} classes; a batch of 2 gave {got}")
+    return {"parameters": sum(parameter.numel() for parameter in model.parameters())}
+
+
+def first_dropout(model: nn.Module) -> float:
+    """The probability of the model's first dropout layer (0.0 without one): a factory model's configured dropout."""
+    return next((float(module.p) for module in model.modules() if isinstance(module, nn.Dropout)), 0.0)
 
 
 def initialize_weights(model: nn.Module, scheme: str) -> None:

@@ -142,7 +142,8 @@ def _begin_fresh(loop: Loop) -> None:
         earlier.write_text(json.dumps({"pid": os.getpid()}))
     model, data, train, spec = loop.model_config, loop.data, loop.train, loop.spec
     split = data.split
-    loop.log(f"training {model.kind} (width {model.width}, depth {model.depth}, dropout {model.dropout:g}) on "
+    shape = f"{model.factory}, options {model.options}" if model.factory else f"width {model.width}, depth {model.depth}"
+    loop.log(f"training {model.kind} ({shape}, dropout {loop.configured['dropout']:g}) on "
              f"{data.dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, {loop.world_size} workers, ZeRO-{spec.zero_stage}, "
              f"{spec.precision}, {spec.device}; batch {train.batch_size} per worker"
              + (f" (lowered from {loop.plan.train.batch_size}: train.min_steps_per_epoch {train.min_steps_per_epoch})"
