@@ -22,11 +22,15 @@ class DataConfig:
     """Where the data comes from and how it is split.
 
     `path` is None for scikit-learn's bundled digits; otherwise a `.npz` (arrays `x`, `y`), a `.csv`
-    (with `label_column`), or a folder with one sub-folder of images per class.
+    (with `label_column`), a `.parquet` file or a directory of them (`label_column` and an `image` column
+    of encoded images or numeric features), or a folder with one sub-folder of images per class.
     """
 
     path: str | None = None
-    label_column: str = "label"  # CSV only
+    # Anything else: "package.module:function" returning a ray.data.Dataset with a label column and an `image`
+    # column (encoded PNG/JPEG bytes) or numeric feature columns, like a Parquet table. Not with `path`.
+    loader: str | None = None
+    label_column: str = "label"  # CSV and Parquet tables, and a loader's dataset
     image_size: int | None = None  # image folders only: resize to this square size (None -> first image's size)
     grayscale: bool = False  # image folders only
     val_fraction: float = 0.1
@@ -37,6 +41,11 @@ class DataConfig:
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         require(0.0 < self.test_fraction < 0.5, "data.test_fraction", self.test_fraction, "must be in (0, 0.5)")
         require(self.image_size is None or self.image_size >= 4, "data.image_size", self.image_size, "must be >= 4")
+        if self.loader is not None:
+            from workers.references import check_reference
+
+            check_reference(self.loader, "data.loader")
+            require(self.path is None, "data.loader", self.loader, f"replaces data.path; give one of them (data.path is {self.path!r})")
 
 
 # Defaults per network kind for the fields left unset (None). Tabular data is small and overfits a deep MLP:

@@ -68,23 +68,30 @@ class Normalizer:
 
 def load_dataset(config: DataConfig) -> Dataset:
     """Load the configured data; raise `DataError` naming the file and the problem."""
-    if config.path is None:
+    from workers.tables import load_from_loader, load_parquet
+
+    if config.loader is not None:
+        dataset = load_from_loader(config)
+    elif config.path is None:
         return load_digits()
-    path = Path(config.path).expanduser()
-    if not path.exists():
-        raise DataError(f"data.path {str(path)!r} does not exist")
-    if path.is_dir():
-        dataset = load_image_folder(path, image_size=config.image_size, grayscale=config.grayscale)
-    elif path.suffix == ".npz":
-        dataset = load_npz(path)
-    elif path.suffix == ".csv":
-        dataset = load_csv(path, label_column=config.label_column)
     else:
-        raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .npz, .csv or a folder of class sub-folders")
+        path = Path(config.path).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path {str(path)!r} does not exist")
+        if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+            dataset = load_parquet(path, config)
+        elif path.is_dir():
+            dataset = load_image_folder(path, image_size=config.image_size, grayscale=config.grayscale)
+        elif path.suffix == ".npz":
+            dataset = load_npz(path)
+        elif path.suffix == ".csv":
+            dataset = load_csv(path, label_column=config.label_column)
+        else:
+            raise DataError(f"data.path {str(path)!r}: unsupported file type {path.suffix!r}; use .npz, .csv, .parquet or a folder of class sub-folders")
     try:  # every class must reach the train, val and test splits; say so here, where the file is known
         stratified_split(dataset.y, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed, classes=dataset.classes)
     except DataError as error:
-        raise DataError(f"{path}: {error}") from error
+        raise DataError(f"{dataset.source}: {error}") from error
     return dataset
 
 
