@@ -8,10 +8,10 @@ reproduces the reported test accuracy on the run's own test split.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from cluster.rundir import UnreadableFileError, read_json
 from orchestration.errors import NotFoundError
 
 
@@ -24,9 +24,12 @@ def audit_run(run_dir: str | Path) -> list[str]:
     if not (run_dir / "config.yaml").is_file():  # every run writes it before training starts
         raise NotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     summary_file = run_dir / "summary.json"
-    if not summary_file.is_file():
+    try:
+        summary: dict[str, Any] | None = read_json(summary_file)
+    except UnreadableFileError as error:  # torn while written: the run must resume to finish it, as if it had none
+        return [f"{error}; the run did not finish writing it: `hybridtrain run --resume {run_dir}` writes it again"]
+    if summary is None:
         return [f"{summary_file}: missing (the run did not finish)"]
-    summary: dict[str, Any] = json.loads(summary_file.read_text())
     problems = []
     metrics = pd.read_csv(run_dir / "metrics.csv")
     if list(metrics.epoch) != list(range(1, summary["epochs"] + 1)):

@@ -39,6 +39,8 @@ def _add_run(subparsers) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=10 (repeatable)")
     run.add_argument("--output", metavar="DIR", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--allow-changed", action="store_true",
+                     help="with --resume: go on although the run's config.yaml or data file changed since it started (what changed is printed)")
     run.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/report.html at the end")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     _add_verbose(run)
@@ -65,13 +67,18 @@ def _config_and_dir(args: argparse.Namespace, *, sweep: bool, root: str):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.launch import execute_run, plan_run
+    from cluster.rundir import claim_directory
 
     if args.resume:
-        run_dir = Path(args.resume)
-        execute_run(plan_run(None, args.resume, resume=True, address=_resume_address(args, "run")))
+        run_dir, address = Path(args.resume), _resume_address(args, "run")
+        with claim_directory(run_dir, "run"):  # before Ray starts: a retried --resume while the first lives is refused
+            execute_run(plan_run(None, run_dir, resume=True, address=address, allow_changed=args.allow_changed))
     else:
+        if args.allow_changed:
+            raise UsageError("--allow-changed goes with --resume: a new run has nothing to have changed")
         config, run_dir = _config_and_dir(args, sweep=False, root="runs")
-        execute_run(plan_run(config, run_dir))
+        with claim_directory(run_dir, "run"):  # two `run --output X` at once: the second is refused
+            execute_run(plan_run(config, run_dir))
     if args.report:
         _report(run_dir)
     return 0

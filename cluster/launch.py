@@ -10,8 +10,9 @@ sweep share live here once: `resolve_output_dir`, `needed_cpus`, `deploy_served_
 receives a frozen `workers.plan.WorkerPlan`, built by `worker_plan`.
 
 A run directory holds `config.yaml` (the resolved config), `metrics.csv` (one row per epoch),
-`interventions.csv` (the advisor ledger), `summary.json`, the final `model.safetensors` with
-`model.json`, and `ray/` (Ray Train's storage: checkpoints that `--resume` and worker restarts
+`interventions.csv` (the advisor ledger), `summary.json` (written whole, last: the run is finished),
+`fingerprint.json` (what it trains on: `--resume` refuses a changed config or data), the final
+`model.safetensors` with `model.json`, and `ray/` (Ray Train's storage: checkpoints that `--resume` and worker restarts
 continue from; each one also holds the coordinator's state, so the ledger survives a killed driver).
 """
 
@@ -31,6 +32,8 @@ from typing import Any, Callable, Literal
 
 from cluster.console import RAY_LOGS, ProgressTail, collect_ray_logs, since_now
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
+from cluster.fingerprint import FINGERPRINT, changes, fingerprint
+from cluster.rundir import UnreadableFileError, atomic_write_text, claim_directory, read_json
 from cluster.runtime import ClusterInfo, check_shared_storage, connect
 from orchestration.errors import RunError
 from orchestration.ledger import InterventionRecord, Ledger
@@ -76,6 +79,7 @@ class RunPlan:
     resume_from: Path | None  # the latest checkpoint Ray Train will hand the workers, if any
     data: dict[str, Any]  # what the data check found: source, shapes, split sizes
     needed_cpus: int  # train workers plus advisor replicas, at once
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)  # what it trains on (`cluster.fingerprint`), kept in the run directory
 
     @property
     def storage_path(self) -> Path:
@@ -87,21 +91,58 @@ class RunPlan:
         return f"hybridtrain-coordinator-{self.run_id}-{_digest(str(self.run_dir))}"
 
     @property
+    def advisor(self) -> AdvisorConfig:
+        """The advisor this run deploys: its Serve application is named for this run directory (as the
+        coordinator is), so two runs on one cluster never redeploy each other's, and a `--resume` finds its own."""
+        return named_advisor(self.config.advisor, f"{self.run_id}-{_digest(str(self.run_dir))}")
+
+    @property
     def run_key(self) -> str:
         """This run's key in its coordinator actor (which may serve a whole sweep): its run directory."""
         return str(self.run_dir)
 
 
-def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False, address: str | None = None) -> RunPlan:
+def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False, address: str | None = None,
+             allow_changed: bool = False) -> RunPlan:
     """Check and resolve a run without side effects: nothing is written and Ray is not touched.
 
     On `resume` the config comes from `run_dir/config.yaml`; `address` (if given) replaces the
-    cluster address saved there. Bad configs, data and run directories raise `ConfigError`/`DataError`.
+    cluster address saved there. A resume whose config or data differ from what the run started
+    with is refused, saying what changed, unless `allow_changed`. Bad configs, data and run
+    directories raise `ConfigError`/`DataError`.
     """
     config, run_dir = resolve_output_dir("run", config, run_dir, resume=resume, address=address)
+    data = check_data(config)
+    current = fingerprint(config)
+    if resume:
+        check_unchanged(run_dir, current, allow_changed=allow_changed)
     return RunPlan(config=config, run_dir=run_dir, run_id=run_id(config), resume=resume,
-                   resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=check_data(config),
-                   needed_cpus=needed_cpus(config))
+                   resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=data,
+                   needed_cpus=needed_cpus(config), fingerprint=current)
+
+
+def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False) -> list[str]:
+    """What changed in the config and data since the run in `run_dir` started (its `fingerprint.json`).
+
+    A change raises `ConfigError` naming each one, unless `allow_changed` (then it is printed and
+    returned). A run from before fingerprints were kept cannot be checked: that is said, not refused.
+    """
+    try:
+        recorded = read_json(run_dir / FINGERPRINT)
+    except UnreadableFileError as error:
+        recorded, found = None, [f"{FINGERPRINT}: {error}"]
+    else:
+        if recorded is None:
+            print(f"[hybridtrain] warning: {run_dir} has no {FINGERPRINT} (a run from an older version): "
+                  f"whether its config or data changed cannot be checked", flush=True)
+            return []
+        found = changes(recorded, current)
+    if found and not allow_changed:
+        raise ConfigError(f"--resume {str(run_dir)!r}: the run's config or data changed since it started:\n  " + "\n  ".join(found)
+                          + "\nResuming would train the rest of the run on them. Restore them, or pass --allow-changed to go on with them")
+    if found:
+        print("[hybridtrain] warning: resuming with a changed config or data (--allow-changed):\n  " + "\n  ".join(found), flush=True)
+    return found
 
 
 _NEEDS_A_CONFIG = {"run": "plan_run", "sweep": "run_sweep"}  # the entry point of each kind, named when a new one comes without a config
@@ -121,7 +162,7 @@ def resolve_output_dir(kind: Literal["run", "sweep"], config: ExperimentConfig |
     if resume:
         if not (path / "config.yaml").is_file():
             raise ConfigError(f"--resume {str(path)!r}: not a {kind} directory (no config.yaml)")
-        if kind == "run" and (path / "summary.json").is_file():
+        if kind == "run" and _finished(path):
             raise ConfigError(f"--resume {str(path)!r}: the run already finished (summary.json is there)")
         config = read_config(path / "config.yaml")
     elif config is None:
@@ -133,6 +174,16 @@ def resolve_output_dir(kind: Literal["run", "sweep"], config: ExperimentConfig |
     if address is not None:
         config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, address=address))
     return config, path
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether the run wrote its final `summary.json`. A torn one (0 bytes or cut off: the disk filled or the
+    driver died while it was written) is not a finish: the run resumes from its last checkpoint and writes it again."""
+    try:
+        return read_json(run_dir / "summary.json") is not None
+    except UnreadableFileError as error:
+        print(f"[hybridtrain] warning: {error}. Treating the run as not finished: resuming from its last checkpoint writes it again", flush=True)
+        return False
 
 
 def needed_cpus(config: ExperimentConfig, *, trials: int | None = None) -> int:
@@ -171,9 +222,13 @@ def latest_checkpoint(storage_path: Path) -> Path | None:
 
 
 def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bool = False, cluster: ClusterInfo | None = None,
-                   advisor_factory: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """`execute_run(plan_run(config, run_dir, resume=resume))`: train and return the summary."""
-    return execute_run(plan_run(config, run_dir, resume=resume), cluster=cluster, advisor_factory=advisor_factory)
+                   advisor_factory: Callable[[], Any] | None = None, address: str | None = None,
+                   allow_changed: bool = False) -> dict[str, Any]:
+    """Claim `run_dir` (`cluster.rundir.claim_directory`: a second driver on it is refused), then
+    `execute_run(plan_run(...))`: train and return the summary. This is what `hybridtrain run` does."""
+    with claim_directory(run_dir, "run"):
+        plan = plan_run(config, run_dir, resume=resume, address=address, allow_changed=allow_changed)
+        return execute_run(plan, cluster=cluster, advisor_factory=advisor_factory)
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
@@ -186,7 +241,8 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     `advisor_factory` replaces the configured advisor with a custom client (anything with
     `submit(snapshot) -> Future`), built inside the coordinator actor. A sweep trial passes its
     `trial` context: the run opens in the sweep's shared coordinator, starts from the checkpoint Tune
-    handed it and forwards each report (what else changes is listed on `TrialContext`).
+    handed it and forwards each report (what else changes is listed on `TrialContext`). A served
+    advisor the run deployed itself is deleted from Serve when the run ends, however it ends.
     """
     config, run_dir = plan.config, plan.run_dir
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
@@ -194,39 +250,51 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     if trial is None or not trial.storage_checked:
         check_shared_storage(run_dir, cluster)  # workers on any node write checkpoints here
     write_config(config, run_dir / "config.yaml")
+    atomic_write_text(run_dir / FINGERPRINT, json.dumps(plan.fingerprint, indent=1))  # what --resume compares with
     use_gpu = resolve_use_gpu(config, cluster)
     data = plan.data
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
 
     coordinator = trial.coordinator if trial is not None else None
-    handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
-    shared = coordinator is not None
-    trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
+    deploys = coordinator is None and advisor_factory is None and config.advisor.is_served
     started, logs_since = time.perf_counter(), since_now()
-    # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
-    # output does (--verbose); a sweep trial's progress stays in its run directory.
-    tail = ProgressTail(run_dir / PROGRESS) if not config.cluster.verbose and trial is None else contextlib.nullcontext()
     try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
-        try:
-            with tail:
-                result = trainer.fit()
-        except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
-            close_advice(handle, plan, incidents=[], shared=shared)
-            raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
-                           f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
-        final_file = run_dir / FINAL_METRICS
-        if result.error is not None or not final_file.is_file():
-            close_advice(handle, plan, incidents=[], shared=shared)
-            raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
-        metrics = json.loads(final_file.read_text())
-        advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
-        summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
+        trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
+        # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
+        # output does (--verbose); a sweep trial's progress stays in its run directory.
+        summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
+                                     started=started, use_gpu=use_gpu, cluster=cluster)
     finally:
+        if deploys:
+            delete_served_advisor(plan.advisor)
         collect_ray_logs(run_dir / RAY_LOGS, since=logs_since)
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
           f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s -> {run_dir}", flush=True)
+    return summary
+
+
+def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool, tail_progress: bool, started: float, use_gpu: bool,
+                       cluster: ClusterInfo) -> dict[str, Any]:
+    """Fit, close the run's advice (its ledger) and write `summary.json` whole; a failure says how to resume."""
+    run_dir = plan.run_dir
+    tail = ProgressTail(run_dir / PROGRESS) if tail_progress else contextlib.nullcontext()
+    try:
+        with tail:
+            result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
+        close_advice(handle, plan, incidents=[], shared=shared)
+        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
+                       f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
+    final_file = run_dir / FINAL_METRICS
+    if result.error is not None or not final_file.is_file():
+        close_advice(handle, plan, incidents=[], shared=shared)
+        raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
+    metrics = json.loads(final_file.read_text())
+    advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
+    summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
     return summary
 
 
@@ -301,10 +369,10 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
         handle = ray.get_actor(name, namespace=namespace)
     else:
         if advisor_factory is None:
-            deploy_served_advisor(config.advisor)
+            deploy_served_advisor(plan.advisor)
         name, namespace = plan.coordinator_name, ray.get_runtime_context().namespace
         handle = get_or_create_coordinator(name, namespace, config=config.coordinator,
-                                           advisor_factory=advisor_factory or functools.partial(make_client, config.advisor))
+                                           advisor_factory=advisor_factory or functools.partial(make_client, plan.advisor))
     # Fail here, not in a worker, if the actor cannot start.
     ray.get(handle.open_run.remote(plan.run_key, config.coordinator, plan.run_id))
     opening_state = ray.get(handle.to_state.remote(plan.run_key))
@@ -324,6 +392,27 @@ def deploy_served_advisor(advisor: AdvisorConfig, *, shared: bool = False) -> bo
     print(f"[hybridtrain] starting the {'shared ' if shared else ''}advisor ({advisor.backend}) on Ray Serve ...", flush=True)
     deploy_advisor(advisor, http=False)  # the trainers use its handle: no HTTP proxy, no port
     return True
+
+
+def named_advisor(advisor: AdvisorConfig, owner: str) -> AdvisorConfig:
+    """`advisor` with its Serve application named `<advisor.app_name>-<owner>`: one application per run (owner:
+    its id and directory's digest) or per sweep population (its name and directory's digest). Clients must be
+    built from the same config, so they ask the application the run or sweep deployed."""
+    return dataclasses.replace(advisor, app_name=f"{advisor.app_name}-{owner}")
+
+
+def delete_served_advisor(advisor: AdvisorConfig) -> None:
+    """Delete the advisor's Serve application (its replicas give back their CPUs and GPUs). Never raises: a
+    run's own outputs matter more than its clean-up, so a failure is a warning naming the application."""
+    from ray import serve
+
+    try:
+        serve.delete(advisor.app_name)
+    except Exception as error:  # noqa: BLE001 - Serve may be gone with the cluster; the run's result stands
+        print(f"[hybridtrain] warning: could not delete the advisor's Serve application {advisor.app_name!r} "
+              f"({type(error).__name__}: {error}); its replicas hold their CPUs/GPUs until serve.delete({advisor.app_name!r}) or `serve shutdown`", flush=True)
+        return
+    logger.debug("deleted the advisor's Serve application %r", advisor.app_name)
 
 
 def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cluster.rundir import UnreadableFileError, read_json
 from orchestration.errors import ReportError
 
 REPORT_DIR = "report"
@@ -71,6 +72,18 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise ReportError(f"cannot read {path}: {error}") from error
 
 
+def _read_summary(directory: Path, kind: str) -> dict:
+    """`summary.json` ({} before the run or sweep has finished); a torn one is a `ReportError` that says how to get it back."""
+    try:
+        summary = read_json(directory / "summary.json")
+    except UnreadableFileError as error:
+        again = f"hybridtrain run --resume {directory}" if kind == "run" else f"hybridtrain tune --resume {directory}"
+        raise ReportError(f"{error}. Resume the {kind} to write it again ({again}), then report") from None
+    if summary is not None and not isinstance(summary, dict):
+        raise ReportError(f"{directory / 'summary.json'} holds a {type(summary).__name__}, not the {kind}'s summary (a JSON object)")
+    return summary or {}
+
+
 def _run_figures(run_dir: Path) -> tuple[list[Figure], list[tuple[str, str]]]:
     metrics = _read_csv(run_dir / "metrics.csv")
     ledger = _read_csv(run_dir / "interventions.csv")
@@ -80,8 +93,7 @@ def _run_figures(run_dir: Path) -> tuple[list[Figure], list[tuple[str, str]]]:
     if not ledger.empty:
         figures += [_alphas(ledger), _rewards(ledger), _advisor(ledger)]
     figures.append(_probation(metrics))
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = _read_summary(run_dir, "run")
     keys = ("test_accuracy", "test_macro_f1", "epochs", "wall_s", "advisor_queries", "cache_hits", "kept_unasked", "proposals_accepted",
             "proposals_rejected", "proposals_invalid", "zero_stage", "precision", "world_size")
     table = pd.DataFrame([(key, summary[key]) for key in keys if key in summary], columns=["", "value"])
@@ -200,7 +212,7 @@ def _trial_curve(run_dir: Path) -> pd.DataFrame:
 def _sweep_figures(sweep_dir: Path) -> tuple[list[Figure], list[tuple[str, str]]]:
     results = _read_csv(sweep_dir / "results.csv")
     explores = _read_csv(sweep_dir / "explores.csv")
-    summary = json.loads((sweep_dir / "summary.json").read_text()) if (sweep_dir / "summary.json").is_file() else {}
+    summary = _read_summary(sweep_dir, "sweep")
     metric = summary.get("metric", "val_accuracy")
     figure, (axis,) = _subplots(1, width=10)
     for row in results.itertuples():

@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from orchestration.errors import DataError, UsageError
+from orchestration.errors import DataError, ReportError, UsageError
 from workers.files import atomic_write_bytes, atomic_write_text, fsync_directory
 
-__all__ = ["LOCK_FILE", "DirectoryInUseError", "atomic_write_bytes", "atomic_write_text", "claim_directory", "fsync_directory", "read_jsonl"]
+__all__ = ["LOCK_FILE", "DirectoryInUseError", "UnreadableFileError", "append_jsonl", "atomic_write_bytes", "atomic_write_text", "claim_directory",
+           "fsync_directory", "read_json", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def claim_directory(path: str | Path, kind: Literal["run", "sweep"]) -> Iterator
     at the end, so a run refused before it wrote anything leaves no empty directory behind.
     """
     directory = Path(path).resolve()
-    created = not directory.exists()
+    created = [parent for parent in (directory, *directory.parents) if not parent.exists()]  # the leaf first
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -61,8 +62,9 @@ def claim_directory(path: str | Path, kind: Literal["run", "sweep"]) -> Iterator
     finally:
         if created and [entry.name for entry in directory.iterdir()] == [LOCK_FILE]:
             (directory / LOCK_FILE).unlink()  # safe while we hold it: a waiter re-checks the inode it locked
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            with contextlib.suppress(OSError):  # stops at the first folder something else has written to
+                for folder in created:
+                    folder.rmdir()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
 
@@ -113,6 +115,20 @@ def _holder(lock_path: Path) -> str:
         return f"another process (its {LOCK_FILE} does not say which yet)"
 
 
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append `row` as one JSON line, in one write to a file opened for appending (whole lines from several
+    writers do not interleave). If the last append was torn, this row starts on a new line, so it is not
+    glued onto the fragment and lost with it (`read_jsonl` then names the fragment's line)."""
+    line = (json.dumps(row) + "\n").encode()
+    with open(path, "a+b") as log:  # a+: every write goes to the end, whatever was read
+        log.seek(0, os.SEEK_END)
+        if log.tell() > 0:
+            log.seek(-1, os.SEEK_END)
+            if log.read(1) != b"\n":
+                line = b"\n" + line
+        log.write(line)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The rows of an append-only JSON-lines log ([] when it is not there yet).
 
@@ -139,3 +155,21 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: line {number} of {len(lines)} is not JSON ({error.msg}); only a torn last line is skipped. "
                             f"Remove or repair that line to read the file") from error
     return rows
+
+
+class UnreadableFileError(ReportError):
+    """A state file that is there but cannot be read whole: 0 bytes, cut off, or not JSON."""
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON value in `path`, or None when there is no such file; `UnreadableFileError` (naming the file
+    and what is wrong with it) when it is there but torn: empty, cut off or garbled."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        what = "it is empty (0 bytes)" if not text.strip() else f"it is not whole JSON ({error.msg} at character {error.pos} of {len(text)})"
+        raise UnreadableFileError(f"{path} cannot be read: {what}; it was cut off while it was written (a full disk or a kill)") from None

@@ -1,13 +1,22 @@
 """A sweep directory's result files: `results.csv` (one row per trial), `explores.csv` (every start from
-another trial's checkpoint, with what chose its config and the score it reached) and `summary.json`."""
+another trial's checkpoint, with what chose its config and the score it reached) and `summary.json`.
+
+Each is written whole (`cluster.rundir.atomic_write_text`); the append-only logs the trials and the
+explorer write (`explores.jsonl`, `explore_decisions.jsonl`, appended from several nodes) are read
+with `read_jsonl`, so a torn last line (a writer that died mid-append) is skipped and said, not fatal.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from cluster.experiment import ExperimentConfig
+from cluster.rundir import UnreadableFileError, atomic_write_text, read_json, read_jsonl
+
+logger = logging.getLogger(__name__)
 
 EXPLORES = "explores.jsonl"  # written by trials: every start from another trial's checkpoint
 EXPLORE_DECISIONS = "explore_decisions.jsonl"  # written by the LLM explorer: every explore it decided
@@ -22,9 +31,9 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
     sign = 1.0 if mode == "max" else -1.0
     rows = [_trial_row(result, metric, mode) for result in results]
     frame = pd.DataFrame(rows)
-    frame.to_csv(sweep_dir / "results.csv", index=False)
+    atomic_write_text(sweep_dir / "results.csv", frame.to_csv(index=False))
     explores = _explores(sweep_dir, metric, config.tune.perturbation_interval)
-    explores.to_csv(sweep_dir / "explores.csv", index=False)
+    atomic_write_text(sweep_dir / "explores.csv", explores.to_csv(index=False))
     finished = [row for row in rows if row["status"] == "finished" and row["last_score"] is not None]
     candidates = finished or [row for row in rows if row["last_score"] is not None]
     best = max(candidates, key=lambda row: sign * row["last_score"]) if candidates else None
@@ -47,7 +56,7 @@ def write_sweep_outputs(config: ExperimentConfig, sweep_dir: Path, results, *, w
         "coordinator": coordinator,  # the shared coordinator: runs served, response-cache hits (shared: across runs)
         "wall_s": wall_s,
     }
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))  # last: the sweep's outputs are complete
     return summary
 
 
@@ -62,25 +71,33 @@ def _trial_row(result, metric: str, mode: str) -> dict[str, Any]:
     # The run that finished may have trained no epoch of its own (restarted at the last epoch), so look
     # through all of the trial's runs, newest first.
     finals = sorted(Path(run_dir).parent.glob("run-*/summary.json"), key=lambda path: int(path.parent.name[4:])) if run_dir else []
-    summary_file = finals[-1] if finals else None
+    summary_file, final = _newest_readable(finals)
     finished = summary_file is not None
     run_dir = str(summary_file.parent) if finished else run_dir
     error = _first_line(result.error) if result.error else None
     row = {"trial": Path(result.path).name, "status": "error" if result.error else ("finished" if finished else "stopped"), "error": error,
            "best_score": float(scores.max() if mode == "max" else scores.min()) if len(scores) else None,
            "last_score": last.get(metric), "epochs": last.get("epoch"), "run_dir": run_dir,
-           "test_accuracy": json.loads(summary_file.read_text())["test_accuracy"] if finished else None}
+           "test_accuracy": final["test_accuracy"] if finished else None}
     row.update({f"config/{key}": value for key, value in (result.config or {}).items()})
     return row
+
+
+def _newest_readable(summaries: list[Path]) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest of a trial's runs' `summary.json` that reads whole; a torn one (its run died writing it) is skipped, and said."""
+    for path in reversed(summaries):
+        try:
+            return path, read_json(path)
+        except UnreadableFileError as error:
+            logger.warning("%s; that run counts as not finished", error)
+    return None, None
 
 
 def _explores(sweep_dir: Path, metric: str, interval: int):
     """The decisions log, with each exploited trial's score one perturbation interval later."""
     import pandas as pd
 
-    path, decisions_path = sweep_dir / EXPLORES, sweep_dir / EXPLORE_DECISIONS
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    decisions = [json.loads(line) for line in decisions_path.read_text().splitlines() if line.strip()] if decisions_path.is_file() else []
+    rows, decisions = read_jsonl(sweep_dir / EXPLORES), read_jsonl(sweep_dir / EXPLORE_DECISIONS)
     for row in rows:
         # Which explore produced this trial's config: the LLM's proposal, or PBT's perturbation after a fallback.
         match = next((d for d in reversed(decisions) if d["config"] == {k: row["config"].get(k) for k in d["config"]}), None)
@@ -109,5 +126,5 @@ def _first_line(error: BaseException) -> str:
 
 
 def count_lines(path: Path) -> int:
-    """Non-blank lines of a JSON-lines log (0 when it is not there yet)."""
+    """Non-blank lines of a JSON-lines log (0 when it is not there yet): a cheap count for live telemetry, never parsed."""
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0

@@ -29,6 +29,7 @@ from typing import Any
 from cluster.experiment import ExperimentConfig, config_from_dict
 from cluster.launch import RunPlan, TrialContext, execute_run, plan_run
 from cluster.placement import free_placement_groups
+from cluster.rundir import append_jsonl
 from cluster.runtime import connect
 from cluster.sweep_outputs import EXPLORES
 from orchestration.settings import merge
@@ -156,6 +157,5 @@ def _record_start(sweep_dir: Path, trial: str, trial_dir: Path, checkpoint: str,
     row = {"time": time.time(), "trial": trial, "source_trial": source_dir.name, "epoch": loop_state["epoch"], "checkpoint": checkpoint,
            "source_config": {k: v for k, v in source_params.items() if "." in k}, "config": {k: v for k, v in params.items() if "." in k},
            "source": "pbt", "run_dir": str(run_dir)}
-    with open(sweep_dir / EXPLORES, "a") as log:
-        log.write(json.dumps(row) + "\n")
+    append_jsonl(sweep_dir / EXPLORES, row)  # trials on several nodes append here
 

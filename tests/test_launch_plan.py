@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,61 @@ def test_the_latest_checkpoint_is_a_directory_not_trains_manager_snapshot(tmp_pa
     os.utime(newer, (2, 2))
     assert latest_checkpoint(tmp_path) == newer
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+# ==== --resume: a torn summary is not a finish; a changed config or data file is refused ==========
+
+def _started_run(run_dir: Path, config) -> Path:
+    """A run directory as `execute_run` leaves it once started: config.yaml and fingerprint.json."""
+    from cluster.experiment import write_config
+    from cluster.fingerprint import FINGERPRINT, fingerprint
+    from cluster.rundir import atomic_write_text
+
+    run_dir.mkdir(parents=True)
+    write_config(config, run_dir / "config.yaml")
+    atomic_write_text(run_dir / FINGERPRINT, json.dumps(fingerprint(config)))
+    return run_dir
+
+
+@pytest.mark.parametrize("torn", ["", '{"name": "smoke", "test_acc'])
+def test_resume_after_a_torn_summary_goes_on_and_says_so(tmp_path, capsys, torn: str) -> None:
+    run_dir = _started_run(tmp_path / "run", build_config(recipe="smoke"))
+    (run_dir / "summary.json").write_text(torn)
+    assert plan_run(None, run_dir, resume=True).resume  # not refused as "already finished"
+    said = capsys.readouterr().out
+    assert "summary.json cannot be read" in said and "not finished" in said
+    (run_dir / "summary.json").write_text('{"name": "smoke"}')  # whole: the run is finished
+    with pytest.raises(ConfigError, match="already finished"):
+        plan_run(None, run_dir, resume=True)
+
+
+def test_resume_refuses_a_changed_config_naming_the_change_unless_allowed(tmp_path, capsys) -> None:
+    config = build_config(recipe="smoke")
+    run_dir = _started_run(tmp_path / "run", config)
+    assert plan_run(None, run_dir, resume=True, address="auto").resume  # unchanged (the address does not count)
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("lr: 0.003", "lr: 0.01").replace("max_failures: 2", "max_failures: 5"))
+    with pytest.raises(ConfigError, match=r"changed since it started:\n  train.lr: 0.003 -> 0.01\n.*--allow-changed") as refused:
+        plan_run(None, run_dir, resume=True)
+    assert "max_failures" not in str(refused.value)  # how safely it runs is not what it trains on
+    capsys.readouterr()
+    assert plan_run(None, run_dir, resume=True, allow_changed=True).resume
+    assert "train.lr: 0.003 -> 0.01" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_changed_data_file(tmp_path) -> None:
+    rows = ["a,b,label"] + [f"{i % 7},{i % 5},{i % 2}" for i in range(200)]
+    data = tmp_path / "data.csv"
+    data.write_text("\n".join(rows) + "\n")
+    run_dir = _started_run(tmp_path / "run", build_config(recipe="smoke", overrides=[f"data.path={data}"]))
+    assert plan_run(None, run_dir, resume=True).resume
+    data.write_text("\n".join(rows[:-1] + ["6,4,0"]) + "\n")  # one label changed, same size
+    with pytest.raises(ConfigError, match="data sha256"):
+        plan_run(None, run_dir, resume=True)
+
+
+def test_resume_of_a_run_without_a_fingerprint_goes_on_and_says_it_cannot_check(tmp_path, capsys) -> None:
+    run_dir = _started_run(tmp_path / "run", build_config(recipe="smoke"))
+    (run_dir / "fingerprint.json").unlink()
+    assert plan_run(None, run_dir, resume=True).resume
+    assert "cannot be checked" in capsys.readouterr().out

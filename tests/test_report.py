@@ -87,3 +87,17 @@ def test_the_report_renders_in_headless_chromium_with_its_plots_and_no_console_e
     bad.write_text('<html><body><script>console.error("boom")</script></body></html>')
     _, bad_log = _render(bad.as_uri(), tmp_path, "bad")
     assert "CONSOLE" in bad_log and "boom" in bad_log
+
+
+@pytest.mark.parametrize("torn", ["", '{"test_accuracy": 0.9'])
+def test_a_torn_summary_is_a_clear_error_for_report_and_a_problem_for_audit(tmp_path, torn: str) -> None:
+    """A full disk or a kill while summary.json was written (before it was written whole) must not crash either command."""
+    from cluster.audit import audit_run
+
+    run_dir = _run_dir(tmp_path / "run")
+    (run_dir / "summary.json").write_text(torn)
+    with pytest.raises(ReportError, match=r"summary.json cannot be read: .*hybridtrain run --resume"):
+        write_report(run_dir)
+    (run_dir / "config.yaml").write_text("name: torn\n")
+    [problem] = audit_run(run_dir)
+    assert "summary.json cannot be read" in problem and ("empty (0 bytes)" in problem) == (torn == "") and "--resume" in problem

@@ -54,8 +54,8 @@ def test_a_second_process_is_refused_naming_the_directory_and_holder_then_claims
 
 
 def test_a_claim_is_released_when_its_context_ends_and_an_empty_directory_it_created_is_removed(tmp_path: Path) -> None:
-    with claim_directory(tmp_path / "new", "sweep"):
-        assert (tmp_path / "new" / LOCK_FILE).is_file()
+    with claim_directory(tmp_path / "new" / "deeper", "sweep"):
+        assert (tmp_path / "new" / "deeper" / LOCK_FILE).is_file()
     assert not (tmp_path / "new").exists()  # refused or failed before writing anything: nothing left behind
     with claim_directory(tmp_path / "kept", "run") as directory:
         (directory / "config.yaml").write_text("name: x\n")
@@ -114,3 +114,61 @@ def test_the_holder_stamp_is_written_only_once_the_lock_is_held(tmp_path: Path) 
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# ==== the claim in `hybridtrain run`, before Ray starts =============================================
+
+@pytest.fixture()
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command reaches `cluster.launch.connect` (Ray would start)."""
+    import cluster.launch
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("reached cluster.connect: Ray would have started")
+
+    monkeypatch.setattr(cluster.launch, "connect", no_cluster)
+
+
+@pytest.mark.parametrize("how", ["--output", "--resume"])
+def test_hybridtrain_run_on_a_directory_another_driver_holds_is_refused_before_ray_starts(how: str, tmp_path: Path, no_ray: None,
+                                                                                        capsys: pytest.CaptureFixture) -> None:
+    from cluster.cli import main
+    from cluster.experiment import build_config, write_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if how == "--resume":
+        write_config(build_config(recipe="smoke"), run_dir / "config.yaml")
+    holder = _start_holder(run_dir)
+    try:
+        argv = ["run", "--recipe", "smoke", "--output", str(run_dir)] if how == "--output" else ["run", "--resume", str(run_dir)]
+        assert main([*argv, "--no-report"]) == 2
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    error = capsys.readouterr().err
+    assert error.startswith("hybridtrain: error: run directory") and f"is in use by pid {holder.pid}" in error and str(run_dir) in error
+
+
+def test_an_append_after_a_torn_line_starts_a_new_line(tmp_path: Path) -> None:
+    from cluster.rundir import append_jsonl
+
+    log = tmp_path / "explores.jsonl"
+    append_jsonl(log, {"trial": "a"})
+    with open(log, "a") as handle:
+        handle.write('{"trial": "b", "ep')  # a writer that died mid-append
+    append_jsonl(log, {"trial": "c"})
+    assert log.read_text().splitlines() == ['{"trial": "a"}', '{"trial": "b", "ep', '{"trial": "c"}']  # c is whole, not glued onto b
+
+
+def test_sweep_outputs_go_on_past_a_torn_last_line_of_explores(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cluster.experiment import build_config
+    from cluster.sweep_outputs import EXPLORES, write_sweep_outputs
+
+    row = {"time": 1.0, "trial": "t1", "source_trial": "t0", "epoch": 2, "checkpoint": "c", "source_config": {"train.lr": 0.01},
+           "config": {"train.lr": 0.02}, "source": "pbt", "run_dir": str(tmp_path / "t1" / "run-1")}
+    (tmp_path / EXPLORES).write_text(json.dumps(row) + "\n" + json.dumps(row)[:25])
+    with caplog.at_level(logging.WARNING, logger="cluster.rundir"):
+        summary = write_sweep_outputs(build_config(recipe="smoke", sweep=True), tmp_path, [], wall_s=1.0)
+    assert summary["exploits"] == 1 and "torn last line 2" in caplog.text
+    assert json.loads((tmp_path / "summary.json").read_text())["exploits"] == 1

@@ -30,6 +30,7 @@ from workers.engine import gather_to_all
 from workers.epoch import run_probation
 from workers.events import ComponentFactory, Event, Intervention, Observer
 from workers.faults import FaultInjection
+from workers.files import atomic_write_text
 from workers.loop import Loop
 
 ADVICE_STATE = "advice_state.json"  # in each checkpoint: the coordinator's state and the advice incidents
@@ -98,7 +99,7 @@ class Advice(Intervention):
     def _save(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        (directory / ADVICE_STATE).write_text(json.dumps(self.advice.checkpoint_state()))
+        atomic_write_text(directory / ADVICE_STATE, json.dumps(self.advice.checkpoint_state()))
         tensors = self.advice.state_tensors()
         if tensors:
             save_file(tensors, str(directory / ADVICE_TENSORS))

@@ -24,6 +24,7 @@ from workers.config import ModelConfig, TrainConfig, small_data_batch
 from workers.data import Dataset, Normalizer, Split, load_dataset, shard_batches, stratified_split
 from workers.engine import EngineSpec, build_engine, gather_to_all, input_dtype
 from workers.events import Components, Event
+from workers.files import atomic_write_text
 from workers.models import build_model, first_dropout, resolve_kind
 from workers.modes import TrainingModes
 from workers.plan import WorkerPlan
@@ -196,11 +197,11 @@ def _record_placement(run_dir: Path, rank: int) -> list[str]:
         group = ray.util.get_current_placement_group()
         if group is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / PLACEMENT_GROUP).write_text(group.id.hex())
+            atomic_write_text(run_dir / PLACEMENT_GROUP, group.id.hex())
     here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
     workers = gather_to_all(here)
     if rank == 0:
-        (run_dir / PLACEMENT).write_text(json.dumps({"workers": workers}, indent=1))
+        atomic_write_text(run_dir / PLACEMENT, json.dumps({"workers": workers}, indent=1))
     return [worker["node_id"] for worker in workers]
 
 
