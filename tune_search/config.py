@@ -45,7 +45,9 @@ class TuneConfig:
     grace_period: int = 2  # ASHA: epochs every trial runs before it may be stopped
     reduction_factor: int = 2  # ASHA
     llm_explore: bool = False  # PBT: the advisor proposes the explored config (falls back to PBT's own perturbation)
-    explore_timeout_s: float = 20.0  # how long an explore waits for an answer asked at the last report
+    # How long an explore waits, inside Tune's event loop, for an answer still in flight: while it waits no
+    # trial's result is processed, so keep it well under a second (a late answer is a recorded fallback).
+    explore_timeout_s: float = 0.5
     seed: int = 0
     space: dict[str, dict[str, Any]] = field(default_factory=lambda: {"train.lr": {"loguniform": [1e-4, 1e-2]}})
 

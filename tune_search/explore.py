@@ -5,13 +5,15 @@ trial's config already perturbed by PBT and no metrics. A CPU LLM answers in 10-
 explorer *asks ahead*: after every trial result it keeps the population table up to date and, when
 no question is in flight, sends the advisor a snapshot of the current top trial with the table
 (each trial's config, score and trend, and past explores with their outcome). At explore time it
-uses the newest answer that is ready and in the search space's bounds; otherwise PBT's own
-perturbation stands. Every decision is recorded: the source (`llm` or `fallback`), PBT's config,
+uses the newest answer that is ready (waiting at most `tune.explore_timeout_s`, half a second by
+default, for one in flight: Tune processes no result meanwhile) and in the search space's bounds;
+otherwise PBT's own perturbation stands (`decide_explore`, a pure decision). Every decision is recorded: the source (`llm` or `fallback`), PBT's config,
 the proposal, the config used, and why a proposal was not used.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -20,7 +22,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestration.protocol import ProposalOutcome, TrainingSnapshot
 from tune_search.config import TuneConfig, distribution
@@ -158,34 +160,65 @@ class LLMExplorer:
     # --- PBT's custom_explore_fn -------------------------------------------------------------------
 
     def __call__(self, pbt_config: dict[str, Any]) -> dict[str, Any]:
-        """The config the exploited trial continues with: the advisor's (if ready and in bounds) or PBT's."""
+        """The config the exploited trial continues with: the advisor's (if ready and in bounds) or PBT's.
+
+        Tune calls this inside its event loop, where no trial's result is processed until it returns: it
+        waits at most `tune.explore_timeout_s` (0.5 s by default) for an answer still in flight, never
+        longer, and an answer not ready by then is a recorded fallback to PBT's perturbation.
+        """
         with self._lock:
-            if self._pending is not None and self.config.explore_timeout_s > 0:
-                try:
-                    self._pending[2].result(timeout=self.config.explore_timeout_s)
-                except Exception:  # noqa: BLE001 - late or failed: the fallback below says so
-                    pass
+            started = time.monotonic()
+            pending = self._pending
+            if pending is not None and self.config.explore_timeout_s > 0:
+                concurrent.futures.wait([pending[2]], timeout=self.config.explore_timeout_s)
             self._collect()
             ready, self._ready = self._ready, None
-            top = self.trials.get(ready[1]) if ready else None
-            chosen, source, problem, proposed = self.clip(pbt_config), "fallback", "no advisor answer ready", None
-            if ready is not None and top is not None:
-                answer = ready[2]
-                proposal = getattr(answer, "proposal", None)
-                if getattr(answer, "status", "") not in ("valid", "clamped") or proposal is None:
-                    problem = f"advisor answer unusable (status {getattr(answer, 'status', '?')})"
-                else:
-                    explored, problem = proposal_config(proposal, top.config, pbt_config, self.config)
-                    proposed = proposal.summary()
-                    if explored is not None:
-                        chosen, source = explored, "llm"
-            keys = [key for key in self.config.space if key in pbt_config]
-            decision = {"time": time.time(), "source": source, "problem": problem, "proposal": proposed,
-                        "pbt_config": {key: pbt_config[key] for key in keys}, "config": {key: chosen[key] for key in keys},
-                        "summary": ", ".join(f"{key}={chosen[key]:.3g}" if isinstance(chosen[key], float) else f"{key}={chosen[key]}" for key in keys)}
-            self.explores.append(decision)
-            with open(self.log_path, "a") as log:
-                log.write(json.dumps(decision, default=str) + "\n")
-            if source == "fallback":
-                logger.info("explore fell back to PBT's perturbation: %s", problem)
-            return dict(chosen)
+            top = self.trials.get(ready[1]) if ready is not None else None
+            decision = decide_explore(None if ready is None else ready[2], top.config if top is not None else None, pbt_config, self.config,
+                                      clipped=self.clip(pbt_config), in_flight_s=None if self._pending is None else started - self._pending[0])
+            self._record(decision, pbt_config, waited_s=time.monotonic() - started)
+            return dict(decision.config)
+
+    def _record(self, decision: ExploreDecision, pbt_config: dict[str, Any], *, waited_s: float) -> None:
+        keys = [key for key in self.config.space if key in pbt_config]
+        chosen = decision.config
+        row = {"time": time.time(), "source": decision.source, "problem": decision.problem, "proposal": decision.proposal,
+               "waited_s": round(waited_s, 4), "pbt_config": {key: pbt_config[key] for key in keys}, "config": {key: chosen[key] for key in keys},
+               "summary": ", ".join(f"{key}={chosen[key]:.3g}" if isinstance(chosen[key], float) else f"{key}={chosen[key]}" for key in keys)}
+        self.explores.append(row)
+        with open(self.log_path, "a") as log:
+            log.write(json.dumps(row, default=str) + "\n")
+        if decision.source == "fallback":
+            logger.info("explore fell back to PBT's perturbation: %s", decision.problem)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExploreDecision:
+    """What one PBT explore used: `source` "llm" (the advisor's proposal) or "fallback" (PBT's own, clipped), and why."""
+
+    source: Literal["llm", "fallback"]
+    config: dict[str, Any]
+    problem: str = ""  # why the advisor's proposal was not used; empty for "llm"
+    proposal: str | None = None  # the advisor's proposal, summarised, when there was one
+
+
+def decide_explore(answer: Any, top_config: dict[str, Any] | None, pbt_config: dict[str, Any], config: TuneConfig, *,
+                   clipped: dict[str, Any], in_flight_s: float | None) -> ExploreDecision:
+    """The explore decision from what is at hand now: a ready `answer` (asked about the trial whose config is
+    `top_config`), or none, with a question `in_flight_s` seconds old or none at all. Pure: it waits for nothing.
+
+    The advisor's proposal is used when it is usable and lands inside the search space; otherwise PBT's
+    perturbation (`clipped` into the space) stands, with the reason.
+    """
+    if answer is None or top_config is None:
+        problem = ("advisor answer not ready (asked {:.1f} s ago)".format(in_flight_s) if in_flight_s is not None
+                   else "no advisor answer asked yet (the population has not reported twice)")
+        return ExploreDecision(source="fallback", config=clipped, problem=problem)
+    proposal = getattr(answer, "proposal", None)
+    status = getattr(answer, "status", "?")
+    if status not in ("valid", "clamped") or proposal is None:
+        return ExploreDecision(source="fallback", config=clipped, problem=f"advisor answer unusable (status {status})")
+    explored, problem = proposal_config(proposal, top_config, pbt_config, config)
+    if explored is None:
+        return ExploreDecision(source="fallback", config=clipped, problem=problem, proposal=proposal.summary())
+    return ExploreDecision(source="llm", config=explored, proposal=proposal.summary())
