@@ -4,7 +4,9 @@ Snapshots become fixed-length, quantised feature vectors (`snapshot_features`); 
 nearest-neighbour search by Euclidean distance among entries of the same model signature
 (model kind and parameter-group names, so a cached proposal never names groups a model lacks)
 whose training change still fits the run's research modes (`orchestration.fitting.fit`: no
-unfreeze once nothing is frozen, no switch to the activation a layer already has).
+unfreeze once nothing is frozen, no switch to the activation a layer already has). A snapshot with a
+non-finite feature (a NaN or infinite loss, gradient norm, ...) is a diverged state: it never hits and
+is never stored, so it cannot be answered with what helped a healthy run.
 
 One cache can serve a whole population (a sweep's trials, through `orchestration.population`):
 every entry remembers the run that stored it, so a hit answered for another run is counted
@@ -59,8 +61,9 @@ def snapshot_features(snapshot: TrainingSnapshot, quantum: float) -> np.ndarray:
     accuracy, `log10 lr`, `log10(weight_decay + 1e-6)`, dropout, and per-layer statistics
     aggregated over layers (mean and max of `log10 grad_norm`, mean of `log10 update_ratio`,
     mean and max of `dead_fraction`) so the length does not depend on the number of layers.
-    Missing or non-finite values become 0. Each feature is rounded to a multiple of `quantum`:
-    `q(x) = quantum * round(x / quantum)`.
+    Missing values become 0; non-finite ones stay non-finite (NaN, +-inf), so that `ResponseCache`
+    can tell a diverged state from a healthy one (`is_comparable`). Each feature is rounded to a
+    multiple of `quantum`: `q(x) = quantum * round(x / quantum)`.
     """
     assert quantum > 0, quantum  # CoordinatorConfig.cache_quantum is checked > 0
     loss_history = snapshot.val_loss or snapshot.train_loss
@@ -70,8 +73,8 @@ def snapshot_features(snapshot: TrainingSnapshot, quantum: float) -> np.ndarray:
     trend = 0.0
     if len(loss_history) >= 2:
         start = loss_history[-min(_TREND_EPOCHS, len(loss_history))]
-        if start is not None and math.isfinite(start) and start != 0:
-            trend = (loss_history[-1] - start) / abs(start)
+        if start is not None and start != 0:
+            trend = (loss_history[-1] - start) / abs(start)  # NaN or inf when either end is
     gap = 0.0
     if train_loss is not None and val_loss is not None:
         gap = _safe_log(val_loss) - _safe_log(train_loss)
@@ -95,8 +98,14 @@ def snapshot_features(snapshot: TrainingSnapshot, quantum: float) -> np.ndarray:
         _mean(dead_fractions),
         max(dead_fractions, default=0.0),
     ]
-    features = np.nan_to_num(np.asarray(raw, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    return np.round(features / quantum) * quantum
+    with np.errstate(invalid="ignore"):
+        return np.round(np.asarray(raw, dtype=np.float64) / quantum) * quantum
+
+
+def is_comparable(features: np.ndarray) -> bool:
+    """Whether a feature vector may be matched at all: every feature finite. NaN and inf used to become 0,
+    which put a diverged run (NaN loss) at distance 0 from one whose loss is 1."""
+    return bool(np.all(np.isfinite(features)))
 
 
 def model_signature(snapshot: TrainingSnapshot) -> str:
@@ -160,6 +169,12 @@ class ResponseCache:
         another run's entry counts in `shared_hits`."""
         signature = model_signature(snapshot)
         features = snapshot_features(snapshot, self.quantum)
+        if not is_comparable(features):
+            with self._lock:
+                self.misses += 1
+            logger.debug("cache miss at epoch %d: non-finite features %s", snapshot.epoch,
+                         [name for name, value in zip(FEATURE_NAMES, features) if not math.isfinite(value)])
+            return None, math.inf
         with self._lock:
             best: CacheEntry | None = None
             best_distance = math.inf
@@ -180,10 +195,15 @@ class ResponseCache:
         return dataclasses.replace(best, proposal=Proposal.from_dict(best.proposal.to_dict())), best_distance
 
     def store(self, snapshot: TrainingSnapshot, proposal: Proposal, *, origin: str = "") -> None:
-        """Remember `proposal` as a good answer to `snapshot` (from run `origin`), evicting the oldest entry when full."""
+        """Remember `proposal` as a good answer to `snapshot` (from run `origin`), evicting the oldest entry when full.
+        A snapshot with non-finite features is not stored (it could never be matched)."""
+        features = snapshot_features(snapshot, self.quantum)
+        if not is_comparable(features):
+            logger.debug("not caching the answer at epoch %d: non-finite features", snapshot.epoch)
+            return
         entry = CacheEntry(
             signature=model_signature(snapshot),
-            features=snapshot_features(snapshot, self.quantum),
+            features=features,
             proposal=Proposal.from_dict(proposal.to_dict()),
             epoch=snapshot.epoch,
             origin=origin,
@@ -279,7 +299,8 @@ def _last(history: Sequence[float]) -> float | None:
 
 
 def _safe_log(value: float) -> float:
-    return math.log(max(value, _LOG_FLOOR)) if math.isfinite(value) else 0.0
+    """`ln value`, floored at `_LOG_FLOOR`; NaN and +inf stay what they are."""
+    return math.log(max(value, _LOG_FLOOR)) if math.isfinite(value) else value
 
 
 def _mean(values: Sequence[float]) -> float:

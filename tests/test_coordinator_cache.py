@@ -41,10 +41,32 @@ def test_features_have_fixed_length_and_are_quantised():
         np.testing.assert_allclose(features / 0.1, np.round(features / 0.1), atol=1e-9)
 
 
-def test_features_survive_empty_and_non_finite_snapshots():
+def test_features_survive_empty_snapshots_and_keep_non_finite_values():
     assert np.all(np.isfinite(snapshot_features(TrainingSnapshot(), quantum=0.1)))
     diverged = TrainingSnapshot(val_loss=[1.0, math.nan], train_loss=[math.inf])
-    assert np.all(np.isfinite(snapshot_features(diverged, quantum=0.1)))
+    features = dict(zip(FEATURE_NAMES, snapshot_features(diverged, quantum=0.1)))
+    assert math.isnan(features["log_loss"]) and math.isnan(features["loss_trend"]) and math.isnan(features["generalisation_gap"])
+
+
+def _flat(last_val_loss: float, grad_norm: float = 0.5) -> TrainingSnapshot:
+    snapshot = run_snapshot()
+    snapshot.train_loss, snapshot.val_loss = [1.0, 1.0, 1.0], [1.0, 1.0, last_val_loss]
+    snapshot.layers[0].grad_norm = grad_norm
+    return snapshot
+
+
+def test_a_diverged_state_never_matches_a_healthy_one():
+    """NaN and inf features used to become 0: a NaN val loss then looked exactly like a loss of 1 (ln 1 = 0),
+    so a diverged run was answered with what helped a healthy one."""
+    cache = ResponseCache(similarity=0.2, quantum=0.1)
+    cache.store(_flat(1.0), PROPOSAL)
+    assert cache.lookup(_flat(1.0))[0] == PROPOSAL
+    for diverged in (_flat(math.nan), _flat(math.inf), _flat(1.0, grad_norm=math.inf), _flat(1.0, grad_norm=math.nan)):
+        assert cache.lookup(diverged) == (None, math.inf)
+    # Nor is a diverged state's answer stored, to be matched later by anything.
+    cache.store(_flat(math.nan), PROPOSAL)
+    assert len(cache) == 1
+    assert (cache.hits, cache.misses) == (1, 4)
 
 
 def test_hit_on_near_identical_snapshot_and_miss_on_a_different_one():
