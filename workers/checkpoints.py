@@ -5,20 +5,37 @@ from the newest one that is intact (`choose_checkpoint`). A checkpoint that cann
 a `CheckpointError` (a `hybridtrain` error: the run cannot continue from it), raised by the loop that
 needed it, with the problem named here.
 
-Checkpoints written before manifests existed carry none; they are taken as they are.
+A directory without any manifest is incomplete: a kill during Train's copy or rotation leaves one
+(the manifests are written last), and taking it would fail on every restart until `max_failures` is
+spent. Checkpoints written before manifests existed carry none either: to resume from one, set
+`HYBRIDTRAIN_LEGACY_CHECKPOINTS=1` where the workers run (e.g. `ray.init(runtime_env={"env_vars": ...})`
+or the cluster's environment); it is taken as it is then.
+
+Every rank restores the same checkpoint: rank 0 chooses and broadcasts its choice
+(`agree_on_checkpoint`), since on shared storage with stale listings each rank's own look could
+find a different newest one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestration.errors import CheckpointError
 
-__all__ = ["MANIFEST", "CheckpointError", "checkpoint_problem", "choose_checkpoint", "write_manifest"]
+__all__ = ["LEGACY_CHECKPOINTS", "MANIFEST", "CheckpointError", "agree_on_checkpoint", "checkpoint_problem", "choose_checkpoint",
+           "write_manifest"]
 
 MANIFEST = "manifest-rank{rank}.json"
+LEGACY_CHECKPOINTS = "HYBRIDTRAIN_LEGACY_CHECKPOINTS"  # "1": a checkpoint without manifests is taken as it is
+
+
+def legacy_checkpoints_allowed() -> bool:
+    return os.environ.get(LEGACY_CHECKPOINTS, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _sha256(path: Path) -> str:
@@ -46,7 +63,10 @@ def checkpoint_problem(directory: str | Path) -> str | None:
         return f"{directory}: not a directory"
     manifests = sorted(directory.glob("manifest-rank*.json"))
     if not manifests:
-        return None  # written before manifests existed: nothing to check against
+        if legacy_checkpoints_allowed():
+            return None  # written before manifests existed, and the user said to take it: nothing to check against
+        return (f"{directory}: no manifest (an incomplete checkpoint: manifests are written last; "
+                f"one written before manifests existed is taken with {LEGACY_CHECKPOINTS}=1)")
     world_size = None
     for manifest in manifests:
         try:
@@ -87,3 +107,18 @@ def choose_checkpoint(root: str | Path | None, registered: str | Path | None) ->
             return candidate, problems
         problems.append(problem)
     return None, problems
+
+
+def agree_on_checkpoint(root: str | Path | None, registered: str | Path | None, *, rank: int,
+                        share: Callable[[Any], Any]) -> tuple[Path | None, list[str]]:
+    """`choose_checkpoint` on rank 0, and rank 0's choice on every rank.
+
+    `share` sends rank 0's value to every rank and returns it (`workers.engine.broadcast_from_rank0`, a
+    collective: every rank calls this). Other ranks do not look: their listing of shared storage may be
+    stale, and ranks restoring different epochs would train on inconsistent ZeRO shards."""
+    choice: tuple[str | None, list[str]] = (None, [])
+    if rank == 0:
+        chosen, problems = choose_checkpoint(root, registered)
+        choice = (None if chosen is None else str(chosen), problems)
+    chosen_path, problems = share(choice)
+    return (None if chosen_path is None else Path(chosen_path)), list(problems)

@@ -17,10 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from workers.checkpoints import CheckpointError, checkpoint_problem, choose_checkpoint
+from workers.checkpoints import CheckpointError, agree_on_checkpoint, checkpoint_problem
 from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
-from workers.engine import full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
+from workers.engine import broadcast_from_rank0, full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
 from workers.epoch import run_epoch, test_metrics, validate
 from workers.events import Components, Event
 from workers.loop import PLACEMENT, PLACEMENT_GROUP, PROGRESS, Loop, LoopState, prepare
@@ -91,7 +91,9 @@ def restore_or_begin(loop: Loop) -> list[str]:
     import ray.train
 
     registered = ray.train.get_checkpoint()
-    chosen, problems = choose_checkpoint(loop.plan.checkpoint_root, registered.path if registered is not None else None)
+    # Rank 0 chooses for all (collective): each rank's own look at shared storage could find another newest one.
+    chosen, problems = agree_on_checkpoint(loop.plan.checkpoint_root, registered.path if registered is not None else None,
+                                           rank=loop.rank, share=broadcast_from_rank0)
     for problem in problems:
         loop.log(f"checkpoint unusable: {problem}")
     if registered is not None and chosen is None:
