@@ -4,11 +4,19 @@ This is the one place that knows about ZeRO. Models stay plain `nn.Module`s; the
 and the advice path talk to the engine only through the functions here: building it, reading and
 writing full fp32 parameters, hyperparameters and optimizer state, checkpoint loading, and a
 digest of the whole training state (for exact-rollback checks).
+
+Checkpoints are loaded weights-only: DeepSpeed's own loader unpickles with `weights_only=False`, so a
+crafted file in a checkpoint (`--resume`, a restart, a PBT exploit, probation's rollback directory)
+would run its code. `load_engine_checkpoint` routes every file DeepSpeed reads through
+`weights_only_load`, which allows tensors, containers and the few DeepSpeed classes its checkpoints
+hold (`deepspeed_safe_globals`), and refuses anything else before it runs. The manifest beside the
+files proves only that they are whole, not who wrote them.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,13 +181,53 @@ def full_buffers(engine) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().cpu().clone() for name, buffer in engine.module.named_buffers()}
 
 
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed 0.19's checkpoints hold besides tensors and builtin containers, measured with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on fp32 and bf16 checkpoints of ZeRO 0-3: the
+    ZeRO stage (an enum), the static loss scaler (ZeRO 1-3) and the fragment addresses of ZeRO 1-2 and bf16.
+    Each is plain data to rebuild: no code of the checkpoint's choosing runs."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def weights_only_load(path: str, map_location: Any = None) -> Any:
+    """`torch.load(path, weights_only=True)` allowing only `deepspeed_safe_globals`. A file that asks for
+    anything else (a pickle payload's `os.system`, any class or function) is refused before it runs: a
+    `CheckpointError` naming the file and what it asked for."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        asked = str(error).split("\n\n")[0].split("\n")[-1].strip()
+        raise CheckpointError(f"{path}: refused to load: it holds more than weights (a crafted or foreign checkpoint?): {asked}") from None
+
+
+class WeightsOnlyLoads:
+    """A DeepSpeed checkpoint engine whose every `load` is `weights_only_load`; saving and the rest are the
+    wrapped engine's (DeepSpeed only calls its methods, it never checks its type)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return weights_only_load(path, map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def load_engine_checkpoint(engine, directory: str, tag: str) -> None:
-    """Load a DeepSpeed checkpoint (model, optimizer, scheduler) and leave the engine fully usable.
+    """Load a DeepSpeed checkpoint (model, optimizer, scheduler) weights-only and leave the engine fully usable.
 
     DeepSpeed 0.19's ZeRO-1/2 load re-links the fp32 weight fragments but not the optimizer-state
     fragments (its lazy-link flag stays set), so `safe_get_full_optimizer_state` would fail after
     a load; reset the flag and link them again.
     """
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyLoads):
+        engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
     path, _ = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint under {directory} (tag {tag!r})")
