@@ -21,18 +21,21 @@ cluster must fit it at once (asynchronous PBT pauses trials while any is pending
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cluster.experiment import ExperimentConfig, write_config
 from cluster.launch import TRIAL_CPU, deploy_served_advisor, needed_cpus, resolve_output_dir
 from cluster.placement import free_placement_groups
+from cluster.rundir import claim_directory
 from cluster.runtime import check_shared_storage, connect
-from cluster.sweep_callbacks import explore_feed, progress_table, sweep_series
+from cluster.sweep_callbacks import explore_feed, progress_table, ray_output_to, sweep_series
 from cluster.sweep_outputs import EXPLORE_DECISIONS, write_sweep_outputs
 from cluster.trial import trial_config, trial_main
 from orchestration.settings import ConfigError
@@ -43,6 +46,7 @@ TUNE_STORAGE = "ray"
 TUNE_RUN_NAME = "tune"
 POPULATION_COORDINATOR = "hybridtrain-population-{digest}"  # the sweep's shared coordinator actor, by sweep directory
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+TUNE_LOG = "logs/tune.log"  # in the sweep directory: Ray's and Tune's own output during the sweep
 
 
 def check_space(config: ExperimentConfig) -> None:
@@ -66,41 +70,49 @@ def trial_generator(tune_config: TuneConfig) -> Any:
 
 
 def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary."""
-    config, sweep_dir = resolve_output_dir("sweep", config, sweep_dir, resume=resume, address=address)
-    check_space(config)
-    # Starting a whole population at once on a small machine takes a while: give Train's worker groups
-    # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
-    # inherit this process's environment; set it on the cluster's nodes otherwise).
-    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
-    cluster = connect(config.cluster, min_cpus=needed_cpus(config, trials=config.tune.concurrency))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
-    if not resume:
-        write_config(config, sweep_dir / "config.yaml")
-    deploy_served_advisor(config.advisor, shared=True)
-    population = start_population(config, sweep_dir)
-    print(f"[hybridtrain] sweep {config.name!r}: {config.tune.scheduler}, {config.tune.num_samples} trials of {config.train.epochs} epochs "
-          f"-> {sweep_dir}", flush=True)
-    started = time.perf_counter()
-    tuner = build_tuner(config, sweep_dir, resume=resume, coordinator=population[:2] if population else None)
-    try:
-        results = tuner.fit()
-    finally:
-        free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
-        coordinator_stats = stop_population(population)
-    summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started, coordinator=coordinator_stats)
-    _print_outcome(summary, sweep_dir)
-    return summary
+    """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary.
+
+    The sweep directory is claimed first (`cluster.rundir.claim_directory`): a second driver on it is refused
+    before Ray starts. Ray's and Tune's own output goes to `SWEEP_DIR/logs/tune.log` (with `cluster.verbose`,
+    to the terminal too, as Ray prints it); the terminal shows hybridtrain's table and lines.
+    """
+    with claim_directory(sweep_dir, "sweep"):
+        config, sweep_dir = resolve_output_dir("sweep", config, sweep_dir, resume=resume, address=address)
+        check_space(config)
+        # Starting a whole population at once on a small machine takes a while: give Train's worker groups
+        # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
+        # inherit this process's environment; set it on the cluster's nodes otherwise).
+        os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
+        cluster = connect(config.cluster, min_cpus=needed_cpus(config, trials=config.tune.concurrency))
+        check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
+        if not resume:
+            write_config(config, sweep_dir / "config.yaml")
+        deploy_served_advisor(config.advisor, shared=True)
+        population = start_population(config, sweep_dir)
+        print(f"[hybridtrain] sweep {config.name!r}: {config.tune.scheduler}, {config.tune.num_samples} trials of {config.train.epochs} epochs "
+              f"-> {sweep_dir}" + ("" if config.cluster.verbose else f"; Ray's and Tune's own output: {sweep_dir / TUNE_LOG}"), flush=True)
+        started = time.perf_counter()
+        output = contextlib.nullcontext(sys.stdout) if config.cluster.verbose else ray_output_to(sweep_dir / TUNE_LOG)
+        try:
+            with output as terminal:
+                tuner = build_tuner(config, sweep_dir, resume=resume, coordinator=population[:2] if population else None, terminal=terminal)
+                results = tuner.fit()
+        finally:
+            free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
+            coordinator_stats = stop_population(population)
+        summary = write_sweep_outputs(config, sweep_dir, results, wall_s=time.perf_counter() - started, coordinator=coordinator_stats)
+        _print_outcome(summary, sweep_dir)
+        return summary
 
 
-def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coordinator: tuple[str, str] | None):
+def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coordinator: tuple[str, str] | None, terminal: TextIO | None = None):
     """The sweep's `Tuner`: restored from `sweep_dir` on `resume` if Tune saved its state there (finished
-    trials are not run again), else a new one whose trials open their runs in `coordinator`."""
+    trials are not run again), else a new one whose trials open their runs in `coordinator`. Its progress
+    table prints to `terminal` (default: standard output)."""
     from ray import tune
 
     tune_config = config.tune
-    callbacks, explorer = _tune_callbacks(config, sweep_dir)
+    callbacks, explorer = _tune_callbacks(config, sweep_dir, terminal)
     # A trial is only the Train driver: a token share of a CPU (Tune refuses an empty request); the workers'
     # resources are reserved once, by Train, from ScalingConfig.
     trainable = tune.with_resources(tune.with_parameters(trial_main, base=config.to_dict(), sweep_dir=str(sweep_dir), coordinator=coordinator),
@@ -124,10 +136,10 @@ def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coor
     )
 
 
-def _tune_callbacks(config: ExperimentConfig, sweep_dir: Path) -> tuple[list[Any], Any]:
+def _tune_callbacks(config: ExperimentConfig, sweep_dir: Path, terminal: TextIO | None = None) -> tuple[list[Any], Any]:
     """The sweep's Tune callbacks, and the LLM explorer (None unless `tune.llm_explore`) that one of them feeds."""
     tune_config = config.tune
-    callbacks = [progress_table(tune_config.metric), sweep_series(sweep_dir, config.name, tune_config.metric, tune_config.mode)]
+    callbacks = [progress_table(tune_config.metric, stream=terminal), sweep_series(sweep_dir, config.name, tune_config.metric, tune_config.mode)]
     if not tune_config.llm_explore:
         return callbacks, None
     from serve_llm.client import make_client

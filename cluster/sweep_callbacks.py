@@ -1,12 +1,18 @@
 """Tune callbacks of a sweep, all observers run in the Tune driver: a live progress table, the
-population's telemetry series, and the feed that keeps the LLM explorer's population table current."""
+population's telemetry series, and the feed that keeps the LLM explorer's population table current;
+and `ray_output_to`, which keeps Ray's and Tune's own output off the sweep's terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cluster.sweep_outputs import EXPLORES, count_lines
 from orchestration.telemetry import Telemetry
@@ -24,8 +30,9 @@ def explore_feed(explorer):
     return ExploreFeed()
 
 
-def progress_table(metric: str, every_s: float = 10.0):
-    """A compact live table (trial, status, epoch, score, lr) instead of Ray's raw log stream."""
+def progress_table(metric: str, every_s: float = 10.0, stream: TextIO | None = None):
+    """A compact live table (trial, status, epoch, score, lr) instead of Ray's raw log stream, printed to
+    `stream` (the terminal `ray_output_to` yields; default: standard output at the time of printing)."""
     from ray.tune import Callback
 
     class ProgressTable(Callback):
@@ -49,7 +56,7 @@ def progress_table(metric: str, every_s: float = 10.0):
                 score, lr = row.get("score"), row.get("lr")
                 lines.append(f"[hybridtrain] {str(trial):<28} {trial.status:<11} {row.get('epoch') or '-':>5} "
                              f"{'-' if score is None else f'{score:.4f}':>12} {'-' if lr is None else f'{lr:.2e}':>9}")
-            print("\n".join(lines), flush=True)
+            print("\n".join(lines), file=stream or sys.stdout, flush=True)
 
     return ProgressTable()
 
@@ -81,3 +88,42 @@ def sweep_series(sweep_dir: Path, name: str, metric: str, mode: str):
             self.telemetry.close()
 
     return SweepSeries()
+
+
+@contextlib.contextmanager
+def ray_output_to(log_path: Path) -> Iterator[TextIO]:
+    """While the context lasts, everything Ray and Tune print in this process goes to `log_path` (appended):
+    Tune's configuration box, its warnings (`reuse_actors`, "on_trial_result took 20.0 s"), the raylet's
+    messages pushed to the driver ("N PYTHON worker processes have been started"), Python warnings. Yields
+    the terminal, on which hybridtrain's own table and lines go on being printed.
+
+    Tune prints at verbose=0 too (its configuration box), Ray's pushed messages go to `sys.stdout` as it is
+    when they arrive, and Ray's loggers hold the stream they were set up with: so both the standard streams
+    and the stream handlers that write to them are pointed at the log, and put back at the end.
+    """
+    terminal, streams = sys.stdout, (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log, _stream_handlers_to(log, streams), contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log), warnings.catch_warnings():
+        warnings.simplefilter("default")  # each warning once per place, into the log (whoever set showwarning before)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        yield terminal
+
+
+@contextlib.contextmanager
+def _stream_handlers_to(log: TextIO, streams: tuple[Any, ...]) -> Iterator[None]:
+    """Point every logging handler that writes to one of the terminal's `streams` at `log`; restore them at the end."""
+    terminal_streams = {id(stream) for stream in streams}
+    loggers = [logging.getLogger()] + [item for item in logging.root.manager.loggerDict.values() if isinstance(item, logging.Logger)]
+    moved: list[tuple[logging.StreamHandler, Any]] = []
+    for handler in {handler for item in loggers for handler in item.handlers}:
+        follows = isinstance(getattr(type(handler), "stream", None), property)  # writes to sys.stderr as it is: redirected already
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and not follows \
+                and id(handler.stream) in terminal_streams:
+            moved.append((handler, handler.setStream(log)))
+    try:
+        yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)
