@@ -70,6 +70,10 @@ class CoordinatorConfig:
     reset_optimizer_moments: bool = False  # zero Adam moments of changed groups after applying
     verify_rollback: bool = False  # hash full weights + optimizer moments before/after each rollback (costly on big models)
     apply_hyperparameters: bool = True
+    # Cap on the learning-rate schedule's peak, as a multiple of the configured train.lr, over all accepted changes
+    # together (each answer may scale lr by 0.1-10x; four accepted 10x raises took 1e-4 to 1.0). A raise past it is cut
+    # to reach it, and the ledger says so. 0 = no cap.
+    max_lr_factor: float = 10.0
     apply_weights: bool = True
     neuron_groups: bool = False  # one alpha per group of a layer's neurons (k-means on activation statistics, log2(width) groups), not per layer
     regroup_every: int = 5  # epochs between re-clusterings of the neuron groups
@@ -106,6 +110,7 @@ class CoordinatorConfig:
         require(self.alpha_min <= self.alpha_max, "coordinator.alpha_max", self.alpha_max, f"must be >= alpha_min ({self.alpha_min!r})")
         require(self.stability_alpha == 0.0 or self.alpha_min <= self.stability_alpha <= self.alpha_max, "coordinator.stability_alpha",
                 self.stability_alpha, f"must be 0 or in [alpha_min, alpha_max] = [{self.alpha_min!r}, {self.alpha_max!r}]")
+        require(self.max_lr_factor == 0 or self.max_lr_factor >= 1, "coordinator.max_lr_factor", self.max_lr_factor, "must be 0 (no cap) or >= 1")
         require(self.alpha_up >= 1.0, "coordinator.alpha_up", self.alpha_up, "must be >= 1")
         require(0.0 < self.alpha_down <= 1.0, "coordinator.alpha_down", self.alpha_down, "must be in (0, 1]")
         require(self.advice_mode in ADVICE_MODES, "coordinator.advice_mode", self.advice_mode, f"must be one of {ADVICE_MODES}")

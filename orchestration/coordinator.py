@@ -114,6 +114,27 @@ def choose_source(prompt: TrainingSnapshot, *, config: CoordinatorConfig, cache:
     return Source("cache", f"{learned}cache distance {distance:.3g}", entry.proposal)
 
 
+def cap_lr_scale(proposal: Proposal, *, lr_factor: float, max_lr_factor: float) -> tuple[Proposal, str]:
+    """`proposal` with its lr raise cut so the schedule's peak stays within `max_lr_factor` times the configured lr,
+    and what was done ("" when the cap does not bind): `(capped, note)`.
+
+    The peak after the change is `lr_factor * lr_scale` (of train.lr); a raise past the cap becomes
+    `lr_scale = max(1, max_lr_factor / lr_factor)`, so it reaches the cap and never turns into a cut, and a scale of 1
+    leaves lr alone (`None`). Cuts are never touched; `max_lr_factor` 0 (or a non-finite `lr_factor`) changes nothing.
+    """
+    scale = proposal.hyperparameters.lr_scale
+    if max_lr_factor <= 0 or scale is None or scale <= 1 or not math.isfinite(lr_factor) or lr_factor <= 0:
+        return proposal, ""
+    if lr_factor * scale <= max_lr_factor * (1 + 1e-9):
+        return proposal, ""
+    allowed = max(1.0, max_lr_factor / lr_factor)
+    capped = dataclasses.replace(proposal, hyperparameters=dataclasses.replace(proposal.hyperparameters,
+                                                                                lr_scale=None if allowed == 1.0 else allowed))
+    note = (f"lr_scale {scale:g} capped to {allowed:g}: lr would reach {lr_factor * scale:g}x train.lr, "
+            f"coordinator.max_lr_factor is {max_lr_factor:g} (now at {lr_factor:g}x)")
+    return capped, note
+
+
 def _still_found(asked: TrainingSnapshot, now: Diagnosis) -> bool:
     """Whether a finding the query `asked` about is present in the diagnosis `now` (any finding, without a menu)."""
     remedies = {option.remedy for option in asked.menu if option.remedy}
@@ -408,7 +429,14 @@ class Coordinator:
         source: Literal["advisor", "cache"],
         at: TrainingSnapshot,
         answer: AdvisorResponse | None = None,
-    ) -> Apply:
+    ) -> Decision:
+        """Put `proposal` on probation (an `Apply`), its lr raise capped first (`cap_lr_scale`); a proposal the cap
+        leaves nothing of is recorded and training continues."""
+        proposal, capped = cap_lr_scale(proposal, lr_factor=at.lr_factor, max_lr_factor=self.config.max_lr_factor)
+        if capped and proposal.is_noop():
+            self._record("proposal", epoch=at.epoch, step=at.step, reason=f"{capped}; nothing else to apply", query_id=query_id,
+                         proposal=proposal, answer=answer)
+            return Continue(f"{query_id}: {capped}", asked_now=source == "cache")  # a cache hit answers a query made now
         neuron_groups = at.modes_view().neuron_groups if self.config.neuron_groups else {}
         alphas = self.alphas.for_proposal(proposal, expand=lambda group: neuron_group_keys(group, neuron_groups))
         groups = list(alphas)
@@ -416,7 +444,7 @@ class Coordinator:
             "proposal",
             epoch=at.epoch,
             step=at.step,
-            reason=proposal.reason,
+            reason=f"{proposal.reason}; {capped}" if capped else proposal.reason,
             query_id=query_id,
             proposal=proposal,
             alphas=alphas,

@@ -307,6 +307,9 @@ class TrainingSnapshot:
     train_accuracy: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     hyperparameters: dict[str, float] = field(default_factory=dict)  # lr, weight_decay, dropout, momentum, batch_size
+    # The learning-rate schedule's peak over the configured one (train.lr): what the accepted lr changes multiplied up
+    # to (1 = as configured; the schedule's warm-up and decay do not count). `coordinator.max_lr_factor` caps it.
+    lr_factor: float = 1.0
     layers: list[LayerStats] = field(default_factory=list)
     recent_proposals: list[ProposalOutcome] = field(default_factory=list)
     diagnosis: Diagnosis | None = None  # set by the coordinator on the copy it sends to the advisor

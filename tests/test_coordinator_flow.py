@@ -380,3 +380,47 @@ def test_no_wait_for_an_answer_whose_finding_is_gone(advisor):
     started = time.monotonic()
     assert coordinator.on_epoch_end(snapshot_at(3)) == Continue("waiting for advisor answer r:q1")  # healthy again
     assert time.monotonic() - started < 1.0
+
+
+RAISE_10X = Proposal(hyperparameters=HyperparameterChange(lr_scale=10.0), reason="learning slowly")
+
+
+def test_cap_lr_scale_cuts_a_raise_to_reach_the_cap_and_leaves_cuts_alone() -> None:
+    from orchestration.coordinator import cap_lr_scale
+
+    assert cap_lr_scale(RAISE_10X, lr_factor=1.0, max_lr_factor=10.0) == (RAISE_10X, "")  # reaches the cap exactly
+    capped, note = cap_lr_scale(RAISE_10X, lr_factor=4.0, max_lr_factor=10.0)
+    assert capped.hyperparameters.lr_scale == pytest.approx(2.5) and capped.reason == RAISE_10X.reason
+    assert note == "lr_scale 10 capped to 2.5: lr would reach 40x train.lr, coordinator.max_lr_factor is 10 (now at 4x)"
+    at_cap, _ = cap_lr_scale(RAISE_10X, lr_factor=12.0, max_lr_factor=10.0)  # above the cap already: no raise, and no cut either
+    assert at_cap.hyperparameters.lr_scale is None and at_cap.is_noop()
+    cut = Proposal(hyperparameters=HyperparameterChange(lr_scale=0.1))
+    assert cap_lr_scale(cut, lr_factor=50.0, max_lr_factor=10.0) == (cut, "")
+    assert cap_lr_scale(RAISE_10X, lr_factor=1e4, max_lr_factor=0.0) == (RAISE_10X, "")  # 0: no cap
+    with pytest.raises(ValueError, match="coordinator.max_lr_factor"):
+        CoordinatorConfig(max_lr_factor=0.5)
+
+
+def test_accepted_lr_raises_stop_compounding_at_the_cap(advisor) -> None:
+    """Four accepted 10x raises took 1e-4 to 1.0: each answer is bounded (0.1-10x), their product was not."""
+    coordinator = Coordinator(config(cache_enabled=False, max_lr_factor=10.0), advisor)
+    lr_factor, applied = 1.0, []
+    for epoch in (2, 4, 6, 8):
+        asking = dataclasses.replace(snapshot_at(epoch), lr_factor=lr_factor)
+        assert isinstance(coordinator.on_epoch_end(asking), Continue)
+        advisor.answer(fake_answer(dataclasses.replace(RAISE_10X, weights=list(PROPOSAL.weights))))
+        decision = coordinator.on_epoch_end(dataclasses.replace(snapshot_at(epoch + 1), lr_factor=lr_factor))
+        assert isinstance(decision, Apply)
+        scale = decision.proposal.hyperparameters.lr_scale
+        applied.append(scale)
+        assert coordinator.report_probation(decision.query_id, GOOD, REFERENCE).accepted
+        lr_factor *= scale if scale is not None else 1.0  # what the workers' schedule then holds
+    assert applied == [10.0, None, None, None] and lr_factor == 10.0
+    capped = [row for row in coordinator.ledger_records() if row["kind"] == "proposal" and "capped" in row["reason"]]
+    assert len(capped) == 3 and "coordinator.max_lr_factor is 10 (now at 10x)" in capped[0]["reason"]
+    # A raise with nothing else in it is dropped once capped to nothing: recorded, and training goes on.
+    assert isinstance(coordinator.on_epoch_end(dataclasses.replace(snapshot_at(10), lr_factor=10.0)), Continue)
+    advisor.answer(fake_answer(RAISE_10X))
+    decision = coordinator.on_epoch_end(dataclasses.replace(snapshot_at(11), lr_factor=10.0))
+    assert isinstance(decision, Continue) and "capped to 1" in decision.reason and not coordinator.in_flight
+    assert coordinator.ledger_records()[-1]["reason"].endswith("nothing else to apply")

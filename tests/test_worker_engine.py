@@ -90,12 +90,14 @@ class ScriptedLink:
     def __init__(self, decisions) -> None:
         self.decisions = list(decisions)
         self.drifts: list[float] = []
+        self.snapshots: list = []
         self.disabled_reason = ""
         self.incidents: list = []
         self.reachable = True
 
     def on_epoch_end(self, snapshot, weight_drift, *, epoch):
         self.drifts.append(weight_drift)
+        self.snapshots.append(snapshot)
         return True, self.decisions.pop(0)
 
 
@@ -133,3 +135,28 @@ def test_weight_drift_is_measured_from_the_last_query(single_process_group, tmp_
     # Asked at epoch 2: from then on drift is measured from epoch 2's weights, not from the last epoch's.
     assert link.drifts[2] == pytest.approx(drift(weights[2], weights[1]), rel=1e-5)
     assert link.drifts[3] == pytest.approx(drift(weights[3], weights[1]), rel=1e-5)
+
+
+def test_the_snapshot_carries_the_lr_factor_the_accepted_changes_multiplied_up_to(single_process_group, tmp_path) -> None:
+    """`coordinator.max_lr_factor` caps lr raises by it: the schedule's peak over the configured lr, whatever
+    the warm-up or decay does to the lr of the moment."""
+    from workers.advice import AdviceSettings, WorkerAdvice
+    from workers.engine import read_hyperparameters, write_hyperparameters
+    from workers.probation import ProbationRunner
+
+    engine = _engine(0)
+    settings = AdviceSettings(coordinator="unused", namespace="unused", run_id="t", run_key="t", history_window=8)
+    from orchestration.protocol import Continue
+
+    link = ScriptedLink([Continue("no query trigger")])
+    advice = WorkerAdvice(settings=settings, engine=engine, rank=0, model_kind="cnn2d", total_epochs=4, batch_size=32,
+                          observer=AdviceObserver(engine=engine, world_size=1), link=link,
+                          probation=ProbationRunner(engine=engine, rank=0, batch_size=32, rollback_dir=tmp_path / "rb"))
+    assert advice.configured_lr == TrainConfig().lr and advice.lr_factor() == 1.0
+    current = read_hyperparameters(engine, batch_size=32)
+    write_hyperparameters(engine, {**current, "lr": current["lr"] * 4}, batch_size=32)  # an accepted 4x raise
+    engine.lr_scheduler.step()  # the schedule moves on: the factor does not
+    assert advice.lr_factor() == pytest.approx(4.0)
+    advice._ask(epoch=1, step=4, history=[{"train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}],
+                params=full_fp32_params(engine))
+    assert link.snapshots[0].lr_factor == pytest.approx(4.0)

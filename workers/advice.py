@@ -72,6 +72,19 @@ class WorkerAdvice:
     link: CoordinatorLink | None = None  # rank 0 only
     modes: Any = None  # the run's `workers.modes.TrainingModes`: described in each snapshot
     incidents: list[dict[str, Any]] = field(default_factory=list)  # carried over from earlier attempts
+    # The first parameter group's configured peak lr (train.lr): read off the schedule when this is built, which is
+    # before any checkpoint is restored (`train_loop_per_worker` builds the components first).
+    configured_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.configured_lr is None:
+            self.configured_lr = float(self.engine.lr_scheduler.base_lrs[0])
+
+    def lr_factor(self) -> float:
+        """The schedule's peak lr over the configured one: the product of the lr changes accepted (and kept) so far,
+        after a restart or a PBT exploit too (the restored schedule carries them; a mutated train.lr resets it)."""
+        configured = self.configured_lr or 0.0
+        return float(self.engine.lr_scheduler.base_lrs[0]) / configured if configured > 0 else 1.0
 
     @classmethod
     def create(cls, settings: AdviceSettings, engine: Any, *, rank: int, world_size: int, model_kind: str, total_epochs: int,
@@ -120,6 +133,7 @@ class WorkerAdvice:
                                           epoch=epoch, step=step, history=history, params=params,
                                           hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window,
                                           modes=self._modes())
+        snapshot.lr_factor = self.lr_factor()  # the coordinator caps lr raises by it (coordinator.max_lr_factor)
         reached, decision = self.link.on_epoch_end(snapshot, drift, epoch=epoch)
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")
 

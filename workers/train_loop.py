@@ -40,6 +40,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     plan = WorkerPlan.from_loop_config(loop_config)
     loop = prepare(plan)
+    # Built before restoring: the advice reads the configured peak lr off the fresh schedule (`WorkerAdvice.configured_lr`).
     loop.components = Components.build((*BUILT_IN, *plan.extra_components), loop)
     problems = restore_or_begin(loop)
     loop.state.nodes = loop.nodes
