@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -32,49 +33,52 @@ HISTORIES = (("train_loss",), ("val_loss",), ("train_accuracy",), ("val_accuracy
              ("modes", "free_values", "history"))
 
 
-class RouteRefused(ValueError):
+@dataclass(frozen=True, slots=True)
+class Refusal:
     """A POST the HTTP route answers with a 4xx and its reason, without asking the backend."""
 
-    def __init__(self, status_code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status_code = status_code
+    status_code: int
+    error: str
 
 
-def refuse_declared_length(content_length: str | None, max_bytes: int) -> None:
+def refuse_declared_length(content_length: str | None, max_bytes: int) -> Refusal | None:
     """Refuse (413) a body whose announced length passes `max_bytes`, before any of it is read."""
     if content_length is not None and content_length.strip().isdigit() and int(content_length) > max_bytes:
-        raise RouteRefused(413, f"body of {int(content_length)} bytes is over advisor.max_request_bytes={max_bytes}")
+        return Refusal(413, f"body of {int(content_length)} bytes is over advisor.max_request_bytes={max_bytes}")
+    return None
 
 
-def parse_posted_snapshot(body: bytes, *, max_bytes: int, max_history: int) -> dict[str, Any]:
-    """The snapshot dict a POST carries, checked before it costs anything: at most `max_bytes` (413), a JSON object
-    (400; nesting too deep to parse counts as not JSON), and no history longer than `max_history` entries (422)."""
+def parse_posted_snapshot(body: bytes, *, max_bytes: int, max_history: int) -> dict[str, Any] | Refusal:
+    """The snapshot dict a POST carries, checked before it costs anything, or why it is refused: over `max_bytes`
+    (413), not a JSON object (400; nesting too deep to parse counts as not JSON), a history longer than
+    `max_history` entries (422)."""
     if len(body) > max_bytes:
-        raise RouteRefused(413, f"body of {len(body)} bytes is over advisor.max_request_bytes={max_bytes}")
+        return Refusal(413, f"body of {len(body)} bytes is over advisor.max_request_bytes={max_bytes}")
     try:
         snapshot = json.loads(body)
     except (ValueError, RecursionError) as error:
-        raise RouteRefused(400, f"body is not JSON: {type(error).__name__}: {str(error)[:200]}") from error
+        return Refusal(400, f"body is not JSON: {type(error).__name__}: {str(error)[:200]}")
     if not isinstance(snapshot, dict):
-        raise RouteRefused(400, f"body must be a JSON object (a snapshot), got {type(snapshot).__name__}")
+        return Refusal(400, f"body must be a JSON object (a snapshot), got {type(snapshot).__name__}")
     for path in HISTORIES:
         value: Any = snapshot
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, list) and len(value) > max_history:
-            raise RouteRefused(422, f"snapshot {'.'.join(path)} has {len(value)} entries, over advisor.max_history={max_history}")
+            return Refusal(422, f"snapshot {'.'.join(path)} has {len(value)} entries, over advisor.max_history={max_history}")
     return snapshot
 
 
-async def read_limited(chunks: Any, max_bytes: int) -> bytes:
-    """The body from an async iterator of chunks (starlette's `request.stream()`), refused (413) as soon as it passes
-    `max_bytes`: a body without a length, or longer than it announced, is never read whole."""
+async def read_limited(chunks: Any, max_bytes: int) -> bytes | Refusal:
+    """The body from an async iterator of chunks (starlette's `request.stream()`), or a refusal (413) as soon as it
+    passes `max_bytes`: a body without a length, or longer than it announced, is never read whole."""
     body = bytearray()
     async for chunk in chunks:
         body += chunk
         if len(body) > max_bytes:
-            raise RouteRefused(413, f"body is over advisor.max_request_bytes={max_bytes}")
+            return Refusal(413, f"body is over advisor.max_request_bytes={max_bytes}")
     return bytes(body)
+
 
 DEPLOYMENT_NAME = "AdvisorDeployment"
 HEALTH_CHECK_PERIOD_S = 10.0
@@ -210,13 +214,14 @@ class AdvisorDeployment:
         if request.method != "POST":
             return JSONResponse({"error": f"method {request.method} not allowed"}, status_code=405)
         limit = self._config.max_request_bytes
-        try:
-            refuse_declared_length(request.headers.get("content-length"), limit)
-            body = parse_posted_snapshot(await read_limited(request.stream(), limit), max_bytes=limit,
-                                         max_history=self._config.max_history)
-        except RouteRefused as refused:
-            return JSONResponse({"error": str(refused)}, status_code=refused.status_code)
-        return JSONResponse(await self.propose(body))
+        snapshot = refuse_declared_length(request.headers.get("content-length"), limit)
+        if snapshot is None:
+            body = await read_limited(request.stream(), limit)
+            snapshot = body if isinstance(body, Refusal) else parse_posted_snapshot(body, max_bytes=limit,
+                                                                                   max_history=self._config.max_history)
+        if isinstance(snapshot, Refusal):
+            return JSONResponse({"error": snapshot.error}, status_code=snapshot.status_code)
+        return JSONResponse(await self.propose(snapshot))
 
 
 def deployment_options(config: AdvisorConfig) -> dict[str, Any]:

@@ -30,24 +30,19 @@ def is_loopback(host: str) -> bool:
     if host.strip().lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip().strip("[]"))
     except ValueError:
         return False
-
-
-class ReplyRefused(OSError):
-    """The endpoint answered, but with something that is not read: a redirect, an error status, a reply over the cap."""
-
-
-class ReplyTimeout(TimeoutError):
-    """The whole exchange did not finish within its deadline."""
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket shows an IPv4 bind
+    return (mapped or address).is_loopback
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], *, deadline_s: float, max_bytes: int) -> bytes:
     """POST `body` to `url`; the reply's body, read whole within `deadline_s` seconds and at most `max_bytes` long.
 
-    Raises `ReplyTimeout` past the deadline, `ReplyRefused` for a redirect, a non-2xx status or a reply over the cap,
-    and `OSError`/`http.client.HTTPException` for a connection that fails."""
+    Raises `TimeoutError` past the deadline; `OSError` for a redirect, a non-2xx status or a reply over the cap (the
+    endpoint answered with something that is not read), and for a connection that fails; `http.client.HTTPException`
+    for a reply that is not HTTP."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
@@ -69,12 +64,12 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, deadline_s: flo
             watchdog.cancel()
     except (OSError, http.client.HTTPException) as error:
         if cut.is_set():
-            raise ReplyTimeout(f"no complete reply from {url} within {deadline_s:g}s") from error
+            raise TimeoutError(f"no complete reply from {url} within {deadline_s:g}s") from error
         raise
     finally:
         connection.close()
     if cut.is_set():  # the watchdog's shutdown can read as a clean end of a reply without a length
-        raise ReplyTimeout(f"no complete reply from {url} within {deadline_s:g}s")
+        raise TimeoutError(f"no complete reply from {url} within {deadline_s:g}s")
     return reply
 
 
@@ -92,24 +87,24 @@ def _shut(sock: socket.socket | None, cut: threading.Event) -> None:
 def _refuse_unwanted_status(response: http.client.HTTPResponse, url: str) -> None:
     if 300 <= response.status < 400:
         target = (response.getheader("Location") or "no Location")[:200]
-        raise ReplyRefused(f"{url} answered HTTP {response.status} redirecting to {target}: redirects are not followed (the API "
+        raise OSError(f"{url} answered HTTP {response.status} redirecting to {target}: redirects are not followed (the API "
                            "key would go with them); set advisor.endpoint to the URL that answers")
     if not 200 <= response.status < 300:
         excerpt = response.read1(300).decode("utf-8", errors="replace")
-        raise ReplyRefused(f"HTTP {response.status} {response.reason}: {excerpt}")
+        raise OSError(f"HTTP {response.status} {response.reason}: {excerpt}")
 
 
 def _read_capped(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
     """The body, refused as soon as it is known to pass `max_bytes` (by its announced length, else while reading)."""
     announced = response.getheader("Content-Length", "")
     if announced.strip().isdigit() and int(announced) > max_bytes:
-        raise ReplyRefused(f"the reply announces {int(announced)} bytes, over advisor.max_reply_bytes={max_bytes}")
+        raise OSError(f"the reply announces {int(announced)} bytes, over advisor.max_reply_bytes={max_bytes}")
     chunks: list[bytes] = []
     size = 0
     while chunk := response.read1(READ_CHUNK):  # one socket read at a time: the cap is checked between them
         size += len(chunk)
         if size > max_bytes:
-            raise ReplyRefused(f"the reply passed advisor.max_reply_bytes={max_bytes} bytes; the rest was not read")
+            raise OSError(f"the reply passed advisor.max_reply_bytes={max_bytes} bytes; the rest was not read")
         chunks.append(chunk)
     if response.length:  # a Content-Length reply cut short
         raise http.client.IncompleteRead(b"".join(chunks), response.length)
