@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def _usable_config(args: argparse.Namespace) -> AdvisorConfig | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cluster.runtime import prepare_to_join
+
+    prepare_to_join(args.address or os.environ.get("RAY_ADDRESS"))  # before Ray is imported (serve_llm.deployment does)
     from serve_llm.deployment import deploy_advisor, http_url
 
     config = _usable_config(args)
@@ -92,6 +96,9 @@ def _ask(args: argparse.Namespace) -> int:
         return 2
     client: Any
     if config.is_served:
+        from cluster.runtime import prepare_to_join
+
+        prepare_to_join(args.address or os.environ.get("RAY_ADDRESS"))  # before Ray is imported
         from serve_llm.deployment import deploy_advisor, get_advisor_handle, is_deployed
 
         _connect(args.address)

@@ -228,6 +228,9 @@ def _add_jobs(subparsers) -> None:
         command.set_defaults(func=_cmd_jobs)
     cluster = subparsers.add_parser("cluster", help="start, stop or inspect a local Ray head node")
     cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                         help="up: this node's address on a network for other machines to join (turns token auth on, creating "
+                              "a token if none exists); default 127.0.0.1: every Ray service listens on loopback only")
     cluster.add_argument("--port", type=int, default=6379, help="up: the GCS port")
     cluster.add_argument("--dashboard-port", type=int, default=8265, help="up: the dashboard port (bound to 127.0.0.1)")
     cluster.add_argument("--num-cpus", type=int, help="up: CPUs to advertise")
@@ -277,7 +280,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from cluster import jobs
 
     if args.action == "up":
-        print(jobs.cluster_up(port=args.port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus))
+        print(jobs.cluster_up(host=args.host, port=args.port, dashboard_port=args.dashboard_port, num_cpus=args.num_cpus))
     elif args.action == "down":
         if not jobs.cluster_down():
             print("[hybridtrain] no head node started by `hybridtrain cluster up` is running (`ray stop` stops every Ray on this machine)")
@@ -308,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     args = build_parser().parse_args(argv)
     if args.command in ("run", "tune", "cluster") and (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or args.command == "cluster"):
-        from cluster.runtime import use_token_if_available
+        from cluster.runtime import prepare_to_join
 
-        use_token_if_available()  # joining a cluster: before anything imports Ray
+        prepare_to_join(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))  # joining a cluster: before anything imports Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:  # ours only: other libraries' debug output (matplotlib, urllib3, filelock) is noise here
         for package in PACKAGES:

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.runtime import read_token
+from cluster.runtime import SINGLE_MACHINE, current_cluster_record, ensure_token, prepare_to_join, read_token
 from orchestration.errors import ClusterError, JobError, UsageError
+from serve_llm.net import is_loopback
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -128,34 +129,85 @@ def exit_code(final_status: str) -> int:
 
 DEFAULT_AGENT_PORT = 52365  # Ray's dashboard agent HTTP port
 HEAD_STATE = Path.home() / ".hybridtrain" / "head.json"  # what `cluster up` started, for `cluster down`
+LOOPBACK = "127.0.0.1"
 
 
-def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None, timeout_s: float = 300.0) -> str:
-    """`ray start --head --block` in its own process group, dashboard on 127.0.0.1; wait until the Jobs API
-    answers; return what to tell the user. `cluster_down` stops exactly that process group (not `ray stop`,
+def head_command(*, host: str, port: int, dashboard_port: int, agent_port: int, num_cpus: int | None) -> tuple[list[str], dict[str, str]]:
+    """The `ray start --head --block` command line for a head node on `host`, and the environment it adds.
+
+    A loopback `host` gives a head only this machine reaches (single-machine mode). Any other address is the node's
+    address on a network, which other machines join: Ray then listens on every interface, so token auth is forced on
+    (`RAY_AUTH_MODE=token`; `cluster_up` makes sure a token exists). The dashboard stays on 127.0.0.1 either way."""
+    network = not is_loopback(host)
+    command = ["ray", "start", "--head", "--block", f"--node-ip-address={host if network else LOOPBACK}", f"--port={port}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+               "--include-dashboard=true", "--disable-usage-stats"]
+    command += [f"--num-cpus={num_cpus}"] if num_cpus else []
+    return command, ({"RAY_AUTH_MODE": "token"} if network else dict(SINGLE_MACHINE))
+
+
+def _check_host(host: str) -> bool:
+    """Whether `host` is a network address (a loopback one is not); a wildcard or an empty host is refused."""
+    if host.strip() in ("", "0.0.0.0", "::", "[::]", "*"):
+        raise UsageError(f"cluster up --host takes the address other machines reach this one at, not {host!r}: for a node they "
+                         "join Ray listens on every interface anyway (leave --host out for a head only this machine reaches)")
+    network = not is_loopback(host)
+    if network and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise UsageError(f"a head node on the network address {host} needs token auth, and RAY_AUTH_MODE=disabled turns it off: "
+                         "unset it (hybridtrain creates a token when none exists)")
+    return network
+
+
+def head_status(state: dict[str, Any]) -> str:
+    """What a `head.json` record names now: "running" (the recorded `ray start` process, same start time, or its process
+    group without it: a group keeps its id from reuse while it has members), "gone", or "replaced" (the pid now belongs
+    to another process, which must not be signalled). A record from before start times were kept is checked by its
+    command line."""
+    import psutil
+
+    pid = state.get("pid", state["pgid"])
+    try:
+        process = psutil.Process(pid)
+        started, cmdline = process.create_time(), process.cmdline()
+    except psutil.NoSuchProcess:
+        return "running" if _alive(state["pgid"]) else "gone"
+    except psutil.AccessDenied:  # another user's process: not ours to signal
+        return "replaced"
+    if "create_time" in state:
+        return "running" if abs(started - state["create_time"]) < 0.01 else "replaced"
+    return "running" if {"start", "--head"} <= set(cmdline) else "replaced"
+
+
+def cluster_up(*, host: str = LOOPBACK, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None,
+               timeout_s: float = 300.0) -> str:
+    """`ray start --head --block` in its own process group, dashboard on 127.0.0.1, every other service on loopback
+    unless `host` is a network address (then token auth is on, with a token created if none exists); wait until the
+    Jobs API answers; return what to tell the user. `cluster_down` stops exactly that process group (not `ray stop`,
     which would also stop every other Ray on the machine)."""
+    network = _check_host(host)
     if HEAD_STATE.is_file():
         state = json.loads(HEAD_STATE.read_text())
-        if _alive(state["pgid"]):
+        if head_status(state) == "running":
             raise JobError(f"a head node started by hybridtrain is already running (dashboard {state['dashboard']}); "
                            "hybridtrain cluster down stops it")
+    created = ensure_token() if network else None
     HEAD_STATE.parent.mkdir(parents=True, exist_ok=True)
     log_path = HEAD_STATE.with_suffix(".log")
     # The Jobs API hands each job to the node's dashboard agent over HTTP. Ray's agent port (52365) is held by any
     # other Ray on the machine (an embedded ray.init() included), and an agent that cannot bind it stays up with
     # its HTTP service off: every submit then fails with "No available agent". Take a free port in that case.
     agent_port = DEFAULT_AGENT_PORT if _port_free(DEFAULT_AGENT_PORT) else 0
-    command = ["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               f"--dashboard-agent-listen-port={agent_port}", "--include-dashboard=true", "--disable-usage-stats"]
-    command += [f"--num-cpus={num_cpus}"] if num_cpus else []
+    command, head_env = head_command(host=host, port=port, dashboard_port=dashboard_port, agent_port=agent_port, num_cpus=num_cpus)
     # Jobs on this head node run `python -m cluster.cli`: make that this environment's Python.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **head_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Ray gives its dashboard 60 s to come up and then fails the whole start; a loaded laptop can need more
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))
     with open(log_path, "w") as log:
         process = subprocess.Popen(_ray_cli(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    HEAD_STATE.write_text(json.dumps({"pgid": process.pid, "address": f"127.0.0.1:{port}", "dashboard": dashboard}))
+    dashboard = f"http://{LOOPBACK}:{dashboard_port}"
+    address = f"{host if network else LOOPBACK}:{port}"
+    HEAD_STATE.write_text(json.dumps({"pgid": process.pid, "pid": process.pid, "create_time": _create_time(process.pid),
+                                      "address": address, "dashboard": dashboard}))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -168,38 +220,67 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | 
         cluster_down()
         raise JobError(f"the head node's dashboard did not answer within {timeout_s:.0f} s; its log: {log_path}")
     agent = "" if agent_port else f" (port {DEFAULT_AGENT_PORT} is taken by another Ray: its job agent listens on a free port)"
-    auth = (f"token auth is on: hybridtrain reads the token from {TOKEN_SOURCES}" if read_token() and os.environ.get("RAY_AUTH_MODE") != "disabled"
-            else "token auth is off (no token exists; `ray get-auth-token --generate` before `cluster up` turns it on)")
-    return (f"[hybridtrain] head node started: address 127.0.0.1:{port}, dashboard {dashboard}{agent} (log: {log_path})\n[hybridtrain] {auth}\n"
+    return (f"[hybridtrain] head node started: address {address}, dashboard {dashboard}{agent} (log: {log_path})\n"
+            f"[hybridtrain] {_auth_line(network, created)}\n"
             f"[hybridtrain] submit with: hybridtrain submit --address {dashboard} -- run --recipe smoke")
 
 
+def _auth_line(network: bool, created: Path | None) -> str:
+    """What `cluster up` says about who can reach the head node and whether they need the token (never the token)."""
+    if network:
+        made = f"a new token was written to {created}" if created else f"hybridtrain reads the token from {TOKEN_SOURCES}"
+        return (f"listening on the network; token auth is on ({made}; `ray get-auth-token` prints it for the machines that "
+                "join, which set RAY_AUTH_MODE=token)")
+    where = "listening on 127.0.0.1 only (--host ADDRESS opens it to a network)"
+    if read_token() and os.environ.get("RAY_AUTH_MODE") != "disabled":
+        return f"{where}; token auth is on: hybridtrain reads the token from {TOKEN_SOURCES}"
+    return f"{where}; token auth is off (no token exists; `ray get-auth-token --generate` before `cluster up` turns it on)"
+
+
 def cluster_down(*, timeout_s: float = 10.0) -> bool:
-    """Stop the head node `cluster_up` started (its whole process group); False when there was none."""
+    """Stop the head node `cluster_up` started (its whole process group); False when there was none. A record whose
+    pid now names another process is removed and nothing is signalled (a JobError says so)."""
     if not HEAD_STATE.is_file():
         return False
     state = json.loads(HEAD_STATE.read_text())
     pgid = state["pgid"]
+    status = head_status(state)
+    if status == "replaced":
+        HEAD_STATE.unlink(missing_ok=True)
+        raise JobError(f"{HEAD_STATE} names process {state.get('pid', pgid)}, which is no longer the head node hybridtrain "
+                       "started (that one ended and its pid was reused): nothing was stopped, and the stale record was removed")
+    if status == "running":
+        _stop_group(pgid, timeout_s)
+    HEAD_STATE.unlink(missing_ok=True)
+    _forget_current_cluster(state["address"])
+    return True
+
+
+def _stop_group(pgid: int, timeout_s: float) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `timeout_s`."""
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and _alive(pgid):
             time.sleep(0.5)
         if not _alive(pgid):
-            break
-    HEAD_STATE.unlink(missing_ok=True)
-    _forget_current_cluster(state["address"])
-    return True
+            return
+
+
+def _create_time(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).create_time()
 
 
 def _forget_current_cluster(address: str) -> None:
     """`ray start` records its address in RAY_TMPDIR/ray/ray_current_cluster and a bare `ray.init()` joins the
     address recorded there; `ray stop` removes it, and so must we, or later `ray.init()` calls try to join a
     head node that is gone."""
-    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    record = current_cluster_record()
     try:
         if record.read_text().strip().endswith(":" + address.rsplit(":", 1)[1]):
             record.unlink()
@@ -240,11 +321,12 @@ def _answers(dashboard: str) -> bool:
 
 def cluster_status(address: str | None = None) -> str:
     """Nodes, CPUs and GPUs of the cluster, read through the Jobs API's cluster connection."""
-    import ray
-
-    ray_address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    ray_address = address or os.environ.get("RAY_ADDRESS") or _recorded_head_address() or "auto"
     if ray_address.startswith("http"):
         ray_address = "auto"
+    prepare_to_join(ray_address)
+    import ray
+
     try:
         ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as error:
@@ -259,6 +341,14 @@ def cluster_status(address: str | None = None) -> str:
         return "\n".join(lines)
     finally:
         ray.shutdown()
+
+
+def _recorded_head_address() -> str | None:
+    """The GCS address of the head node `cluster up` started, while its record is there."""
+    try:
+        return json.loads(HEAD_STATE.read_text())["address"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _ray_cli(command: list[str]) -> list[str]:

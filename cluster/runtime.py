@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from cluster.console import quiet_driver_loggers
 from orchestration.errors import ClusterError
 from orchestration.settings import ConfigError, require
+from serve_llm.net import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,12 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
     an embedded Ray advertises at least that many so a 2-core laptop can still place 2 workers,
     the coordinator and an advisor replica (they then share the cores).
     """
-    import ray
-
     config = config or ClusterConfig()
     address = resolve_address(config)
+    if address is not None:
+        prepare_to_join(address)  # in effect only where Ray is not imported yet (the CLI has done it already)
+    import ray
+
     if ray.is_initialized():
         context = ray.get_runtime_context()
         embedded = address is None
@@ -117,16 +121,37 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
     return info
 
 
+def token_path() -> Path:
+    """Where Ray looks for the token file: `RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
 def read_token() -> str | None:
     """The Ray auth token from the environment or the token file; None when there is none."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     try:
-        return Path(path).read_text().strip() or None
+        return token_path().read_text().strip() or None
     except OSError:
         return None
+
+
+def ensure_token() -> Path | None:
+    """Make sure a Ray auth token exists; return the file it was just written to, or None when one existed already.
+
+    A new token is 256 random bits (as `ray get-auth-token --generate` makes them), written to `token_path()` readable by
+    its owner only (0600; Ray's own generator leaves the umask's bits). It is never printed: `ray get-auth-token` shows
+    it to whoever needs it on another machine."""
+    if read_token():
+        return None
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)  # O_CREAT's mode only holds for a file it creates; an empty one may have been there
+    return path
 
 
 def use_token_if_available() -> None:
@@ -139,6 +164,35 @@ def use_token_if_available() -> None:
         return  # the user chose
     if read_token():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+# Ray's single-machine mode (its default on macOS and Windows), read once when Ray is imported: the node's address stays
+# 127.0.0.1 and every service binds 127.0.0.1. Without it `ray start` replaces 127.0.0.1 by the machine's network address
+# (`services.resolve_ip_for_localhost`) and the GCS, the raylet's node and object managers and the agents listen on every
+# interface. `hybridtrain cluster up` starts a local head node in it; a driver joining that head needs it too, or Ray
+# turns the address 127.0.0.1:PORT into the machine's network address, where nothing listens.
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def prepare_to_join(address: str | None) -> None:
+    """For a command about to join the cluster at `address` (a Ray address, or an http(s) dashboard URL: then nothing
+    to join by GCS), before Ray is imported: token mode when a token is at hand (`use_token_if_available`), and
+    single-machine mode when the address is a loopback one, as a head node from `cluster up` is by default."""
+    use_token_if_available()
+    if address == "auto":  # the cluster `ray start` last recorded on this machine
+        try:
+            address = current_cluster_record().read_text().strip()
+        except OSError:
+            return
+    host = (address or "").split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if address and not address.startswith(("http://", "https://")) and is_loopback(host):
+        for name, value in SINGLE_MACHINE.items():
+            os.environ.setdefault(name, value)
+
+
+def current_cluster_record() -> Path:
+    """Where `ray start` records its address (`ray stop` removes it); a bare `ray.init()` or address "auto" joins it."""
+    return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
 
 
 def detect_resources() -> dict[str, float]:

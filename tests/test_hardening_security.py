@@ -5,6 +5,7 @@ carry the API key elsewhere, a reply dripped a byte at a time, a huge reply), th
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -254,3 +255,110 @@ def test_a_route_open_to_the_network_is_asked_for_and_warned_about(caplog: pytes
         deployment.deploy_advisor(exposed)
     assert started[-1]["http_options"]["host"] == "0.0.0.0"
     assert [record.levelname for record in caplog.records] == ["WARNING"] and "no authentication" in caplog.records[0].getMessage()
+
+
+# ---- `hybridtrain cluster up` / `cluster down` -----------------------------------------------------------
+
+
+def test_a_local_head_is_loopback_only_and_a_network_head_has_token_auth() -> None:
+    from cluster.jobs import SINGLE_MACHINE, head_command
+
+    local, local_env = head_command(host="127.0.0.1", port=6379, dashboard_port=8265, agent_port=0, num_cpus=2)
+    assert "--node-ip-address=127.0.0.1" in local and "--dashboard-host=127.0.0.1" in local
+    assert local_env == SINGLE_MACHINE  # else Ray swaps 127.0.0.1 for the machine's address and binds every interface
+    assert head_command(host="localhost", port=1, dashboard_port=2, agent_port=0, num_cpus=None)[1] == SINGLE_MACHINE
+    network, network_env = head_command(host="10.1.2.3", port=6379, dashboard_port=8265, agent_port=0, num_cpus=None)
+    assert "--node-ip-address=10.1.2.3" in network and "--dashboard-host=127.0.0.1" in network
+    assert network_env == {"RAY_AUTH_MODE": "token"}
+
+
+def test_a_network_head_refuses_a_wildcard_and_disabled_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.jobs import _check_host
+    from orchestration.errors import UsageError
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert _check_host("127.0.0.1") is False and _check_host("10.1.2.3") is True
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(UsageError, match="not '"):
+            _check_host(wildcard)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(UsageError, match="needs token auth"):
+        _check_host("10.1.2.3")
+    assert _check_host("127.0.0.1") is False  # a loopback head may run without a token, as the user chose
+
+
+def test_a_token_is_created_once_owner_only_and_never_shown(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.jobs import _auth_line
+    from cluster.runtime import ensure_token, read_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    created = ensure_token()
+    assert created == tmp_path / ".ray" / "auth_token" and created.stat().st_mode & 0o777 == 0o600
+    token = read_token()
+    assert token is not None and len(token) == 64 and int(token, 16) >= 0
+    assert ensure_token() is None and read_token() == token  # an existing token is kept
+    line = _auth_line(True, created)
+    assert "token auth is on" in line and str(created) in line and token not in line
+
+
+def _unrelated_process():
+    """A live process that leads its own process group, as the pid in a stale head record may come to name."""
+    import subprocess
+
+    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+
+@pytest.mark.parametrize("record", ["stale start time", "legacy record"])
+def test_cluster_down_never_signals_a_process_that_is_no_longer_the_head(tmp_path, monkeypatch, record: str) -> None:
+    import psutil
+
+    from cluster import jobs
+    from orchestration.errors import JobError
+
+    state_file = tmp_path / "head.json"
+    monkeypatch.setattr(jobs, "HEAD_STATE", state_file)
+    bystander = _unrelated_process()
+    try:
+        state = {"pgid": bystander.pid, "address": "127.0.0.1:6391", "dashboard": "http://127.0.0.1:8291"}
+        if record == "stale start time":  # the head started an hour before the process that holds its pid now
+            state.update(pid=bystander.pid, create_time=psutil.Process(bystander.pid).create_time() - 3600)
+        state_file.write_text(json.dumps(state))
+        assert jobs.head_status(state) == "replaced"
+        with pytest.raises(JobError, match="no longer the head node"):
+            jobs.cluster_down(timeout_s=1)
+        time.sleep(0.2)
+        assert bystander.poll() is None  # still running: not signalled
+        assert not state_file.exists()  # the stale record is gone, so `cluster up` can start a head again
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_head_status_follows_the_recorded_process() -> None:
+    import psutil
+
+    from cluster.jobs import head_status
+
+    process = _unrelated_process()
+    state = {"pgid": process.pid, "pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
+    assert head_status(state) == "running"
+    process.kill()
+    process.wait()
+    assert head_status(state) == "gone"
+
+
+def test_a_driver_joins_a_loopback_head_in_single_machine_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.runtime import SINGLE_MACHINE, prepare_to_join
+
+    (name, value), = SINGLE_MACHINE.items()
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # prepare_to_join may set it (a token at hand): restored after
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:6391")  # what `ray start` recorded: "auto" joins it
+    for address, joins_loopback in (("127.0.0.1:6391", True), ("localhost:6379", True), ("auto", True), ("10.0.0.5:6379", False),
+                                    ("http://127.0.0.1:8265", False), (None, False)):
+        monkeypatch.delenv(name, raising=False)
+        prepare_to_join(address)
+        assert (os.environ.get(name) == value) is joins_loopback, address

@@ -23,6 +23,19 @@ def _hybridtrain(*args: str, env: dict[str, str], timeout: float = 600) -> subpr
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _reachable_from_the_network(head_pid: int) -> list[str]:
+    """The sockets of the head node's process tree that listen (TCP) or are bound (UDP) on an address other than loopback."""
+    import psutil
+
+    from serve_llm.net import is_loopback
+
+    head = psutil.Process(head_pid)
+    tree = {head.pid} | {child.pid for child in head.children(recursive=True)}
+    return sorted(f"{sock.laddr.ip}:{sock.laddr.port} (pid {sock.pid})" for sock in psutil.net_connections(kind="inet")
+                  if sock.pid in tree and (sock.status == psutil.CONN_LISTEN or not sock.raddr) and sock.laddr
+                  and not is_loopback(sock.laddr.ip))
+
+
 @pytest.fixture()
 def head_node(tmp_path, ray_local):
     """A head node started while an embedded Ray runs on the same machine (as in any test session, or beside a
@@ -38,9 +51,12 @@ def head_node(tmp_path, ray_local):
     up = _hybridtrain("cluster", "up", "--port", str(PORT), "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "3", env=env, timeout=360)
     try:  # whatever fails from here on, the head node is stopped (a failed check must not leave it holding the ports)
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "token auth is on" in up.stdout
+        assert "listening on 127.0.0.1 only" in up.stdout and "token auth is on" in up.stdout
         assert ("taken by another Ray" in up.stdout) == agent_port_taken, up.stdout
+        head_pid = json.loads((tmp_path / "home" / ".hybridtrain" / "head.json").read_text())["pid"]
+        assert _reachable_from_the_network(head_pid) == []  # GCS, raylet, object manager, agents, client server: loopback
         yield env
+        assert _reachable_from_the_network(head_pid) == []  # and so are the workers the jobs started
     finally:
         down = _hybridtrain("cluster", "down", env=env, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
