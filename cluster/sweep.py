@@ -25,10 +25,9 @@ import contextlib
 import functools
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cluster.experiment import ExperimentConfig, write_config
 from cluster.launch import TRIAL_CPU, deploy_served_advisor, needed_cpus, resolve_output_dir
@@ -46,6 +45,7 @@ TUNE_STORAGE = "ray"
 TUNE_RUN_NAME = "tune"
 POPULATION_COORDINATOR = "hybridtrain-population-{digest}"  # the sweep's shared coordinator actor, by sweep directory
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TUNE_LOG = "logs/tune.log"  # in the sweep directory: Ray's and Tune's own output during the sweep
 
 
@@ -83,6 +83,10 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
         # inherit this process's environment; set it on the cluster's nodes otherwise).
         os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
+        # Train's controller collects each epoch's report, and notices a finished worker group, only when it polls
+        # (every 2 s by default): a trial's results reach Tune, and a paused or exploited trial frees its CPUs, that
+        # much later. Poll four times as often (a cheap call to each worker); read like the timeout above.
+        os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.5")
         cluster = connect(config.cluster, min_cpus=needed_cpus(config, trials=config.tune.concurrency))
         check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
         if not resume:
@@ -92,10 +96,10 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         print(f"[hybridtrain] sweep {config.name!r}: {config.tune.scheduler}, {config.tune.num_samples} trials of {config.train.epochs} epochs "
               f"-> {sweep_dir}" + ("" if config.cluster.verbose else f"; Ray's and Tune's own output: {sweep_dir / TUNE_LOG}"), flush=True)
         started = time.perf_counter()
-        output = contextlib.nullcontext(sys.stdout) if config.cluster.verbose else ray_output_to(sweep_dir / TUNE_LOG)
+        output = contextlib.nullcontext() if config.cluster.verbose else ray_output_to(sweep_dir / TUNE_LOG)
         try:
-            with output as terminal:
-                tuner = build_tuner(config, sweep_dir, resume=resume, coordinator=population[:2] if population else None, terminal=terminal)
+            with output:
+                tuner = build_tuner(config, sweep_dir, resume=resume, coordinator=population[:2] if population else None)
                 results = tuner.fit()
         finally:
             free_placement_groups(sweep_dir / "trials")  # of trials stopped early (ASHA) or killed last
@@ -105,14 +109,13 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         return summary
 
 
-def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coordinator: tuple[str, str] | None, terminal: TextIO | None = None):
+def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coordinator: tuple[str, str] | None):
     """The sweep's `Tuner`: restored from `sweep_dir` on `resume` if Tune saved its state there (finished
-    trials are not run again), else a new one whose trials open their runs in `coordinator`. Its progress
-    table prints to `terminal` (default: standard output)."""
+    trials are not run again), else a new one whose trials open their runs in `coordinator`."""
     from ray import tune
 
     tune_config = config.tune
-    callbacks, explorer = _tune_callbacks(config, sweep_dir, terminal)
+    callbacks, explorer = _tune_callbacks(config, sweep_dir)
     # A trial is only the Train driver: a token share of a CPU (Tune refuses an empty request); the workers'
     # resources are reserved once, by Train, from ScalingConfig.
     trainable = tune.with_resources(tune.with_parameters(trial_main, base=config.to_dict(), sweep_dir=str(sweep_dir), coordinator=coordinator),
@@ -136,10 +139,10 @@ def build_tuner(config: ExperimentConfig, sweep_dir: Path, *, resume: bool, coor
     )
 
 
-def _tune_callbacks(config: ExperimentConfig, sweep_dir: Path, terminal: TextIO | None = None) -> tuple[list[Any], Any]:
+def _tune_callbacks(config: ExperimentConfig, sweep_dir: Path) -> tuple[list[Any], Any]:
     """The sweep's Tune callbacks, and the LLM explorer (None unless `tune.llm_explore`) that one of them feeds."""
     tune_config = config.tune
-    callbacks = [progress_table(tune_config.metric, stream=terminal), sweep_series(sweep_dir, config.name, tune_config.metric, tune_config.mode)]
+    callbacks = [progress_table(tune_config.metric), sweep_series(sweep_dir, config.name, tune_config.metric, tune_config.mode)]
     if not tune_config.llm_explore:
         return callbacks, None
     from serve_llm.client import make_client

@@ -30,9 +30,10 @@ def explore_feed(explorer):
     return ExploreFeed()
 
 
-def progress_table(metric: str, every_s: float = 10.0, stream: TextIO | None = None):
-    """A compact live table (trial, status, epoch, score, lr) instead of Ray's raw log stream, printed to
-    `stream` (the terminal `ray_output_to` yields; default: standard output at the time of printing)."""
+def progress_table(metric: str, every_s: float = 10.0):
+    """A compact live table (trial, status, epoch, score, lr) instead of Ray's raw log stream, printed to the
+    terminal (`terminal()`: the real one while `ray_output_to` sends Ray's output to the sweep's log). Tune
+    pickles its callbacks with the experiment, so the table holds no stream of its own."""
     from ray.tune import Callback
 
     class ProgressTable(Callback):
@@ -56,7 +57,7 @@ def progress_table(metric: str, every_s: float = 10.0, stream: TextIO | None = N
                 score, lr = row.get("score"), row.get("lr")
                 lines.append(f"[hybridtrain] {str(trial):<28} {trial.status:<11} {row.get('epoch') or '-':>5} "
                              f"{'-' if score is None else f'{score:.4f}':>12} {'-' if lr is None else f'{lr:.2e}':>9}")
-            print("\n".join(lines), file=stream or sys.stdout, flush=True)
+            print("\n".join(lines), file=terminal(), flush=True)
 
     return ProgressTable()
 
@@ -90,6 +91,14 @@ def sweep_series(sweep_dir: Path, name: str, metric: str, mode: str):
     return SweepSeries()
 
 
+_terminals: list[TextIO] = []  # the terminals of the active `ray_output_to` contexts, innermost last
+
+
+def terminal() -> TextIO:
+    """Where hybridtrain's own sweep lines go: the terminal `ray_output_to` kept, else standard output."""
+    return _terminals[-1] if _terminals else sys.stdout
+
+
 @contextlib.contextmanager
 def ray_output_to(log_path: Path) -> Iterator[TextIO]:
     """While the context lasts, everything Ray and Tune print in this process goes to `log_path` (appended):
@@ -101,14 +110,18 @@ def ray_output_to(log_path: Path) -> Iterator[TextIO]:
     when they arrive, and Ray's loggers hold the stream they were set up with: so both the standard streams
     and the stream handlers that write to them are pointed at the log, and put back at the end.
     """
-    terminal, streams = sys.stdout, (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    shown, streams = sys.stdout, (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8", buffering=1) as log, _stream_handlers_to(log, streams), contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log), warnings.catch_warnings():
         warnings.simplefilter("default")  # each warning once per place, into the log (whoever set showwarning before)
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: log.write(
             warnings.formatwarning(message, category, filename, lineno, line))
-        yield terminal
+        _terminals.append(shown)
+        try:
+            yield shown
+        finally:
+            _terminals.pop()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ import logging
 import sys
 import warnings
 
+from ray import cloudpickle
+
 from cluster.sweep_callbacks import progress_table, ray_output_to
 
 
@@ -37,7 +39,7 @@ def test_ray_and_tune_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path, 
     assert terminal.getvalue() == "[hybridtrain] trial   status\n"
 
 
-def test_the_progress_table_prints_where_it_is_told() -> None:
+def test_the_progress_table_prints_on_the_terminal_and_pickles(tmp_path, monkeypatch) -> None:
     class Trial:
         trial_id, status = "t0", "RUNNING"
 
@@ -45,6 +47,10 @@ def test_the_progress_table_prints_where_it_is_told() -> None:
             return "trial_t0"
 
     shown = io.StringIO()
-    table = progress_table("val_accuracy", stream=shown)
-    table.on_trial_result(1, [Trial()], Trial(), {"epoch": 2, "val_accuracy": 0.9, "lr": 1e-3})
+    monkeypatch.setattr(sys, "stdout", shown)
+    table = progress_table("val_accuracy")
+    with ray_output_to(tmp_path / "tune.log"):
+        cloudpickle.dumps(table)  # Tune (cloud)pickles its callbacks with the experiment: no stream may be in them
+        table.on_trial_result(1, [Trial()], Trial(), {"epoch": 2, "val_accuracy": 0.9, "lr": 1e-3})
     assert "trial_t0" in shown.getvalue() and "0.9000" in shown.getvalue()
+    assert "trial_t0" not in (tmp_path / "tune.log").read_text()
