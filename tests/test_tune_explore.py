@@ -107,7 +107,7 @@ def test_the_explore_decision_is_pure() -> None:
         source="llm", config={"train.lr": 1.2e-3, "model.dropout": 0.2}, proposal=usable.proposal.summary())
     late = decide_explore(None, None, pbt, CONFIG, clipped=clipped, in_flight_s=3.0)
     assert late.source == "fallback" and late.config == clipped and late.problem == "advisor answer not ready (asked 3.0 s ago)"
-    assert decide_explore(None, None, pbt, CONFIG, clipped=clipped, in_flight_s=None).problem.startswith("no advisor answer asked yet")
+    assert decide_explore(None, None, pbt, CONFIG, clipped=clipped, in_flight_s=None).problem.startswith("no advisor answer in flight")
     failed = decide_explore(Answer(None, status="timeout"), top, pbt, CONFIG, clipped=clipped, in_flight_s=None)
     assert failed.source == "fallback" and failed.problem == "advisor answer unusable (status timeout)"
 

@@ -212,7 +212,7 @@ def decide_explore(answer: Any, top_config: dict[str, Any] | None, pbt_config: d
     """
     if answer is None or top_config is None:
         problem = ("advisor answer not ready (asked {:.1f} s ago)".format(in_flight_s) if in_flight_s is not None
-                   else "no advisor answer asked yet (the population has not reported twice)")
+                   else "no advisor answer in flight (none asked yet, or the last question failed: see the log)")
         return ExploreDecision(source="fallback", config=clipped, problem=problem)
     proposal = getattr(answer, "proposal", None)
     status = getattr(answer, "status", "?")
