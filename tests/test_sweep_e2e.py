@@ -20,10 +20,11 @@ from cluster.sweep import run_sweep
 pytestmark = pytest.mark.e2e
 
 
-def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, tmp_path) -> None:
+def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, tmp_path, capsys) -> None:
     """Also LLM-guided explore with a scripted advisor whose answers alternate in bounds / out of bounds:
-    the sweep goes on, and every explore is recorded as llm or fallback. The same advisor advises the
-    trials themselves (within-run advice keeps working inside trials)."""
+    the sweep goes on, and every explore is recorded as llm or fallback, none holding Tune's loop a second.
+    The same advisor advises the trials themselves (within-run advice keeps working inside trials). The
+    terminal shows hybridtrain's lines only; Tune's own output is in the sweep's log."""
     script = tmp_path / "advisor.json"
     script.write_text(json.dumps([{"hyperparameters": {"lr_scale": 0.5}, "reason": "halve lr"},
                                   {"hyperparameters": {"lr_scale": 10.0}, "reason": "far too much"}]))
@@ -64,6 +65,12 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     decisions = [json.loads(line) for line in (sweep_dir / "explore_decisions.jsonl").read_text().splitlines()]
     assert len(decisions) == summary["exploits"] and {d["source"] for d in decisions} <= {"llm", "fallback"}
     assert all(d["problem"] for d in decisions if d["source"] == "fallback")
+    assert all(d["waited_s"] < 1.0 for d in decisions), decisions  # the explore never stalls Tune's event loop
+    terminal = capsys.readouterr()
+    for noise in ("Configuration for experiment", "reuse_actors", "worker processes have been started", "operation took"):
+        assert noise not in terminal.out + terminal.err, noise
+    assert "[hybridtrain] sweep done" in terminal.out
+    assert "Configuration for experiment" in (sweep_dir / "logs" / "tune.log").read_text()
     assert summary["llm_explores"] + summary["fallbacks"] == summary["exploits"]
     assert set(explores.source) <= {"llm", "fallback"}
     report = write_report(sweep_dir).read_text()  # each trial's curve with its exploits, the trial and explore tables
