@@ -40,6 +40,7 @@ from orchestration.ledger import InterventionRecord, Ledger
 from serve_llm.config import AdvisorConfig
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
+from workers.models import check_model
 from workers.plan import WorkerPlan
 from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
 
@@ -207,11 +208,16 @@ def _digest(text: str) -> str:
 
 
 def check_data(config: ExperimentConfig) -> dict[str, Any]:
-    """Load and split the data once on the driver, so bad data fails before Ray starts."""
+    """Load and split the data once on the driver and build the model once, so bad data or a bad
+    `model.factory` fails before Ray starts. A `data.loader` needs Ray to read its dataset: it is checked on
+    the workers, before training (the model with it)."""
+    if config.data.loader is not None:
+        return {"source": f"data.loader {config.data.loader}", "checked": "on the workers"}
     dataset = load_dataset(config.data)
     split = stratified_split(dataset.y, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.data.seed)
+    model = check_model(config.model, dataset.sample_shape, len(dataset.classes))
     return {"source": dataset.source, "sample_shape": list(dataset.sample_shape), "classes": len(dataset.classes),
-            "train": len(split.train), "val": len(split.val), "test": len(split.test)}
+            "train": len(split.train), "val": len(split.val), "test": len(split.test), "parameters": model["parameters"]}
 
 
 def latest_checkpoint(storage_path: Path) -> Path | None:

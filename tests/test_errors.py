@@ -177,6 +177,7 @@ def test_no_ray_at_the_address_is_cluster_trouble_exit_3(tmp_path: Path, capsys:
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:9")
 
     monkeypatch.setattr(cluster.runtime, "use_token_if_available", lambda: None)
+    monkeypatch.setattr(cluster.runtime, "prepare_to_join", lambda address: None)  # it would set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER for the whole session
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refused)
     assert main(["run", "--address", "127.0.0.1:9", "--output", str(tmp_path / "out"), "--no-report"]) == 3
