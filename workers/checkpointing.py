@@ -20,6 +20,7 @@ import torch.distributed as dist
 from workers.checkpoints import write_manifest
 from workers.engine import full_fp32_params, load_engine_checkpoint, params_digest
 from workers.events import Event, Observer
+from workers.files import atomic_write_text
 
 if TYPE_CHECKING:
     from workers.loop import Loop
@@ -60,7 +61,7 @@ def save_and_report(loop: Loop) -> None:
     with tempfile.TemporaryDirectory(prefix="hybridtrain-ckpt-") as directory:
         loop.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"loop_state": asdict(state)})
         if loop.rank == 0:
-            (Path(directory) / LOOP_STATE).write_text(json.dumps(asdict(state)))
+            atomic_write_text(Path(directory) / LOOP_STATE, json.dumps(asdict(state)))
             if loop.best_params is not None:
                 save_file({k: v.contiguous() for k, v in loop.best_params.items()}, str(Path(directory) / BEST_WEIGHTS))
         loop.checkpoint_dir = Path(directory)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.errors import CheckpointError
+from workers.files import atomic_write_text
 
 __all__ = ["LEGACY_CHECKPOINTS", "MANIFEST", "CheckpointError", "agree_on_checkpoint", "checkpoint_problem", "choose_checkpoint",
            "write_manifest"]
@@ -52,7 +53,7 @@ def write_manifest(directory: str | Path, *, rank: int, world_size: int) -> Path
     files = {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
              for path in sorted(directory.rglob("*")) if path.is_file() and not path.name.startswith("manifest-rank")}
     manifest = directory / MANIFEST.format(rank=rank)
-    manifest.write_text(json.dumps({"rank": rank, "world_size": world_size, "files": files}))
+    atomic_write_text(manifest, json.dumps({"rank": rank, "world_size": world_size, "files": files}))
     return manifest
 
 

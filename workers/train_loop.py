@@ -22,6 +22,7 @@ from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
 from workers.engine import broadcast_from_rank0, full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
 from workers.epoch import run_epoch, test_metrics, validate
+from workers.files import atomic_write_bytes, atomic_write_text
 from workers.events import Components, Event
 from workers.loop import PLACEMENT, PLACEMENT_GROUP, PROGRESS, Loop, LoopState, prepare
 from workers.plan import WorkerPlan
@@ -128,7 +129,7 @@ def _begin_from_handed_over(loop: Loop, initial: Path) -> None:
     digest = params_digest(full_fp32_params(loop.engine)) if loop.plan.digest_checkpoints else ""  # collective under ZeRO-3
     changed = apply_configured_hyperparameters(loop.engine, state.configured, loop.configured, batch_size=loop.train.batch_size)
     if loop.rank == 0:
-        (loop.run_dir / RESTORED_FROM).write_text(json.dumps({
+        atomic_write_text(loop.run_dir / RESTORED_FROM, json.dumps({
             "checkpoint": str(initial), "epoch": state.epoch, "params_sha256": digest, "lr_restored": restored_lr,
             "lr_now": loop.engine.get_lr()[0], "configured_before": state.configured, "configured_now": loop.configured, "changed": changed,
             "written_on": state.nodes, "read_on": loop.nodes}))
@@ -187,7 +188,7 @@ def finish(loop: Loop, checkpoint_problems: list[str]) -> dict[str, Any]:
         final_metrics["test_loss"] = test.loss
         save_model(loop, final_params, full_buffers(loop.engine))
         # Ray Train V2's `Result.metrics` carries only checkpointed reports, so the driver reads this file.
-        (loop.run_dir / FINAL_METRICS).write_text(json.dumps(final_metrics))
+        atomic_write_text(loop.run_dir / FINAL_METRICS, json.dumps(final_metrics))
         loop.log(f"test accuracy {final_metrics['test_accuracy']:.4f}, macro F1 {final_metrics['test_macro_f1']:.4f} (best epoch {state.best_epoch})")
     return final_metrics
 
@@ -196,11 +197,11 @@ def save_model(loop: Loop, params: dict[str, Any], buffers: dict[str, Any]) -> N
     """The consolidated fp32 model, with what `predict` needs to rebuild and feed it."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: value.float().contiguous() for name, value in {**params, **buffers}.items() if value.is_floating_point()}
     tensors.update({name: value.contiguous() for name, value in buffers.items() if not value.is_floating_point()})
-    save_file(tensors, str(loop.run_dir / "model.safetensors"))
+    atomic_write_bytes(loop.run_dir / "model.safetensors", save(tensors))
     dataset = loop.data.dataset
     meta = {
         "model": asdict(loop.model_config),
@@ -209,4 +210,4 @@ def save_model(loop: Loop, params: dict[str, Any], buffers: dict[str, Any]) -> N
         "normalizer": loop.data.normalizer.to_dict(),
         "data_source": dataset.source,
     }
-    (loop.run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(loop.run_dir / "model.json", json.dumps(meta, indent=2))
