@@ -57,14 +57,18 @@ def test_a_killed_driver_resumes_with_every_checkpointed_ledger_row(tmp_path) ->
                            "--set", f"advisor.script={_script(tmp_path)}", *(f"--set={item}" for item in ADVISED), start_new_session=True)
     # Keep the ledger of every checkpoint seen (by epoch) until one holds two verdicts and a newer one exists.
     ledgers: dict[int, list] = {}
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline and process.poll() is None:
+
+    def scan() -> None:
         for path in (run_dir / "ray" / "train").glob("checkpoint_*"):
             try:
                 epoch = json.loads((path / "loop_state.json").read_text())["epoch"]
                 ledgers.setdefault(epoch, json.loads((path / "advice_state.json").read_text())["coordinator"]["ledger"])
             except (OSError, ValueError, KeyError):  # being written, or already rotated out (checkpoints_to_keep)
                 continue
+
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline and process.poll() is None:
+        scan()
         full = [epoch for epoch, ledger in ledgers.items() if sum(row["kind"] == "verdict" for row in ledger) >= 2]
         if full and max(ledgers) > min(full):
             break
@@ -72,6 +76,7 @@ def test_a_killed_driver_resumes_with_every_checkpointed_ledger_row(tmp_path) ->
     assert ledgers and process.poll() is None, f"no checkpoint in time:\n{process.stdout.read()[-3000:] if process.poll() is not None else ''}"
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, without any clean-up
     process.wait(timeout=60)
+    scan()  # a checkpoint written between the last look and the kill is one the resume may pick
     assert not (run_dir / "summary.json").exists()
 
     output = _run("run", "--resume", str(run_dir))
