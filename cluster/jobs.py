@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.runtime import SINGLE_MACHINE, current_cluster_record, ensure_token, prepare_to_join, read_token
+from cluster.runtime import EMBEDDED_DEFAULTS, SINGLE_MACHINE, current_cluster_record, ensure_token, prepare_to_join, read_token
 from orchestration.errors import ClusterError, JobError, UsageError
 from serve_llm.net import is_loopback
 
@@ -199,7 +199,7 @@ def cluster_up(*, host: str = LOOPBACK, port: int = 6379, dashboard_port: int = 
     agent_port = DEFAULT_AGENT_PORT if _port_free(DEFAULT_AGENT_PORT) else 0
     command, head_env = head_command(host=host, port=port, dashboard_port=dashboard_port, agent_port=agent_port, num_cpus=num_cpus)
     # Jobs on this head node run `python -m cluster.cli`: make that this environment's Python.
-    env = {**os.environ, **head_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**EMBEDDED_DEFAULTS, **os.environ, **head_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Ray gives its dashboard 60 s to come up and then fails the whole start; a loaded laptop can need more
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))
     with open(log_path, "w") as log:

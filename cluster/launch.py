@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,14 +266,20 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     coordinator = trial.coordinator if trial is not None else None
     deploys = coordinator is None and advisor_factory is None and config.advisor.is_served
     started, logs_since = time.perf_counter(), since_now()
+    advisor_start: AdvisorStart | None = None
     try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
+        if deploys:  # the model loads while the coordinator and the worker group start
+            advisor_start = AdvisorStart(plan.advisor)
         handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
         trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
         # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
         # output does (--verbose); a sweep trial's progress stays in its run directory.
         summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
-                                     started=started, use_gpu=use_gpu, cluster=cluster)
+                                     started=started, use_gpu=use_gpu, cluster=cluster,
+                                     advisor_start=advisor_start)
     finally:
+        if advisor_start is not None:
+            advisor_start.stop()
         if deploys:
             delete_served_advisor(plan.advisor)
         collect_ray_logs(run_dir / RAY_LOGS, since=logs_since)
@@ -282,7 +289,7 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
 
 
 def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool, tail_progress: bool, started: float, use_gpu: bool,
-                       cluster: ClusterInfo) -> dict[str, Any]:
+                       cluster: ClusterInfo, advisor_start: AdvisorStart | None) -> dict[str, Any]:
     """Fit, close the run's advice (its ledger) and write `summary.json` whole; a failure says how to resume."""
     run_dir = plan.run_dir
     tail = ProgressTail(run_dir / PROGRESS) if tail_progress else contextlib.nullcontext()
@@ -299,7 +306,8 @@ def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
     advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
-    summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+    started_advisor = advisor_start.record() if advisor_start is not None else {}
+    summary = summarize(plan, metrics, advice_counts | started_advisor, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
     return summary
 
@@ -355,10 +363,10 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
 
 def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None, *,
                  coordinator: tuple[str, str] | None = None) -> tuple[Any, AdviceSettings | None]:
-    """Deploy the advisor (if it is a served LLM) and open this run in a coordinator actor.
+    """Open this run in a coordinator actor (a served advisor is deployed by the caller: `AdvisorStart`).
 
     By default the run gets its own actor; a sweep trial passes the sweep's `coordinator` (name,
-    namespace), shared by the population, and deploys nothing (the sweep deployed the advisor). A resumed run starts with a fresh coordinator state: the
+    namespace), shared by the population (the sweep deployed the advisor). A resumed run starts with a fresh coordinator state: the
     workers load its state from the checkpoint they resume from, so the ledger continues exactly
     where that checkpoint left it. Returns the actor handle (None without advice) and the workers' settings.
     """
@@ -374,8 +382,6 @@ def start_advice(plan: RunPlan, advisor_factory: Callable[[], Any] | None = None
         name, namespace = coordinator
         handle = ray.get_actor(name, namespace=namespace)
     else:
-        if advisor_factory is None:
-            deploy_served_advisor(plan.advisor)
         name, namespace = plan.coordinator_name, ray.get_runtime_context().namespace
         handle = get_or_create_coordinator(name, namespace, config=config.coordinator,
                                            advisor_factory=advisor_factory or functools.partial(make_client, plan.advisor))
@@ -400,6 +406,54 @@ def deploy_served_advisor(advisor: AdvisorConfig, *, shared: bool = False) -> bo
     return True
 
 
+class AdvisorStart:
+    """A run's served advisor, deployed without waiting for its replicas to load the model (that took a quarter
+    of a default run's driver time, spent before the worker group even began to start).
+
+    `deploy_advisor(wait=False)` returns once Serve has the application; a thread then waits for it to run and
+    prints when it did, or why it did not. Questions asked meanwhile wait in the coordinator's advisor client
+    (`serve_llm.client.AdvisorClient`), never in the training loop. A deployment that fails is not a failed run:
+    the run trains on, each question is recorded as an `error`, and `summary.json` holds `advisor_deploy_error`.
+    """
+
+    def __init__(self, advisor: AdvisorConfig) -> None:
+        from serve_llm.deployment import deploy_advisor
+
+        self.advisor = advisor
+        self.ready_s: float | None = None
+        self.error: str | None = None
+        self._stopping = threading.Event()
+        self._started = time.perf_counter()
+        print(f"[hybridtrain] starting the advisor ({advisor.backend}) on Ray Serve while the workers start ...", flush=True)
+        deploy_advisor(advisor, http=False, wait=False)  # the trainers use its handle: no HTTP proxy, no port
+        self._thread = threading.Thread(target=self._watch, name="hybridtrain-advisor-start", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        from serve_llm.deployment import AdvisorDeployError, wait_for_advisor
+
+        try:
+            wait_for_advisor(self.advisor, timeout_s=self.advisor.deploy_timeout_s, poll_s=0.5)
+        except (AdvisorDeployError, TimeoutError) as error:
+            if not self._stopping.is_set():  # not the run's own clean-up deleting it
+                self.error = str(error)
+                print(f"[hybridtrain] warning: {error}. Training goes on without advice; each question is recorded as an error", flush=True)
+            return
+        except Exception as error:  # noqa: BLE001 - Serve or Ray went away (the run is ending); the run's outcome says more
+            if not self._stopping.is_set():
+                self.error = f"could not watch the advisor's deployment ({type(error).__name__}: {error})"
+            return
+        self.ready_s = time.perf_counter() - self._started
+        print(f"[hybridtrain] advisor ({self.advisor.backend}) ready after {self.ready_s:.1f}s", flush=True)
+
+    def record(self) -> dict[str, Any]:
+        """For `summary.json`: seconds until the advisor ran (None: not yet when training ended), or why it never did."""
+        return {"advisor_ready_s": self.ready_s} | ({"advisor_deploy_error": self.error} if self.error else {})
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
 def named_advisor(advisor: AdvisorConfig, owner: str) -> AdvisorConfig:
     """`advisor` with its Serve application named `<advisor.app_name>-<owner>`: one application per run (owner:
     its id and directory's digest) or per sweep population (its name and directory's digest). Clients must be
@@ -413,7 +467,8 @@ def delete_served_advisor(advisor: AdvisorConfig) -> None:
     from ray import serve
 
     try:
-        serve.delete(advisor.app_name)
+        # Not waited for (3-4 s): the replicas stop on their own; a run on an embedded Ray shuts it all down next.
+        serve.delete(advisor.app_name, _blocking=False)
     except Exception as error:  # noqa: BLE001 - Serve may be gone with the cluster; the run's result stands
         print(f"[hybridtrain] warning: could not delete the advisor's Serve application {advisor.app_name!r} "
               f"({type(error).__name__}: {error}); its replicas hold their CPUs/GPUs until serve.delete({advisor.app_name!r}) or `serve shutdown`", flush=True)

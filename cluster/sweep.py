@@ -45,7 +45,6 @@ TUNE_STORAGE = "ray"
 TUNE_RUN_NAME = "tune"
 POPULATION_COORDINATOR = "hybridtrain-population-{digest}"  # the sweep's shared coordinator actor, by sweep directory
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TUNE_LOG = "logs/tune.log"  # in the sweep directory: Ray's and Tune's own output during the sweep
 
 
@@ -83,10 +82,6 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
         # inherit this process's environment; set it on the cluster's nodes otherwise).
         os.environ.setdefault(WORKER_START_TIMEOUT_ENV, "600")
-        # Train's controller collects each epoch's report, and notices a finished worker group, only when it polls
-        # (every 2 s by default): a trial's results reach Tune, and a paused or exploited trial frees its CPUs, that
-        # much later. Poll four times as often (a cheap call to each worker); read like the timeout above.
-        os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.5")
         cluster = connect(config.cluster, min_cpus=needed_cpus(config, trials=config.tune.concurrency))
         check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
         if not resume:

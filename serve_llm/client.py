@@ -76,6 +76,11 @@ class AdvisorClient(_PooledClient):
         super().__init__()
         self.config = config
         self._handle = handle
+        # A run deploys its advisor without waiting for the model to load (`deploy_advisor(wait=False)`): the first
+        # question waits for the replicas, outside its own timeout. A handle passed in belongs to a running app.
+        self._running = handle is not None
+        self._deploy_failure: str | None = None
+        self._ready_lock = threading.Lock()
 
     def _get_handle(self) -> Any:
         if self._handle is None:
@@ -84,9 +89,36 @@ class AdvisorClient(_PooledClient):
             self._handle = get_advisor_handle(self.config)
         return self._handle
 
+    def _await_replicas(self) -> AdvisorResponse | None:
+        """None once the application runs (checked once per client); else the failure to record for this question:
+        a deployment that failed stays failed, a wait that ran out (`advisor.deploy_timeout_s`) is tried again next time."""
+        from serve_llm.deployment import AdvisorDeployError, wait_for_advisor
+
+        with self._ready_lock:
+            if self._running:
+                return None
+            labels = {"backend": self.config.backend, "model": self.config.model_label()}
+            if self._deploy_failure is None:
+                try:
+                    waited = wait_for_advisor(self.config, timeout_s=self.config.deploy_timeout_s)
+                except AdvisorDeployError as error:
+                    self._deploy_failure = str(error)
+                except TimeoutError as error:
+                    return AdvisorResponse.failure("timeout", str(error), latency_s=self.config.deploy_timeout_s, **labels)
+                else:
+                    if waited > 1.0:
+                        logger.info("advisor %r running after %.1fs; asking it now", self.config.app_name, waited)
+                    self._running = True
+                    return None
+            return AdvisorResponse.failure("error", self._deploy_failure, latency_s=0.0, **labels)
+
     def ask(self, snapshot: TrainingSnapshot | dict[str, Any], timeout_s: float | None = None) -> AdvisorResponse:
         """Block until the advisor answers or `timeout_s` (default: the server's deadline plus a
-        grace) passes; a timeout comes back as status "timeout"."""
+        grace) passes; a timeout comes back as status "timeout". A question asked while the advisor's
+        replicas still load waits for them first (up to `advisor.deploy_timeout_s`, not counted in `timeout_s`)."""
+        not_running = self._await_replicas()
+        if not_running is not None:
+            return not_running
         wait_s = timeout_s if timeout_s is not None else self.config.request_timeout_s + CLIENT_GRACE_S
         started = time.perf_counter()
         labels = {"backend": self.config.backend, "model": self.config.model_label()}
@@ -107,7 +139,12 @@ class AdvisorClient(_PooledClient):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_handle"] = None  # looked up again by app name where it is unpickled
+        state.pop("_ready_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._ready_lock = threading.Lock()
 
 
 class LocalAdvisorClient(_PooledClient):

@@ -47,6 +47,9 @@ class AdvisorConfig:
     max_new_tokens: int = 192  # the generation format needs ~70-170 tokens; ~18 tokens/s on 2 CPU cores
     temperature: float = 0.0  # 0.0 = greedy, reproducible
     request_timeout_s: float = 120.0  # per request, queueing in the batch included
+    # A run deploys its advisor while its workers start: questions asked before the replicas have loaded the model
+    # wait for them this long (not counted in request_timeout_s), then are recorded as timeouts.
+    deploy_timeout_s: float = 600.0
     # "openai": the whole HTTP exchange (connect to last byte), not each socket read; None = request_timeout_s
     reply_deadline_s: float | None = None
     max_reply_bytes: int = 1_048_576  # "openai": a reply past this is refused unread (one proposal's reply is ~1-3 KB)
@@ -92,6 +95,7 @@ class AdvisorConfig:
         _positive_int("max_new_tokens", self.max_new_tokens)
         _positive_number("temperature", self.temperature, allow_zero=True)
         _positive_number("request_timeout_s", self.request_timeout_s)
+        _positive_number("deploy_timeout_s", self.deploy_timeout_s)
         if self.reply_deadline_s is not None:
             _positive_number("reply_deadline_s", self.reply_deadline_s)
         _positive_int("max_reply_bytes", self.max_reply_bytes)

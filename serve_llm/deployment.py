@@ -253,9 +253,11 @@ def http_url(config: AdvisorConfig) -> str:
     return f"http://{config.http_host}:{config.http_port}{config.route_prefix}"
 
 
-def deploy_advisor(config: AdvisorConfig, *, http: bool = True) -> DeploymentHandle:
+def deploy_advisor(config: AdvisorConfig, *, http: bool = True, wait: bool = True) -> DeploymentHandle:
     """Deploy the advisor app on the current Ray cluster (ray.init already called) and return its
-    handle once every replica has loaded its backend.
+    handle once every replica has loaded its backend, or, without `wait`, as soon as Serve has the
+    application (its replicas load the model meanwhile: `wait_for_advisor` says when they are up or why not;
+    requests sent before then wait in Serve's router).
 
     With `http`, Serve starts its HTTP proxy bound to `config.http_host` (127.0.0.1 by default: Serve's own
     default host is configurable by environment and may differ) and the app answers at `http_url(config)`.
@@ -275,10 +277,52 @@ def deploy_advisor(config: AdvisorConfig, *, http: bool = True) -> DeploymentHan
         serve.start(proxy_location="Disabled")
     app = AdvisorDeployment.options(**deployment_options(config)).bind(config.to_dict())
     started = time.perf_counter()
-    handle = serve.run(app, name=config.app_name, route_prefix=config.route_prefix if http else None, blocking=False)
+    route_prefix = config.route_prefix if http else None
+    if not wait:
+        [handle] = serve.run_many([serve.RunTarget(app, name=config.app_name, route_prefix=route_prefix)], wait_for_applications_running=False)
+        logger.info("advisor app %r (%s) deploying (not waited for)", config.app_name, config.backend)
+        return handle
+    handle = serve.run(app, name=config.app_name, route_prefix=route_prefix, blocking=False)
     logger.info("advisor app %r (%s) up in %.1fs%s", config.app_name, config.backend, time.perf_counter() - started,
                 f" at {http_url(config)}" if http else " (handle only, no HTTP)")
     return handle
+
+
+def _first_and_last_lines(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " ... ".join(dict.fromkeys([lines[0][:300], lines[-1][:500]])) if lines else ""
+
+
+class AdvisorDeployError(RuntimeError):
+    """The advisor's Serve application failed to deploy (its replicas could not start or load the model) or is gone."""
+
+
+def wait_for_advisor(config: AdvisorConfig, *, timeout_s: float, poll_s: float = 0.25) -> float:
+    """Block until the advisor's application is RUNNING on Serve; return the seconds waited.
+
+    Raises `AdvisorDeployError` with Serve's own message when the application failed to deploy, became
+    unhealthy or is not there (deleted, or never deployed), and `TimeoutError` after `timeout_s`.
+    """
+    from ray.serve.schema import ApplicationStatus
+
+    started = time.monotonic()
+    while True:
+        application = serve.status().applications.get(config.app_name)
+        if application is None:
+            raise AdvisorDeployError(f"Serve has no application {config.app_name!r} (deleted, or never deployed)")
+        if application.status == ApplicationStatus.RUNNING:
+            return time.monotonic() - started
+        if application.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY, ApplicationStatus.DELETING):
+            # The application's own message only names the deployment; each deployment's holds the replica's traceback,
+            # whose last line is the error itself (the rest is in the Serve controller's log)
+            details = [str(application.message or "")] + [f"{name}: {_first_and_last_lines(status.message)}"
+                                                          for name, status in application.deployments.items() if status.message]
+            message = " ".join(" ".join(details).split())[:2000] or "(Serve gave no message)"
+            raise AdvisorDeployError(f"the advisor's Serve application {config.app_name!r} is {application.status.value}: {message}")
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"the advisor's Serve application {config.app_name!r} was not running {timeout_s:g}s after it was deployed "
+                               f"(status {application.status.value}; advisor.deploy_timeout_s)")
+        time.sleep(poll_s)
 
 
 def _require_proxy(timeout_s: float = 30.0) -> None:

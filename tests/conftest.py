@@ -35,7 +35,10 @@ def ray_local(_ray_session):
     shared; started again for a module after one that shut it down (the multi-node test runs its own cluster)."""
     import ray
 
+    from cluster.runtime import set_embedded_defaults
+
     if not ray.is_initialized():
+        set_embedded_defaults()  # as `hybridtrain run` starts its embedded Ray
         ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
     return ray
 

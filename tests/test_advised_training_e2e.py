@@ -108,7 +108,9 @@ def test_real_llm_advisor_through_serve_advises_a_run(ray_local, tmp_path) -> No
     # The run reached its advisor through the handle: Serve opened no HTTP proxy (no port for two runs to contend for)
     from ray import serve
 
-    status = serve.status()
-    assert not status.proxies, status.proxies
+    from tests.test_advisor_faults_e2e import serve_apps_left
+
+    assert not serve.status().proxies, serve.status().proxies
     # ... and deleted its own Serve application when it finished (one per run, named after the run id)
-    assert not [name for name in status.applications if summary["run_id"] in name], status.applications
+    assert not serve_apps_left(f"{build_config(recipe='smoke', overrides=overrides).advisor.app_name}-{summary['run_id']}")
+    assert summary["advisor_ready_s"] > 0 and "advisor_deploy_error" not in summary  # it loaded while the workers started

@@ -41,6 +41,16 @@ def _replica_names(app_name: str) -> list[str]:
                   if actor["namespace"] == "serve" and actor["name"].startswith(f"SERVE_REPLICA::{app_name}#"))
 
 
+def serve_apps_left(prefix: str, *, within_s: float = 30.0) -> list[str]:
+    """Serve applications named `prefix...` still there after `within_s` (a run deletes its own without waiting)."""
+    from ray import serve
+
+    deadline = time.monotonic() + within_s
+    while (left := [name for name in serve.status().applications if name.startswith(prefix)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 @pytest.fixture
 def slow_scripted_advisor(ray_local, tmp_path) -> Iterator[AdvisorConfig]:
     """One replica of the scripted advisor, 4 s per answer (well inside its 30 s deadline)."""
@@ -125,7 +135,7 @@ def test_slow_and_garbage_answers_are_recorded_and_training_goes_on(ray_local, t
     try:
         summary = run_experiment(config, run_dir)
         # the run deployed its own app (named for the run) and deleted it when it ended
-        assert not [name for name in serve.status().applications if name.startswith(app_name)], serve.status().applications
+        assert not serve_apps_left(app_name), serve.status().applications
     finally:
         for name in [name for name in serve.status().applications if name.startswith(app_name)]:
             serve.delete(name)
@@ -151,3 +161,31 @@ def test_slow_and_garbage_answers_are_recorded_and_training_goes_on(ray_local, t
     # Nothing was applied, and the faults were recorded as what they were: no errors, nothing stale.
     assert summary["proposals_accepted"] == summary["proposals_rejected"] == 0
     assert summary["errors"] == summary["answers_stale"] == 0 and summary["advice_incidents"] == []
+
+
+def test_an_advisor_that_cannot_deploy_is_recorded_and_training_goes_on(ray_local, tmp_path) -> None:
+    """The run deploys its advisor without waiting for it (the model loads while the workers start). One whose
+    replicas cannot start (a script with no proposals: its constructor raises, Serve gives up after 3 tries) does
+    not fail the run: every epoch trains, each question is an `error` row carrying Serve's reason, and the
+    summary names the failed deployment."""
+    from ray import serve
+
+    script = tmp_path / "empty.json"
+    script.write_text(json.dumps({"proposals": []}))
+    app_name = "advisor-faults-undeployable"
+    overrides = [*ASK_EVERY_EPOCH, "train.epochs=3", "advisor.serve=true", f"advisor.script={script}", f"advisor.app_name={app_name}",
+                 "advisor.num_cpus_per_replica=0.5", "advisor.nice=0", "coordinator.wait_for_answer_s=120"]
+    run_dir = tmp_path / "run"
+    try:
+        summary = run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
+        assert not serve_apps_left(app_name), serve.status().applications
+    finally:
+        for name in [name for name in serve.status().applications if name.startswith(app_name)]:
+            serve.delete(name)
+    ledger = assert_nothing_lost(run_dir, summary, epochs=3)
+    shown = ledger[["kind", "epoch", "reason", "status", "problems"]].to_string()
+    assert "DEPLOY_FAILED" in summary["advisor_deploy_error"] and summary["advisor_ready_s"] is None, summary
+    errors = ledger[ledger.kind == "error"]
+    assert len(errors) >= 1 and summary["errors"] == len(errors), shown
+    assert errors.problems.str.contains("DEPLOY_FAILED").all() and errors.problems.str.contains("at least one scripted proposal").any(), shown
+    assert summary["proposals_accepted"] == summary["proposals_rejected"] == 0
