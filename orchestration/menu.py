@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestration.diagnostics import chance_ceiling
 from orchestration.protocol import (
     CURRICULUM_PACE_BOUNDS,
     HYPERPARAMETER_BOUNDS,
@@ -40,8 +41,9 @@ from orchestration.protocol import (
     split_neuron_group,
 )
 
-ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection", "free_values")
+ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "restart", "activation", "unfreeze", "curriculum", "selection", "free_values")
 MENU_KEYS = "ABCDEF"
+RESTART_LR_SCALE = 0.1  # a collapsed run restarts at a tenth of its rate (the most one answer may cut: HYPERPARAMETER_BOUNDS)
 MAX_RESCUE_GROUPS = 4
 _INDEXED_MODULE = re.compile(r"^(.*)\.(\d+)$")  # "features.0" -> ("features", 0)
 
@@ -125,6 +127,8 @@ def action_of(proposal: Proposal) -> str:
     training runs outweighs any hyperparameter or weight change that comes with it."""
     if proposal.is_noop():
         return "keep"
+    if proposal.restart:
+        return "restart"
     training = proposal.training
     if proposal.weights and {op.op for op in proposal.weights} == {"values"} and proposal.hyperparameters.is_empty() and training.is_empty():
         return "free_values"
@@ -178,10 +182,12 @@ def action_prior(option: MenuOption, records: dict[str, TrackRecord], *, finding
 
 
 def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | None = None, training: dict | None = None,
-              **hyperparameters: float) -> dict:
+              restart: str = "", **hyperparameters: float) -> dict:
     proposal = {"hyperparameters": hyperparameters, "weights": weights or [], "alpha": alpha, "reason": reason}
     if training:
         proposal["training"] = training
+    if restart:
+        proposal["restart"] = restart
     return proposal
 
 
@@ -267,6 +273,14 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         textbook.append(candidate)
         candidates.append(candidate)
 
+    if diagnosis.collapsed:
+        # A collapsed net (at chance, not learning) is past what a cut or a pull toward its best can fix: start again from
+        # weights that were fine (the best ones if it ever learned, else the initial ones), moments restarted, at a 10x lower rate.
+        learned = snapshot.num_classes >= 2 and any(value > chance_ceiling(snapshot.num_classes) for value in snapshot.val_accuracy)
+        point = "best" if learned else "initial"
+        add_remedy(("restart", f"restart from the {point} weights, optimizer moments reset, learning rate cut {1 / RESTART_LR_SCALE:g}x",
+                    Finding.COLLAPSED, _proposal(f"collapsed: restart from the {point} weights at lr / {1 / RESTART_LR_SCALE:g}",
+                                                 lr_scale=RESTART_LR_SCALE, restart=point)))
     if diagnosis.diverging:
         by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)[:MAX_RESCUE_GROUPS]
         add_remedy(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", Finding.DIVERGING,

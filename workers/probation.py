@@ -58,6 +58,7 @@ class WeightReferences:
 
     params: dict[str, torch.Tensor]  # the weights the proposal is applied to
     best: dict[str, torch.Tensor] | None = None
+    initial: dict[str, torch.Tensor] | None = None  # the weights the run started from (a restart's point when it never learned)
     ema: dict[str, torch.Tensor] | None = None
     dead_units: dict[str, torch.Tensor] | None = None
     unit_groups: dict[str, Any] | None = None  # layer module -> each output unit's neuron group (neuron-group coupling)
@@ -101,6 +102,8 @@ class ProbationRunner:
         """Blend the proposal's weights and set its hyperparameters; a problem string if it cannot be applied."""
         proposal = decision.proposal
         try:
+            if proposal.restart:
+                self.restart(proposal.restart, references)
             if not proposal.hyperparameters.is_empty():  # checked first: a change that cannot be made touches nothing
                 values, _ = apply_hyperparameter_change(self.hyperparameters(), proposal.hyperparameters)
                 write_hyperparameters(self.engine, values, batch_size=self.batch_size)
@@ -122,6 +125,15 @@ class ProbationRunner:
         except (ValueError, KeyError, RuntimeError) as error:
             return f"could not apply proposal: {error}"
         return None
+
+    def restart(self, point: str, references: WeightReferences) -> None:
+        """Write the `point` weights ("best" or "initial") back into every parameter and restart the optimizer's state
+        (moments zeroed, schedule-free's z at the weights: `workers.optimizers.reset_value`). Collective under ZeRO."""
+        weights = references.best if point == "best" else references.initial if point == "initial" else None
+        if weights is None:
+            raise ValueError(f"no {point} weights to restart from")
+        write_full_fp32_params(self.engine, weights)
+        reset_optimizer_moments(self.engine, list(weights))
 
     def hyperparameters(self) -> dict[str, float]:
         return read_hyperparameters(self.engine, batch_size=self.batch_size)
