@@ -123,8 +123,8 @@ def collapse(snapshot: TrainingSnapshot, *, diverging: bool) -> str | None:
 
     Collapsed iff the number of classes C is known and either (a) the run is `diverging` and its latest validation
     accuracy is at chance (`<= 1/C + CHANCE_MARGIN`), or (b) the last `COLLAPSE_EPOCHS` validation accuracies are at
-    chance, the latest training loss is at least `0.9 ln C` (no better than a guess) and fell less than
-    `STUCK_IMPROVEMENT` over the last epoch. That is what a learning rate far too high leaves (dead units, saturated
+    chance and the latest training loss is at least `0.9 ln C` (no better than a guess) and not learning: it fell less
+    than `STUCK_IMPROVEMENT` over the last epoch, or it fell from above `ln C` (back from a blow-up, not below a guess). That is what a learning rate far too high leaves (dead units, saturated
     logits): cutting the rate alone does not bring it back, and raising it (what "learning slowly" would call for
     at tiny update ratios) is the wrong way. A learning rate far too low also starts near chance, but its training
     loss falls: (b) leaves it to the slow-learning finding.
@@ -141,7 +141,9 @@ def collapse(snapshot: TrainingSnapshot, *, diverging: bool) -> str | None:
         return None
     guess = 0.9 * math.log(classes)
     latest, previous = train[-1], train[-2]
-    stuck = not math.isfinite(latest) or (latest >= guess and not (math.isfinite(previous) and latest < (1 - STUCK_IMPROVEMENT) * previous))
+    # Falling counts as learning only below the guess's loss: a loss coming down from a blow-up to ln C is not learning.
+    learning = math.isfinite(previous) and previous < math.log(classes) and latest < (1 - STUCK_IMPROVEMENT) * previous
+    stuck = not math.isfinite(latest) or (latest >= guess and not learning)
     if stuck:
         return (f"val accuracy {recent[-1]:.3f} at chance ({1 / classes:.3f}) for {COLLAPSE_EPOCHS} epochs, "
                 f"train loss {latest:.3g} no better than a guess (ln {classes} = {math.log(classes):.3g}) and not falling")

@@ -92,7 +92,9 @@ class ProbationRunner:
         accepted = bool(verdict is not None and verdict.accepted)
         exact = None
         if accepted:
-            self.apply(decision, references)
+            again = self.apply(decision, references)  # deterministic: what the candidate ran with
+            if again is not None:
+                raise RuntimeError(f"proposal {decision.query_id} was accepted but could not be applied again: {again}")
         elif self.verify_rollback:
             exact = self.digest() == saved["digest"]
         return ProbationResult(accepted=accepted, reward=None if verdict is None else verdict.reward, rollback_exact=exact,
@@ -102,11 +104,11 @@ class ProbationRunner:
         """Blend the proposal's weights and set its hyperparameters; a problem string if it cannot be applied."""
         proposal = decision.proposal
         try:
-            if proposal.restart:
-                self.restart(proposal.restart, references)
             if not proposal.hyperparameters.is_empty():  # checked first: a change that cannot be made touches nothing
                 values, _ = apply_hyperparameter_change(self.hyperparameters(), proposal.hyperparameters)
                 write_hyperparameters(self.engine, values, batch_size=self.batch_size)
+            if proposal.restart:
+                self.restart(proposal.restart, references)
             if proposal.weights and self.modes is not None:
                 self.modes.check_weight_ops(proposal.weights)
             if proposal.weights:
