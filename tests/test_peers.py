@@ -12,6 +12,7 @@ from torch import nn
 from orchestration.config import CoordinatorConfig
 from orchestration.coordinator import probation_steps
 from orchestration.diagnostics import chance_ceiling, collapse, diagnose
+from orchestration.policy import QueryPolicy
 from orchestration.menu import RESTART_LR_SCALE, action_of, build_menu
 from orchestration.protocol import Finding, LayerStats, Proposal, TrainingSnapshot
 from orchestration.triage import restrict_to_allowed
@@ -170,6 +171,8 @@ def test_collapse_is_chance_accuracy_with_a_training_loss_that_does_not_fall() -
     assert collapse(_snapshot([0.9, 0.1], [0.3, 9.0]), diverging=True) is not None  # diverged to chance
     diagnosis = diagnose(collapsed)
     assert diagnosis.collapsed and diagnosis.findings()[0] == Finding.COLLAPSED
+    assert QueryPolicy(CoordinatorConfig(burn_in_epochs=1)).decide(collapsed, last_query_epoch=1, weight_drift=0.0, in_flight=False,
+                                                                    diagnosis=diagnosis).reason.startswith("collapsed")
     assert not diagnosis.underfitting  # tiny updates at chance are not "learning slowly": raising lr is the wrong way
 
 
@@ -183,6 +186,8 @@ def test_the_menu_restarts_a_collapsed_run_first_from_the_right_point() -> None:
     assert action_of(proposal) == "restart" and proposal.summary().startswith("restart(initial)")
     learned = _snapshot([0.8, 0.1, 0.1], [0.5, 2.4, 2.35])
     assert Proposal.from_dict(build_menu(learned, diagnose(learned))[1].proposal).restart == "best"
+    damaged = _snapshot([0.23, 0.1, 0.1], [3.9, 2.4, 2.35])  # above chance once, far from learned: its weights are no restart point
+    assert Proposal.from_dict(build_menu(damaged, diagnose(damaged))[1].proposal).restart == "initial"
 
 
 def test_a_restart_is_validated_restricted_and_tried_for_an_epoch() -> None:
