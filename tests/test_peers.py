@@ -204,3 +204,11 @@ def test_a_restart_is_validated_restricted_and_tried_for_an_epoch() -> None:
     assert probation_steps(Proposal.from_dict({"hyperparameters": {"lr_scale": 0.5}}), at, config) == 10
     with pytest.raises(ValueError, match="rescue_probation_epochs"):
         CoordinatorConfig(rescue_probation_epochs=-1)
+
+
+def test_prodigy_refuses_transfer_learnings_per_block_rates(tmp_path) -> None:
+    from cluster.experiment import build_config
+    from orchestration.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prodigy.*model.pretrained"):
+        build_config(overrides=["train.optimizer=prodigy", f"model.pretrained={tmp_path}"])
