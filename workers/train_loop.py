@@ -21,11 +21,11 @@ from typing import Any
 from workers.checkpoints import CheckpointError, agree_on_checkpoint, checkpoint_problem
 from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
+from workers.config import LR_FIND
 from workers.engine import broadcast_from_rank0, full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
 from workers.epoch import run_epoch, test_metrics, validate
 from workers.files import atomic_write_bytes, atomic_write_text
 from workers.events import Components, Event
-from workers.config import LR_FIND
 from workers.lr_find import find_learning_rate, read_result
 from workers.loop import PLACEMENT, PLACEMENT_GROUP, PROGRESS, Loop, LoopState, prepare
 from workers.plan import WorkerPlan
