@@ -9,7 +9,8 @@ Every method trains the same model for the same number of epochs (per task: digi
 12; `--epochs` sets all), early stopping off: the budget is equal. Runs are real: Ray Train workers with
 DeepSpeed ZeRO-2 on the embedded local Ray, the advisor on Ray Serve for LLM methods. Tasks (`benchmarks/tasks.py`): the CNN on digits, an MLP on the
 breast-cancer CSV, the CNN on generated noisy shapes. Conditions: `good` (the defaults) and `hard` (the
-learning rate 30x too low), where advice has room to help.
+learning rate 30x too low), where advice has room to help, and `collapsed` (100x too high: at chance within two
+epochs, which only the advisor's restart undoes).
 
 Methods: `static` (no advisor), `heuristic` (rules choose from the menu), `llm` (the bundled SmolLM2
 chooses: the default advisor, which waits up to 30 s for the answer to a query a finding triggered), and
@@ -23,6 +24,8 @@ Research modes: `curriculum`, `selection` (batch selection the advisor switches)
 task, head first, the advisor unfreezes), `transfer-schedule` (one block thawed every 2 epochs) and
 `gradient-free` (the advisor may set the last layer's bias to values from its history) and `neuron-groups`
 (one alpha per k-means group of a layer's neurons; dead clusters re-drawn on their own).
+Peers (issue 24): `prodigy`, `schedulefree` (schedule-free AdamW) and `lr-find` (`train.lr: find`), each alone and with
+`-heuristic` or `-llm` on top; Prodigy and the LR range test choose their own rate whatever the condition.
 
 Printed per task, condition and method: test accuracy (mean and std over seeds), epochs to the task's
 target validation accuracy (median, and how many runs reached it), training wall time, proposals
@@ -67,6 +70,18 @@ METHODS = {
     "transfer-schedule": ["advisor.backend=none", "model.pretrained={source}", "modes.unfreeze_every=2"],
     "gradient-free": ["advisor.backend=heuristic", "modes.gradient_free=true"],
     "neuron-groups": ["advisor.backend=heuristic", "coordinator.neuron_groups=true"],
+    # The peers a user who does not know the learning rate has (issue 24), alone and with an advisor on top. Prodigy and
+    # the LR range test pick their own rate, so a condition's learning rate does not reach them (their overrides come
+    # after it); schedule-free AdamW still takes one.
+    "prodigy": ["advisor.backend=none", "train.optimizer=prodigy", "train.lr=1.0"],
+    "prodigy-heuristic": ["advisor.backend=heuristic", "train.optimizer=prodigy", "train.lr=1.0"],
+    "prodigy-llm": ["advisor.backend=smollm2", "train.optimizer=prodigy", "train.lr=1.0"],
+    "schedulefree": ["advisor.backend=none", "train.optimizer=schedulefree_adamw"],
+    "schedulefree-heuristic": ["advisor.backend=heuristic", "train.optimizer=schedulefree_adamw"],
+    "schedulefree-llm": ["advisor.backend=smollm2", "train.optimizer=schedulefree_adamw"],
+    "lr-find": ["advisor.backend=none", "train.lr=find"],
+    "lr-find-heuristic": ["advisor.backend=heuristic", "train.lr=find"],
+    "lr-find-llm": ["advisor.backend=smollm2", "train.lr=find"],
 }
 # Transfer learning starts from a run of the other image task (the CNN's conv layers fit both; the head is
 # fresh). The tabular task has no related source: its transfer rows are skipped.
@@ -76,6 +91,9 @@ BASE_LR = 3e-3  # train.lr's default
 # itself (static 0.978 at lr 0.03, 12 epochs), and from about 25x too high the net is dead after the first
 # epoch, before any advice can act (val accuracy 0.10 at lr 0.08 and up).
 HARD = {task: [f"train.lr={BASE_LR / 30:g}"] for task in ("digits", "tabular", "shapes")}
+# The collapsed start: 100x too high. The net is at chance after two epochs; the advisor's restart (issue 24) is its remedy.
+COLLAPSED = {task: [f"train.lr={BASE_LR * 100:g}"] for task in ("digits", "tabular", "shapes")}
+CONDITIONS = {"good": {}, "hard": HARD, "collapsed": COLLAPSED}
 EPOCHS = {"digits": 12, "tabular": 30, "shapes": 12}  # per task, the same for every method; tabular runs take seconds
 TARGETS = {"digits": 0.97, "tabular": 0.95, "shapes": 0.5}  # validation accuracy
 
@@ -154,7 +172,7 @@ def _transfer_source(task: str, seed: int, out: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--conditions", nargs="+", default=["hard", "good"], choices=["good", "hard"])
+    parser.add_argument("--conditions", nargs="+", default=["hard", "good"], choices=list(CONDITIONS))
     parser.add_argument("--methods", nargs="+", default=["static", "heuristic", "llm"], choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs of every run (default per task: {EPOCHS})")
@@ -196,8 +214,8 @@ def main() -> int:
                     run_dir = out / f"{task}-{condition}-{method}-{seed}"
                     if run_dir.exists():  # an interrupted run of an earlier invocation: its result was never recorded
                         shutil.rmtree(run_dir)
-                    sets = [*task_overrides(task, out / "data"), *(item.format(source=source) for item in METHODS[method]),
-                            *(HARD[task] if condition == "hard" else []),
+                    sets = [*task_overrides(task, out / "data"), *CONDITIONS[condition].get(task, []),
+                            *(item.format(source=source) for item in METHODS[method]),  # after the condition: a method's own lr wins
                             f"train.epochs={args.epochs or EPOCHS[task]}", "train.early_stopping_patience=0", f"train.seed={seed}", f"data.seed={seed}",
                             "advisor.num_cpus_per_replica=1"]
                     config = build_config(overrides=sets)

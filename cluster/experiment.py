@@ -44,6 +44,11 @@ class ExperimentConfig:
         if self.modes.l2sp > 0 and self.train.zero_stage == 3:
             raise ConfigError(f"modes.l2sp={self.modes.l2sp!r} needs train.zero_stage 0-2 (ZeRO-3 partitions the weights the pull reads), "
                               f"got train.zero_stage={self.train.zero_stage!r}")
+        if self.model.pretrained and self.train.optimizer == "prodigy":
+            # Transfer learning trains each block in its own parameter group (its own rate); DeepSpeed's ZeRO 1-2 step the
+            # groups one at a time, so each would estimate its own d, and a frozen block's lr 0 stops Prodigy's estimate.
+            raise ConfigError("train.optimizer=prodigy estimates one step size over all parameters: it does not take model.pretrained's "
+                              "per-block learning rates; use adamw or schedulefree_adamw for transfer learning")
         if self.model.pretrained:
             from workers.modes import pretrained_file
 

@@ -544,6 +544,9 @@ def summarize(plan: RunPlan, metrics: dict[str, Any], advice_counts: dict[str, A
         "checkpoint_s": metrics.get("checkpoint_s", 0.0),
         "checkpoint_problems": metrics.get("checkpoint_problems", []),
         "rollbacks_verified": metrics["rollbacks_verified"],
+        "optimizer": config.train.optimizer,
+        # train.lr: find: the range test's choice and how it got there (RUN_DIR/lr_find.csv holds the curve); else None
+        "lr_find": metrics.get("lr_find"),
         "use_gpu": use_gpu,
         "data": plan.data,
         "cluster": {"address": cluster.address, "dashboard_url": cluster.dashboard_url},

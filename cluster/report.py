@@ -23,6 +23,7 @@ import pandas as pd
 
 from cluster.rundir import UnreadableFileError, read_json
 from orchestration.errors import ReportError
+from workers.lr_find import LR_FIND_CSV, LR_FIND_JSON
 
 REPORT_DIR = "report"
 DROPPED = ("invalid", "stale", "timeout", "error")  # answers that were never applied
@@ -93,8 +94,13 @@ def _run_figures(run_dir: Path) -> tuple[list[Figure], list[tuple[str, str]]]:
     if not ledger.empty:
         figures += [_alphas(ledger), _rewards(ledger), _advisor(ledger)]
     figures.append(_probation(metrics))
+    lr_find = _read_csv(run_dir / LR_FIND_CSV)
+    if not lr_find.empty:
+        figures.append(_lr_find(lr_find, json.loads((run_dir / LR_FIND_JSON).read_text()) if (run_dir / LR_FIND_JSON).exists() else {}))
     summary = _read_summary(run_dir, "run")
-    keys = ("test_accuracy", "test_macro_f1", "epochs", "wall_s", "advisor_queries", "cache_hits", "kept_unasked", "proposals_accepted",
+    if isinstance(summary.get("lr_find"), dict):
+        summary = {**summary, "lr_found": summary["lr_find"]["lr"]}
+    keys = ("test_accuracy", "test_macro_f1", "lr_found", "epochs", "wall_s", "advisor_queries", "cache_hits", "kept_unasked", "proposals_accepted",
             "proposals_rejected", "proposals_invalid", "zero_stage", "precision", "world_size")
     table = pd.DataFrame([(key, summary[key]) for key in keys if key in summary], columns=["", "value"])
     tables = [("Summary", table.to_html(index=False, float_format=lambda value: f"{value:.4g}"))] if len(table) else []
@@ -200,6 +206,20 @@ def _probation(metrics: pd.DataFrame) -> Figure:
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------
+
+def _lr_find(curve: pd.DataFrame, choice: dict) -> Figure:
+    """The LR range test (`train.lr: find`): smoothed loss over the learning rate, the chosen rate marked."""
+    figure, (axis,) = _subplots(1)
+    axis.plot(curve["lr"], curve["loss"], alpha=0.3, label="loss")
+    axis.plot(curve["lr"], curve["smoothed"], label="smoothed")
+    if choice.get("lr"):
+        axis.axvline(choice["lr"], color="k", linestyle="--", label=f"chosen {choice['lr']:.3g}" + (" (fallback)" if choice.get("fallback") else ""))
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss")
+    axis.legend()
+    return _figure("lr_find", "LR range test", figure)
+
 
 def _trial_curve(run_dir: Path) -> pd.DataFrame:
     """Every run of one trial (a trial restarts as run-N after each exploit), in epoch order."""

@@ -59,6 +59,10 @@ class CoordinatorConfig:
 
     # --- probation and acceptance --------------------------------------------------------
     probation_steps: int = 10  # optimizer steps each probation branch trains before the candidate is judged
+    # A restart (the collapsed run's remedy) trains this many epochs of steps on probation, at least probation_steps:
+    # restarted at a tenth of the rate it has to climb from the initial weights' loss, which ten steps rarely show
+    # (the collapsed reference sits at chance and does not move); one epoch is what the run's own first epoch had.
+    rescue_probation_epochs: float = 1.0
     reward_mode: RewardMode = "counterfactual"  # reference = untouched branch | pre-apply metrics
     accept_threshold: float = 0.0  # accept iff reward > this + accept_significance * (the reward's standard error)
     accept_significance: float = 2.0  # z: how many standard errors of the paired per-sample reward a gain must clear; 0 = off
@@ -87,6 +91,7 @@ class CoordinatorConfig:
             require(getattr(self, name) >= 0, f"coordinator.{name}", getattr(self, name), "must be >= 0")
         for name in ("plateau_window", "probation_steps", "history_window", "max_cache_entries", "regroup_every"):
             require(getattr(self, name) >= 1, f"coordinator.{name}", getattr(self, name), "must be >= 1")
+        require(0 <= self.rescue_probation_epochs <= 10, "coordinator.rescue_probation_epochs", self.rescue_probation_epochs, "must be in [0, 10]")
         require(self.max_answer_age_epochs >= 0, "coordinator.max_answer_age_epochs", self.max_answer_age_epochs, "must be >= 0")
         require(0 <= self.wait_for_answer_s <= 3600, "coordinator.wait_for_answer_s", self.wait_for_answer_s, "must be in [0, 3600]")
         require(0 <= self.wait_on_findings_s <= 3600, "coordinator.wait_on_findings_s", self.wait_on_findings_s, "must be in [0, 3600]")

@@ -135,6 +135,14 @@ def cap_lr_scale(proposal: Proposal, *, lr_factor: float, max_lr_factor: float) 
     return capped, note
 
 
+def probation_steps(proposal: Proposal, at: TrainingSnapshot, config: CoordinatorConfig) -> int:
+    """Optimizer steps to try `proposal` for: `probation_steps`, or for a restart at least `rescue_probation_epochs` epochs
+    of the run's steps (`at.step / at.epoch` a epoch), long enough for a restarted net to show that it learns again."""
+    if not proposal.restart or at.epoch <= 0 or at.step <= 0:
+        return config.probation_steps
+    return max(config.probation_steps, math.ceil(config.rescue_probation_epochs * at.step / at.epoch))
+
+
 def _still_found(asked: TrainingSnapshot, now: Diagnosis) -> bool:
     """Whether a finding the query `asked` about is present in the diagnosis `now` (any finding, without a menu)."""
     remedies = {option.remedy for option in asked.menu if option.remedy}
@@ -464,7 +472,7 @@ class Coordinator:
             alphas=alphas,
             source=source,
             epoch_asked=answered_snapshot.epoch,
-            probation_steps=self.config.probation_steps,
+            probation_steps=probation_steps(proposal, at, self.config),
             reward_mode=self.config.reward_mode,
             reset_optimizer_moments=self.config.reset_optimizer_moments,
             seed=zlib.crc32(query_id.encode()),

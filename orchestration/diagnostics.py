@@ -108,6 +108,48 @@ def _update_ratios(snapshot: TrainingSnapshot) -> list[float]:
     return sorted(layer.update_ratio for layer in snapshot.layers if layer.update_ratio > 0 and math.isfinite(layer.update_ratio))
 
 
+CHANCE_MARGIN = 0.05  # validation accuracy within this of chance (1 / classes) counts as chance
+COLLAPSE_EPOCHS = 2  # epochs at chance (without divergence) before a run counts as collapsed
+STUCK_IMPROVEMENT = 0.02  # training loss falling less than this (relative) over the last epoch = not learning
+
+
+def chance_ceiling(num_classes: int) -> float:
+    """The validation accuracy at or below which a classifier of `num_classes` classes is at chance."""
+    return 1.0 / num_classes + CHANCE_MARGIN
+
+
+def collapse(snapshot: TrainingSnapshot, *, diverging: bool) -> str | None:
+    """Why the network looks collapsed, or None.
+
+    Collapsed iff the number of classes C is known and either (a) the run is `diverging` and its latest validation
+    accuracy is at chance (`<= 1/C + CHANCE_MARGIN`), or (b) the last `COLLAPSE_EPOCHS` validation accuracies are at
+    chance and the latest training loss is at least `0.9 ln C` (no better than a guess) and not learning: it fell less
+    than `STUCK_IMPROVEMENT` over the last epoch, or it fell from above `ln C` (back from a blow-up, not below a guess). That is what a learning rate far too high leaves (dead units, saturated
+    logits): cutting the rate alone does not bring it back, and raising it (what "learning slowly" would call for
+    at tiny update ratios) is the wrong way. A learning rate far too low also starts near chance, but its training
+    loss falls: (b) leaves it to the slow-learning finding.
+    """
+    classes = snapshot.num_classes
+    accuracy = [value for value in snapshot.val_accuracy if math.isfinite(value)]
+    if classes < 2 or not accuracy:
+        return None
+    ceiling = chance_ceiling(classes)
+    if diverging and accuracy[-1] <= ceiling:
+        return f"diverging at chance: val accuracy {accuracy[-1]:.3f} (chance {1 / classes:.3f})"
+    recent, train = accuracy[-COLLAPSE_EPOCHS:], snapshot.train_loss
+    if len(recent) < COLLAPSE_EPOCHS or max(recent) > ceiling or len(train) < 2:
+        return None
+    guess = 0.9 * math.log(classes)
+    latest, previous = train[-1], train[-2]
+    # Falling counts as learning only below the guess's loss: a loss coming down from a blow-up to ln C is not learning.
+    learning = math.isfinite(previous) and previous < math.log(classes) and latest < (1 - STUCK_IMPROVEMENT) * previous
+    stuck = not math.isfinite(latest) or (latest >= guess and not learning)
+    if stuck:
+        return (f"val accuracy {recent[-1]:.3f} at chance ({1 / classes:.3f}) for {COLLAPSE_EPOCHS} epochs, "
+                f"train loss {latest:.3g} no better than a guess (ln {classes} = {math.log(classes):.3g}) and not falling")
+    return None
+
+
 LR_RAISE_BOUNDS = (3.0, 10.0)  # the learning-rate raise a slow-learning finding calls for: at least 3x, at most 10x at once
 
 
@@ -190,11 +232,16 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
         if improvement is not None and improvement < thresholds.plateau_threshold:
             diagnosis.plateau = True
             diagnosis.notes.append(f"{Finding.PLATEAU}: validation loss improved {improvement:.2%} over {window} epochs")
+    collapsed = collapse(snapshot, diverging=diagnosis.diverging)
+    if collapsed is not None:
+        diagnosis.collapsed = True
+        diagnosis.notes.insert(0, f"{Finding.COLLAPSED}: {collapsed}")
     fast = None if diagnosis.diverging else too_fast(snapshot, thresholds, stalled=diagnosis.plateau)
     if fast is not None:
         diagnosis.too_fast = True
         diagnosis.notes.append(f"{Finding.TOO_FAST}: {fast}")
-    slow = None if diagnosis.diverging or fast is not None else slow_learning(snapshot, thresholds)
+    # A collapsed net moves little and sits at chance, which reads as learning slowly; raising its rate is the wrong way.
+    slow = None if diagnosis.diverging or diagnosis.collapsed or fast is not None else slow_learning(snapshot, thresholds)
     if slow is not None:
         diagnosis.underfitting = True
         diagnosis.lr_raise = lr_raise(snapshot, thresholds)
@@ -212,7 +259,7 @@ def diagnose(snapshot: TrainingSnapshot, thresholds: DiagnosticThresholds | None
     accuracy = snapshot.val_accuracy[-1] if snapshot.val_accuracy and math.isfinite(snapshot.val_accuracy[-1]) else None
     # Units killed by a learning rate too high die again when re-drawn; and a net that overfits needs regularising.
     struggling = (diagnosis.plateau or diagnosis.underfitting or accuracy is None or accuracy < thresholds.underfit_accuracy) \
-        and not (diagnosis.too_fast or diagnosis.overfitting)
+        and not (diagnosis.too_fast or diagnosis.overfitting or diagnosis.collapsed)
     diagnosis.dead_groups = [layer.name for layer in snapshot.layers if layer.dead_fraction >= thresholds.dead_fraction] if struggling else []
     if diagnosis.dead_groups:
         diagnosis.notes.append(f"many dead units in {', '.join(diagnosis.dead_groups[:3])}")

@@ -40,8 +40,9 @@ from orchestration.protocol import (
     split_neuron_group,
 )
 
-ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "activation", "unfreeze", "curriculum", "selection", "free_values")
+ACTIONS = ("keep", "lr_down", "lr_up", "regularise", "reinit_dead", "rescue", "restart", "activation", "unfreeze", "curriculum", "selection", "free_values")
 MENU_KEYS = "ABCDEF"
+RESTART_LR_SCALE = 0.1  # a collapsed run restarts at a tenth of its rate (the most one answer may cut: HYPERPARAMETER_BOUNDS)
 MAX_RESCUE_GROUPS = 4
 _INDEXED_MODULE = re.compile(r"^(.*)\.(\d+)$")  # "features.0" -> ("features", 0)
 
@@ -125,6 +126,8 @@ def action_of(proposal: Proposal) -> str:
     training runs outweighs any hyperparameter or weight change that comes with it."""
     if proposal.is_noop():
         return "keep"
+    if proposal.restart:
+        return "restart"
     training = proposal.training
     if proposal.weights and {op.op for op in proposal.weights} == {"values"} and proposal.hyperparameters.is_empty() and training.is_empty():
         return "free_values"
@@ -178,10 +181,12 @@ def action_prior(option: MenuOption, records: dict[str, TrackRecord], *, finding
 
 
 def _proposal(reason: str, *, alpha: float | None = None, weights: list[dict] | None = None, training: dict | None = None,
-              **hyperparameters: float) -> dict:
+              restart: str = "", **hyperparameters: float) -> dict:
     proposal = {"hyperparameters": hyperparameters, "weights": weights or [], "alpha": alpha, "reason": reason}
     if training:
         proposal["training"] = training
+    if restart:
+        proposal["restart"] = restart
     return proposal
 
 
@@ -248,6 +253,25 @@ def _mode_options(snapshot: TrainingSnapshot, diagnosis: Diagnosis) -> dict[Find
     return options
 
 
+def _restart(snapshot: TrainingSnapshot) -> _Candidate:
+    """A collapsed net (at chance, not learning) is past what a cut or a pull toward its best can fix: start again from
+    weights that were fine (the best ones if it ever learned, else the initial ones), moments restarted, at a 10x lower rate."""
+    point = "best" if learned_once(snapshot) else "initial"
+    return ("restart", f"restart from the {point} weights, optimizer moments reset, learning rate cut {1 / RESTART_LR_SCALE:g}x",
+            Finding.COLLAPSED, _proposal(f"collapsed: restart from the {point} weights at lr / {1 / RESTART_LR_SCALE:g}",
+                                         lr_scale=RESTART_LR_SCALE, restart=point))
+
+
+def learned_once(snapshot: TrainingSnapshot) -> bool:
+    """Whether the run's best validation accuracy (in the snapshot's window) got at least halfway from chance to perfect:
+    then its best weights are a sound restart point. Weights from the first epochs of a run with a learning rate far too
+    high are already damaged (dead units) though above chance (0.23 on digits at lr 0.3); those restart from the initial weights."""
+    if snapshot.num_classes < 2 or not snapshot.val_accuracy:
+        return False
+    chance = 1.0 / snapshot.num_classes
+    return max(snapshot.val_accuracy) >= chance + 0.5 * (1 - chance)
+
+
 def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Sequence[ProposalOutcome] = ()) -> list[MenuOption]:
     """The options for this state, "keep" first, at most `len(MENU_KEYS)`; each names the finding it answers.
 
@@ -267,6 +291,8 @@ def build_menu(snapshot: TrainingSnapshot, diagnosis: Diagnosis, outcomes: Seque
         textbook.append(candidate)
         candidates.append(candidate)
 
+    if diagnosis.collapsed:
+        add_remedy(_restart(snapshot))
     if diagnosis.diverging:
         by_update = sorted(snapshot.layers, key=lambda layer: layer.update_ratio, reverse=True)[:MAX_RESCUE_GROUPS]
         add_remedy(("rescue", "cut the learning rate 3x and pull weights back toward the best checkpoint", Finding.DIVERGING,

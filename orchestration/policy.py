@@ -6,7 +6,8 @@ returns, each logged at debug level with the reason, in order of precedence:
 1. a query (or a proposal on probation) is in flight -> no;
 2. burn-in (`snapshot.epoch < burn_in_epochs`) -> no;
    already asked at this epoch (or a later one) -> no;
-3. divergence, as `orchestration.diagnostics.diagnose` reads it (non-finite loss, val loss >
+3. a collapse (chance-level accuracy, not learning: `orchestration.diagnostics.collapse`) -> ask at once;
+   divergence, as `orchestration.diagnostics.diagnose` reads it (non-finite loss, val loss >
    divergence_factor * best val loss so far, or train loss > divergence_factor * previous) -> ask at once;
 4. plateau, as `diagnose` reads it (relative val-loss improvement over `plateau_window` epochs
    below `plateau_threshold`), at most once per `plateau_window` epochs -> ask;
@@ -70,6 +71,8 @@ class QueryPolicy:
             return None
 
         diagnosis = diagnosis or diagnose(snapshot, self.thresholds)
+        if diagnosis.collapsed:  # at chance and not learning: every epoch more is lost, as with divergence
+            return Query(reason=_finding(diagnosis, Finding.COLLAPSED))
         if diagnosis.diverging:
             return Query(reason=_finding(diagnosis, Finding.DIVERGING).replace("diverging:", "divergence:", 1))
 

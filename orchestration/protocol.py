@@ -56,6 +56,7 @@ MAX_ABS_EXPLICIT_VALUE = 10.0
 MAX_WEIGHT_OPS = 8
 ALPHA_BOUNDS = (0.0, 1.0)
 MAX_REASON_CHARS = 280
+RESTART_POINTS = ("best", "initial")  # what a restart restores: the best-validation weights or the run's initial ones
 VERDICTS = ("accepted", "rejected", "invalid", "stale", "timeout", "cached")
 
 # Research modes (`workers.modes`): what a proposal may change in how training runs, when the run enables it.
@@ -101,6 +102,7 @@ class Finding(StrEnum):
     The values are the words prompts, notes, ledgers and reports have always carried; a `StrEnum` formats and
     serialises as its value, so a finding written to JSON, CSV or a prompt reads as before."""
 
+    COLLAPSED = "collapsed"  # at chance and not learning: only a restart helps (`orchestration.diagnostics.collapse`)
     DIVERGING = "diverging"
     TOO_FAST = "learning rate too high"
     OVERFITTING = "overfitting"
@@ -118,6 +120,7 @@ class Diagnosis:
     """
 
     plateau: bool = False
+    collapsed: bool = False  # validation accuracy at chance and training not learning (what a learning rate far too high leaves)
     diverging: bool = False
     overfitting: bool = False
     underfitting: bool = False  # learning, but slowly: tiny updates and low accuracy (a learning rate far too low)
@@ -128,7 +131,7 @@ class Diagnosis:
 
     def findings(self) -> list[Finding]:
         """The findings present, deepest cause first."""
-        present = {Finding.DIVERGING: self.diverging, Finding.TOO_FAST: self.too_fast, Finding.OVERFITTING: self.overfitting,
+        present = {Finding.COLLAPSED: self.collapsed, Finding.DIVERGING: self.diverging, Finding.TOO_FAST: self.too_fast, Finding.OVERFITTING: self.overfitting,
                    Finding.DEAD_UNITS: bool(self.dead_groups), Finding.LEARNING_SLOWLY: self.underfitting, Finding.PLATEAU: self.plateau}
         return [finding for finding, flagged in present.items() if flagged]
 
@@ -302,6 +305,7 @@ class TrainingSnapshot:
     step: int = 0
     total_epochs: int = 0
     model_kind: str = "cnn2d"
+    num_classes: int = 0  # 0 = not known (then no collapse to chance can be read)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     train_accuracy: list[float] = field(default_factory=list)
@@ -404,9 +408,12 @@ class Proposal:
     alpha: float | None = None
     reason: str = ""
     training: TrainingChange = field(default_factory=TrainingChange)
+    # Restart the whole network from a known point (one of `RESTART_POINTS`; "" = no restart): its weights written back and
+    # the optimizer's moments restarted, before any hyperparameter change and weight op. The collapsed run's remedy.
+    restart: str = ""
 
     def is_noop(self) -> bool:
-        return self.hyperparameters.is_empty() and not self.weights and self.training.is_empty()
+        return self.hyperparameters.is_empty() and not self.weights and self.training.is_empty() and not self.restart
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -420,11 +427,13 @@ class Proposal:
             alpha=data.get("alpha"),
             reason=data.get("reason", ""),
             training=TrainingChange(**(data.get("training") or {})),
+            restart=data.get("restart", ""),
         )
 
     def summary(self) -> str:
         """One line for prompts and ledgers, e.g. `lr_scale=0.5; shrink(fc1,0.1)`."""
-        parts = [
+        parts = [f"restart({self.restart})"] if self.restart else []
+        parts += [
             f"{name}={getattr(self.hyperparameters, name):g}"
             for name in HYPERPARAMETER_BOUNDS
             if getattr(self.hyperparameters, name) is not None

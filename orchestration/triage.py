@@ -39,6 +39,7 @@ def restrict_to_allowed(proposal: Proposal, config: CoordinatorConfig) -> Propos
         alpha=proposal.alpha,
         reason=proposal.reason,
         training=dataclasses.replace(proposal.training) if config.apply_hyperparameters else TrainingChange(),
+        restart=proposal.restart if config.apply_weights else "",  # a restart writes every weight
     )
 
 

@@ -26,6 +26,7 @@ from orchestration.protocol import (
     MAX_REASON_CHARS,
     MAX_WEIGHT_OPS,
     NEURON_GROUP_MARK,
+    RESTART_POINTS,
     WEIGHT_OP_AMOUNT_BOUNDS,
     WEIGHT_OPS,
     AdvisorResponse,
@@ -40,7 +41,7 @@ from orchestration.protocol import (
 
 MAX_RAW_CHARS = 32_000  # the largest legal proposal (8 `values` ops of 64 numbers) is ~12k characters
 MAX_NESTING_DEPTH = 6  # proposal -> weights -> op -> values is depth 4
-_TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason", "training")
+_TOP_LEVEL_FIELDS = ("hyperparameters", "weights", "alpha", "reason", "training", "restart")
 _OP_FIELDS = ("op", "group", "amount", "values")
 _TRAINING_FIELDS = tuple(change_field.name for change_field in dataclasses.fields(TrainingChange))
 _SWITCH_WORDS = {"on": True, "off": False}
@@ -246,6 +247,10 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
     alpha = data.get("alpha")
     if alpha is not None:
         alpha = _clamp(_number(alpha, "alpha"), ALPHA_BOUNDS, "alpha", problems)
+    restart = data.get("restart") or ""
+    if restart not in ("", *RESTART_POINTS):
+        problems.append(f"ignored restart {str(restart)[:40]!r}: it must be one of {RESTART_POINTS}")
+        restart = ""
     reason = data.get("reason", "")
     if reason is None:
         reason = ""
@@ -257,6 +262,7 @@ def _build(data: dict[str, Any], snapshot: TrainingSnapshot, problems: list[str]
         alpha=alpha,
         reason=sanitize_reason(reason, problems),
         training=training,
+        restart=restart,
     )
 
 
@@ -367,6 +373,8 @@ def proposal_violations(proposal: Proposal, snapshot: TrainingSnapshot) -> list[
                     check(value, (-MAX_ABS_EXPLICIT_VALUE, MAX_ABS_EXPLICIT_VALUE), f"weights[{index}].values")
         elif op.values is not None:
             violations.append(f"weights[{index}].values set on op {op.op!r}")
+    if proposal.restart not in ("", *RESTART_POINTS):
+        violations.append(f"restart {proposal.restart!r} is not one of {RESTART_POINTS}")
     violations += fit(proposal.training, snapshot.modes_view())[1]
     if not isinstance(proposal.reason, str) or len(proposal.reason) > MAX_REASON_CHARS:
         violations.append("reason is not a string of at most MAX_REASON_CHARS characters")

@@ -101,3 +101,17 @@ def test_a_torn_summary_is_a_clear_error_for_report_and_a_problem_for_audit(tmp_
     (run_dir / "config.yaml").write_text("name: torn\n")
     [problem] = audit_run(run_dir)
     assert "summary.json cannot be read" in problem and ("empty (0 bytes)" in problem) == (torn == "") and "--resume" in problem
+
+
+def test_a_run_with_lr_find_shows_its_curve_and_choice(tmp_path) -> None:
+    from workers.lr_find import choose, exponential_lrs, write_result
+
+    run_dir = _run_dir(tmp_path / "run")
+    lrs = exponential_lrs(40)
+    result = choose(lrs, [2.3 - 0.05 * i for i in range(40)], fallback_lr=3e-3, planned=40)
+    write_result(run_dir, result)
+    summary = json.loads((run_dir / "summary.json").read_text()) | {"lr_find": result.record()}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    page = write_report(run_dir).read_text()
+    assert "LR range test" in page and (run_dir / "report" / "lr_find.png").is_file()
+    assert "lr_found" in page

@@ -75,6 +75,7 @@ class WorkerAdvice:
     # The first parameter group's configured peak lr (train.lr): read off the schedule when this is built, which is
     # before any checkpoint is restored (`train_loop_per_worker` builds the components first).
     configured_lr: float | None = None
+    num_classes: int = 0  # in each snapshot: what chance is (a collapse to chance is read from it)
 
     def __post_init__(self) -> None:
         if self.configured_lr is None:
@@ -88,17 +89,17 @@ class WorkerAdvice:
 
     @classmethod
     def create(cls, settings: AdviceSettings, engine: Any, *, rank: int, world_size: int, model_kind: str, total_epochs: int,
-               batch_size: int, rollback_dir: Path, modes: Any = None) -> WorkerAdvice:
+               batch_size: int, rollback_dir: Path, modes: Any = None, num_classes: int = 0) -> WorkerAdvice:
         link = (CoordinatorLink.connect(settings.coordinator, settings.namespace, run=settings.run_key, call_timeout_s=settings.call_timeout_s,
                                         config=settings.coordinator_config, run_id=settings.run_id, state=settings.opening_state)
                 if rank == 0 else None)
         return cls(settings=settings, engine=engine, rank=rank, model_kind=model_kind, total_epochs=total_epochs, batch_size=batch_size,
-                   observer=AdviceObserver(engine=engine, world_size=world_size), link=link, modes=modes,
+                   observer=AdviceObserver(engine=engine, world_size=world_size), link=link, modes=modes, num_classes=num_classes,
                    probation=ProbationRunner(engine=engine, rank=rank, batch_size=batch_size, rollback_dir=rollback_dir,
                                              verify_rollback=settings.verify_rollback, modes=modes))
 
     def on_epoch_end(self, *, epoch: int, step: int, history: list[dict[str, float]], best_params: dict[str, torch.Tensor] | None,
-                     run_probation: Callable[[int], ProbationMetrics], epoch_metrics: ProbationMetrics) -> AdviceEvent:
+                     initial_params: dict[str, torch.Tensor] | None = None, run_probation: Callable[[int], ProbationMetrics], epoch_metrics: ProbationMetrics) -> AdviceEvent:
         """Ask (rank 0), broadcast the decision, and carry it out on every rank. Collective."""
         params = full_fp32_params(self.engine)  # collective under ZeRO
         self.observer.update_ema(params)
@@ -115,7 +116,7 @@ class WorkerAdvice:
         if not isinstance(decision, Apply):
             return AdviceEvent(decision=decision.reason or "continue")
 
-        references = WeightReferences(params=params, best=best_params, ema=self.observer.ema_params, dead_units=self.observer.dead_units,
+        references = WeightReferences(params=params, best=best_params, initial=initial_params, ema=self.observer.ema_params, dead_units=self.observer.dead_units,
                                       unit_groups=self.observer.unit_groups)
 
         def judge(candidate: ProbationMetrics | None, reference: ProbationMetrics, problem: str | None) -> Verdict:
@@ -133,6 +134,7 @@ class WorkerAdvice:
                                           epoch=epoch, step=step, history=history, params=params,
                                           hyperparameters=self.probation.hyperparameters(), history_window=self.settings.history_window,
                                           modes=self._modes())
+        snapshot.num_classes = self.num_classes
         snapshot.lr_factor = self.lr_factor()  # the coordinator caps lr raises by it (coordinator.max_lr_factor)
         reached, decision = self.link.on_epoch_end(snapshot, drift, epoch=epoch)
         return decision if reached else Continue(self.link.disabled_reason or "coordinator call failed")

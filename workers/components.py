@@ -58,7 +58,7 @@ class Advice(Intervention):
             return None
         return cls(WorkerAdvice.create(settings, loop.engine, rank=loop.rank, world_size=loop.world_size, model_kind=loop.model_config.kind,
                                        total_epochs=loop.train.epochs, batch_size=loop.train.batch_size, rollback_dir=loop.run_dir / ".rollback",
-                                       modes=loop.modes))
+                                       modes=loop.modes, num_classes=len(loop.data.dataset.classes)))
 
     def on(self, event: Event, loop: Loop) -> list[str]:
         if event is Event.FIT_START and loop.start == "fresh":  # rewind the coordinator: an earlier attempt's rows go
@@ -79,7 +79,7 @@ class Advice(Intervention):
         """Decided at the epoch boundary, carried out before the checkpoint so it holds the outcome."""
         row = loop.row
         event = self.advice.on_epoch_end(epoch=loop.epoch, step=loop.engine.global_steps, history=loop.state.history,
-                                         best_params=loop.best_params, run_probation=functools.partial(run_probation, loop),
+                                         best_params=loop.best_params, initial_params=loop.initial_params, run_probation=functools.partial(run_probation, loop),
                                          epoch_metrics=ProbationMetrics(val_loss=row["val_loss"], val_accuracy=row["val_accuracy"],
                                                                         train_loss=row["train_loss"]))
         loop.state.probation_s += event.probation_s

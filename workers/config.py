@@ -8,9 +8,12 @@ from typing import Any
 
 from orchestration.protocol import CURRICULUM_PACE_BOUNDS
 from orchestration.settings import require
+from workers.optimizers import PRODIGY_LR_BOUNDS
 
 MODEL_KINDS = ("auto", "cnn2d", "cnn1d", "mlp", "resnet", "custom")  # custom: built by model.factory
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "prodigy", "schedulefree_adamw")  # the last two: `workers.optimizers`
+DEFAULT_LR = 3e-3  # train.lr when unset (Prodigy: 1.0, a multiplier on its own step-size estimate)
+LR_FIND = "find"  # train.lr: an LR range test before the run picks it (`workers.lr_find`)
 INITS = ("default", "zero", "normal", "xavier", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHOICES = ("relu", "prelu", "rational", "adaptive")  # adaptive: starts as ReLU, the advisor may switch each layer's
@@ -118,8 +121,11 @@ class TrainConfig:
     min_steps_per_epoch: int = 8  # on small data, batch_size is lowered (never raised) to give an epoch this many optimizer steps; 0 = off
     grad_accum_steps: int = 1
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    optimizer: str = "adamw"
-    lr: float = 3e-3  # peak learning rate, reached after warm-up
+    optimizer: str = "adamw"  # adamw | adam | sgd | rmsprop | prodigy | schedulefree_adamw
+    # Peak learning rate, reached after warm-up; unset: 3e-3 (prodigy: 1.0, its multiplier). "find": an LR range test
+    # before the run picks it (`workers.lr_find`; not with prodigy, which finds its own).
+    lr: float | str | None = None
+    lr_find_steps: int = 100  # with lr: find, optimizer steps of the range test (1e-8 to 1, exponentially)
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD momentum / RMSprop momentum / Adam beta1
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to min_lr_ratio * lr
@@ -143,7 +149,19 @@ class TrainConfig:
         require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0")
         require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
-        require(0 < self.lr <= 10, "train.lr", self.lr, "must be in (0, 10]")
+        if self.lr is None:
+            self.lr = 1.0 if self.optimizer == "prodigy" else DEFAULT_LR
+        if isinstance(self.lr, str):
+            require(self.lr == LR_FIND, "train.lr", self.lr, f"must be a number or {LR_FIND!r}")
+            require(self.optimizer != "prodigy", "train.lr", self.lr, "cannot be 'find' with train.optimizer prodigy (it sets its own step size)")
+        else:
+            require(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool), "train.lr", self.lr, f"must be a number or {LR_FIND!r}")
+            self.lr = float(self.lr)
+            require(0 < self.lr <= 10, "train.lr", self.lr, "must be in (0, 10]")
+            low, high = PRODIGY_LR_BOUNDS
+            require(self.optimizer != "prodigy" or low <= self.lr <= high, "train.lr", self.lr,
+                    f"with prodigy is a multiplier on its own step-size estimate: must be in [{low:g}, {high:g}] (1.0 is the usual choice)")
+        require(10 <= self.lr_find_steps <= 1000, "train.lr_find_steps", self.lr_find_steps, "must be in [10, 1000]")
         require(0 <= self.weight_decay <= 1, "train.weight_decay", self.weight_decay, "must be in [0, 1]")
         require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
         require(self.warmup_epochs >= 0, "train.warmup_epochs", self.warmup_epochs, "must be >= 0")

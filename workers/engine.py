@@ -25,6 +25,7 @@ from torch import nn
 
 from orchestration.errors import CheckpointError
 from workers.config import TrainConfig
+from workers.optimizers import PEER_OPTIMIZERS, build_peer_optimizer, effective_lr_factor, group_scalars, reset_value, schedule_multiplier
 
 
 @dataclass(kw_only=True)
@@ -64,9 +65,14 @@ def deepspeed_config(train: TrainConfig, *, precision: str, world_size: int) -> 
     }
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
-    """The configured optimizer over `groups` (parameter groups with their own lr; `workers.modes`) or all parameters."""
+def build_optimizer(model: nn.Module, train: TrainConfig, groups: list[dict[str, Any]] | None = None, *, warmup_steps: int = 0,
+                    sharded: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over `groups` (parameter groups with their own lr; `workers.modes`) or all parameters.
+    `sharded`: each rank steps only its ZeRO partition (the peers' needs: `workers.optimizers`)."""
     params = groups if groups is not None else model.parameters()
+    if train.optimizer in PEER_OPTIMIZERS:
+        return build_peer_optimizer(train.optimizer, params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                                    warmup_steps=warmup_steps, sharded=sharded)
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train.lr, betas=(train.momentum, 0.999), weight_decay=train.weight_decay)
     if train.optimizer == "adam":
@@ -75,7 +81,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig, groups: list[dict[str,
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
     if train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    raise ValueError(f"train.optimizer must be adamw, adam, sgd or rmsprop, got {train.optimizer!r}")
+    raise ValueError(f"train.optimizer must be adamw, adam, sgd, rmsprop, prodigy or schedulefree_adamw, got {train.optimizer!r}")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -99,11 +105,14 @@ def build_engine(model: nn.Module, train: TrainConfig, *, world_size: int, micro
     optimizer_steps_per_epoch = micro_steps_per_epoch // train.grad_accum_steps
     warmup_steps = round(train.warmup_epochs * optimizer_steps_per_epoch)
     total_steps = train.epochs * optimizer_steps_per_epoch
-    optimizer = build_optimizer(model, train, param_groups)
+    optimizer = build_optimizer(model, train, param_groups, warmup_steps=warmup_steps, sharded=train.zero_stage > 0 and world_size > 1)
+
+    def cosine(step: int) -> float:
+        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=train.min_lr_ratio)
+
+    # Schedule-free AdamW: warm-up, then constant (it needs no decay); every other optimizer: warm-up, then cosine.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=train.min_lr_ratio),
-    )
+        optimizer, lambda step: schedule_multiplier(train.optimizer, step, warmup_steps=warmup_steps, cosine=cosine))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -286,7 +295,9 @@ def read_hyperparameters(engine, *, batch_size: int) -> dict[str, float]:
     group = engine.lr_scheduler.optimizer.param_groups[0]
     momentum = group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
     dropout = next((m.p for m in engine.module.modules() if isinstance(m, nn.Dropout)), 0.0)
-    return {"lr": float(engine.get_lr()[0]), "weight_decay": float(group.get("weight_decay", 0.0)), "momentum": float(momentum),
+    # Prodigy's lr is a multiplier on its own estimate d: the step size it takes is d * lr (`workers.optimizers`).
+    lr = float(engine.get_lr()[0]) * effective_lr_factor(engine.lr_scheduler.optimizer)
+    return {"lr": lr, "weight_decay": float(group.get("weight_decay", 0.0)), "momentum": float(momentum),
             "dropout": float(dropout), "batch_size": float(batch_size)}
 
 
@@ -339,16 +350,27 @@ def full_optimizer_state(engine, param: torch.Tensor, key: str) -> torch.Tensor 
 
 
 def reset_optimizer_moments(engine, names: list[str]) -> None:
-    """Zero every optimizer moment of the named parameters (collective under ZeRO 1-3)."""
-    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+    """Restart the optimizer state of the named parameters (collective under ZeRO 1-3): every moment zeroed,
+    schedule-free's `z` set to the weights, Prodigy's `p0` kept (`workers.optimizers.reset_value`)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
 
     named = dict(engine.module.named_parameters())
     keys = optimizer_state_keys(engine)
+    optimizer = engine.lr_scheduler.optimizer
+    params = full_fp32_params(engine) if any(key == "z" for key in keys) else {}
     for name in names:
         for key in keys:
-            state = safe_get_full_optimizer_state(named[name], key)
-            if state is not None:
-                safe_set_full_optimizer_state(named[name], torch.zeros_like(state), key)
+            state = full_optimizer_state(engine, named[name], key)
+            if state is None:
+                continue
+            value = reset_value(key, state, params.get(name, state), optimizer)
+            if value is None:
+                continue
+            if engine.zero_optimization_stage() == 0:
+                with torch.no_grad():
+                    state.copy_(value)
+            else:
+                safe_set_full_optimizer_state(named[name], value, key)
 
 
 def state_digest(engine, hyperparameters: dict[str, float]) -> str:
@@ -370,6 +392,8 @@ def state_digest(engine, hyperparameters: dict[str, float]) -> str:
     for name, buffer in engine.module.named_buffers():
         digest.update(name.encode())
         digest.update(buffer.detach().cpu().numpy().tobytes())
+    # Group scalars: Prodigy's step-size estimate d, schedule-free's averaging weights, Adam's step when per group.
+    digest.update(repr(group_scalars(engine.lr_scheduler.optimizer)).encode())
     digest.update(repr(sorted(hyperparameters.items())).encode())
     return digest.hexdigest()
 

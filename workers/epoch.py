@@ -143,8 +143,17 @@ def evaluate(loop: Loop, indices: np.ndarray, *, gather: bool = False, per_sampl
     `gather`: also the predictions and labels; `per_sample`: also each sample's loss and correctness.
 
     All ranks run the same number of forward passes, even on an empty shard, because under ZeRO-3
-    every forward gathers parameters collectively.
+    every forward gathers parameters collectively. Schedule-free AdamW is evaluated at its average
+    (`workers.optimizers.EvalWeights`), and the training point is back, bit for bit, when this returns.
     """
+    loop.eval_weights.swap_in()  # schedule-free: evaluate its average x, not the training point (collective)
+    try:
+        return _evaluate(loop, indices, gather=gather, per_sample=per_sample)
+    finally:
+        loop.eval_weights.swap_out()
+
+
+def _evaluate(loop: Loop, indices: np.ndarray, *, gather: bool, per_sample: bool) -> EvalResult:
     engine, features, labels = loop.engine, loop.data.features, loop.data.labels
     engine.eval()
     shard = indices[loop.rank::loop.world_size]

@@ -7,6 +7,7 @@ shards line up without any exchange.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.config import ModelConfig, TrainConfig, small_data_batch
+from workers.config import DEFAULT_LR, LR_FIND, ModelConfig, TrainConfig, small_data_batch
 from workers.data import Dataset, Normalizer, Split, load_dataset, shard_batches, stratified_split
 from workers.engine import EngineSpec, build_engine, gather_to_all, input_dtype
 from workers.events import Components, Event
 from workers.files import atomic_write_text
 from workers.models import build_model, first_dropout, resolve_kind
 from workers.modes import TrainingModes
+from workers.optimizers import EvalWeights
 from workers.plan import WorkerPlan
 
 PLACEMENT_GROUP = "placement_group.txt"  # in the run directory: the id of the worker group's placement group
@@ -94,8 +96,11 @@ class Loop:
     modes: TrainingModes
     nodes: list[str]  # the Ray node of each rank
     configured: dict[str, float]  # lr, weight_decay, momentum, dropout as the config set them
+    eval_weights: EvalWeights  # schedule-free AdamW's evaluation point (a no-op for the other optimizers)
     state: LoopState = field(default_factory=LoopState)
     best_params: dict[str, torch.Tensor] | None = None
+    initial_params: dict[str, torch.Tensor] | None = None  # the weights before the first step (a collapsed run's restart point)
+    lr_find: Any = None  # `workers.lr_find.LrFindResult` with train.lr: find
     components: Components = field(default_factory=lambda: Components([]))
     start: str = "fresh"  # how this attempt began: "fresh", "resumed" (a checkpoint of this run) or "handed over" (a sweep's)
     # what the current event is about
@@ -147,9 +152,13 @@ def prepare(plan: WorkerPlan) -> Loop:
     data = load_data(plan)
     model_config = plan.model.for_kind(resolve_kind(plan.model.kind, data.dataset.sample_shape))
     train = small_data_batch(plan.train, len(data.split.train), world_size)
+    if train.lr == LR_FIND:  # built at the default, then the range test picks the rate (`train_loop.find_lr`)
+        train = dataclasses.replace(train, lr=DEFAULT_LR)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = build_model(model_config, data.dataset.sample_shape, len(data.dataset.classes))
     modes = TrainingModes.create(plan.modes, train, model_config, model, log=lambda message: progress_log(rank, plan.run_dir, message))
+    # Before DeepSpeed partitions them (ZeRO-3): the same on every rank and every attempt (seeded, or model.pretrained's).
+    initial_params = {name: param.detach().float().cpu().clone() for name, param in model.named_parameters()}
     micro_steps = len(shard_batches(len(data.split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0,
                                     seed=train.seed, grad_accum_steps=train.grad_accum_steps))
     device = ray.train.torch.get_device()
@@ -159,7 +168,7 @@ def prepare(plan: WorkerPlan) -> Loop:
     dropout = model_config.dropout if model_config.dropout is not None else first_dropout(model)  # a factory's model sets its own
     configured = {"lr": train.lr, "weight_decay": train.weight_decay, "momentum": train.momentum, "dropout": dropout}
     return Loop(plan=plan, rank=rank, world_size=world_size, device=device, train=train, model_config=model_config,
-                data=data, engine=engine, spec=spec, modes=modes, nodes=nodes, configured=configured, state=LoopState(configured=configured))
+                data=data, engine=engine, spec=spec, modes=modes, eval_weights=EvalWeights(engine), initial_params=initial_params, nodes=nodes, configured=configured, state=LoopState(configured=configured))
 
 
 def progress_log(rank: int, run_dir: Path, message: str) -> None:

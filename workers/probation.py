@@ -58,6 +58,7 @@ class WeightReferences:
 
     params: dict[str, torch.Tensor]  # the weights the proposal is applied to
     best: dict[str, torch.Tensor] | None = None
+    initial: dict[str, torch.Tensor] | None = None  # the weights the run started from (a restart's point when it never learned)
     ema: dict[str, torch.Tensor] | None = None
     dead_units: dict[str, torch.Tensor] | None = None
     unit_groups: dict[str, Any] | None = None  # layer module -> each output unit's neuron group (neuron-group coupling)
@@ -91,7 +92,9 @@ class ProbationRunner:
         accepted = bool(verdict is not None and verdict.accepted)
         exact = None
         if accepted:
-            self.apply(decision, references)
+            again = self.apply(decision, references)  # deterministic: what the candidate ran with
+            if again is not None:
+                raise RuntimeError(f"proposal {decision.query_id} was accepted but could not be applied again: {again}")
         elif self.verify_rollback:
             exact = self.digest() == saved["digest"]
         return ProbationResult(accepted=accepted, reward=None if verdict is None else verdict.reward, rollback_exact=exact,
@@ -104,6 +107,8 @@ class ProbationRunner:
             if not proposal.hyperparameters.is_empty():  # checked first: a change that cannot be made touches nothing
                 values, _ = apply_hyperparameter_change(self.hyperparameters(), proposal.hyperparameters)
                 write_hyperparameters(self.engine, values, batch_size=self.batch_size)
+            if proposal.restart:
+                self.restart(proposal.restart, references)
             if proposal.weights and self.modes is not None:
                 self.modes.check_weight_ops(proposal.weights)
             if proposal.weights:
@@ -122,6 +127,15 @@ class ProbationRunner:
         except (ValueError, KeyError, RuntimeError) as error:
             return f"could not apply proposal: {error}"
         return None
+
+    def restart(self, point: str, references: WeightReferences) -> None:
+        """Write the `point` weights ("best" or "initial") back into every parameter and restart the optimizer's state
+        (moments zeroed, schedule-free's z at the weights: `workers.optimizers.reset_value`). Collective under ZeRO."""
+        weights = references.best if point == "best" else references.initial if point == "initial" else None
+        if weights is None:
+            raise ValueError(f"no {point} weights to restart from")
+        write_full_fp32_params(self.engine, weights)
+        reset_optimizer_moments(self.engine, list(weights))
 
     def hyperparameters(self) -> dict[str, float]:
         return read_hyperparameters(self.engine, batch_size=self.batch_size)

@@ -10,6 +10,7 @@ are evaluated once on the test split; rank 0 alone writes the files a person rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,10 +21,12 @@ from typing import Any
 from workers.checkpoints import CheckpointError, agree_on_checkpoint, checkpoint_problem
 from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
+from workers.config import LR_FIND
 from workers.engine import broadcast_from_rank0, full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
 from workers.epoch import run_epoch, test_metrics, validate
 from workers.files import atomic_write_bytes, atomic_write_text
 from workers.events import Components, Event
+from workers.lr_find import find_learning_rate, read_result
 from workers.loop import PLACEMENT, PLACEMENT_GROUP, PROGRESS, Loop, LoopState, prepare
 from workers.plan import WorkerPlan
 
@@ -41,6 +44,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     plan = WorkerPlan.from_loop_config(loop_config)
     loop = prepare(plan)
+    if plan.train.lr == LR_FIND:
+        find_lr(loop)
     # Built before restoring: the advice reads the configured peak lr off the fresh schedule (`WorkerAdvice.configured_lr`).
     loop.components = Components.build((*BUILT_IN, *plan.extra_components), loop)
     problems = restore_or_begin(loop)
@@ -67,12 +72,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report(finish(loop, problems))
 
 
+def find_lr(loop: Loop) -> None:
+    """`train.lr: find`: the LR range test's choice becomes the run's peak lr (an earlier attempt's choice, when there
+    was one: a restart must not train with another rate). Before the components are built: the advice reads its
+    configured lr off the schedule."""
+    result = read_result(loop.run_dir) if loop.rank == 0 else None
+    result = broadcast_from_rank0(result)
+    if result is not None:
+        loop.log(f"lr find: the earlier attempt's choice, lr {result.lr:.3g}")
+    else:
+        result = find_learning_rate(loop, fallback_lr=loop.train.lr)
+        loop.log(f"lr find: {result.steps_run} steps from {result.min_lr:g} to {result.max_lr:g}"
+                 + (", stopped when the smoothed loss passed 4x its best" if result.stopped_early else "")
+                 + (f"; steepest descent at lr {result.suggested:.3g}" if result.suggested is not None else f"; {result.fallback}")
+                 + f"; state restored exactly ({result.seconds:.1f} s)")
+    loop.lr_find = result
+    loop.train = dataclasses.replace(loop.train, lr=result.lr)
+    if getattr(loop.modes, "train", None) is not None:
+        loop.modes.train = loop.train
+    loop.configured["lr"] = result.lr
+    loop.state.configured = dict(loop.configured)
+    set_peak_lr(loop.engine, result.lr)
+
+
 def end_epoch(loop: Loop, val) -> None:
     """Book the epoch: best weights, stopping, its metrics row; decide whether it checkpoints."""
     state, train, result = loop.state, loop.train, loop.epoch_result
     if val.loss < state.best_val_loss - train.early_stopping_min_delta:
         state.best_val_loss, state.best_epoch, state.bad_epochs = val.loss, loop.epoch, 0
-        loop.best_params = full_fp32_params(loop.engine)  # collective under ZeRO: every rank takes part
+        loop.best_params = loop.eval_weights.evaluated_params()  # what validation measured (schedule-free: x); collective under ZeRO
     else:
         state.bad_epochs += 1
     state.epoch = loop.epoch
@@ -173,8 +201,9 @@ def finish(loop: Loop, checkpoint_problems: list[str]) -> dict[str, Any]:
     from workers.epoch import evaluate
 
     state, spec = loop.state, loop.spec
-    if loop.best_params is not None:
-        write_full_fp32_params(loop.engine, loop.best_params)
+    final = loop.best_params if loop.best_params is not None else loop.eval_weights.evaluated_params()
+    write_full_fp32_params(loop.engine, final)
+    loop.eval_weights.final()  # the engine holds the evaluated weights now (schedule-free: its average x)
     test = evaluate(loop, loop.data.split.test, gather=True)
     final_params = full_fp32_params(loop.engine)
     final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
@@ -182,6 +211,8 @@ def finish(loop: Loop, checkpoint_problems: list[str]) -> dict[str, Any]:
                                      "checkpoint_s": state.checkpoint_s, "checkpoint_problems": checkpoint_problems,
                                      "rollbacks_verified": state.rollbacks_verified, "zero_stage": spec.zero_stage, "precision": spec.precision,
                                      "advice_incidents": []}
+    if loop.lr_find is not None:
+        final_metrics["lr_find"] = loop.lr_find.record()
     final_metrics |= loop.components.final_metrics(loop)
     if loop.rank == 0:
         final_metrics.update(test_metrics(test.predictions, test.labels, len(loop.data.dataset.classes)))
