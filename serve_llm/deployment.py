@@ -20,6 +20,8 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from orchestration.errors import HybridtrainError
+
 from serve_llm.backends import make_backend
 from serve_llm.config import AdvisorConfig
 from serve_llm.net import is_loopback
@@ -293,7 +295,7 @@ def _first_and_last_lines(text: str) -> str:
     return " ... ".join(dict.fromkeys([lines[0][:300], lines[-1][:500]])) if lines else ""
 
 
-class AdvisorDeployError(RuntimeError):
+class AdvisorDeployError(HybridtrainError, RuntimeError):
     """The advisor's Serve application failed to deploy (its replicas could not start or load the model) or is gone."""
 
 
