@@ -122,8 +122,8 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
                    needed_cpus=needed_cpus(config), fingerprint=current)
 
 
-def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False) -> list[str]:
-    """What changed in the config and data since the run in `run_dir` started (its `fingerprint.json`).
+def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False, kind: Literal["run", "sweep"] = "run") -> list[str]:
+    """What changed in the config and data since the run (or sweep) in `run_dir` started (its `fingerprint.json`).
 
     A change raises `ConfigError` naming each one, unless `allow_changed` (then it is printed and
     returned). A run from before fingerprints were kept cannot be checked: that is said, not refused.
@@ -134,13 +134,13 @@ def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bo
         recorded, found = None, [f"{FINGERPRINT}: {error}"]
     else:
         if recorded is None:
-            print(f"[hybridtrain] warning: {run_dir} has no {FINGERPRINT} (a run from an older version): "
+            print(f"[hybridtrain] warning: {run_dir} has no {FINGERPRINT} (a {kind} from an older version): "
                   f"whether its config or data changed cannot be checked", flush=True)
             return []
         found = changes(recorded, current)
     if found and not allow_changed:
-        raise ConfigError(f"--resume {str(run_dir)!r}: the run's config or data changed since it started:\n  " + "\n  ".join(found)
-                          + "\nResuming would train the rest of the run on them. Restore them, or pass --allow-changed to go on with them")
+        raise ConfigError(f"--resume {str(run_dir)!r}: the {kind}'s config or data changed since it started:\n  " + "\n  ".join(found)
+                          + f"\nResuming would train the rest of the {kind} on them. Restore them, or pass --allow-changed to go on with them")
     if found:
         print("[hybridtrain] warning: resuming with a changed config or data (--allow-changed):\n  " + "\n  ".join(found), flush=True)
     return found
