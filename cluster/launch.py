@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -40,6 +41,7 @@ from orchestration.ledger import InterventionRecord, Ledger
 from serve_llm.config import AdvisorConfig
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
+from workers.faults import driver_disk_full
 from workers.models import check_model
 from workers.plan import WorkerPlan
 from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
@@ -265,13 +267,16 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     coordinator = trial.coordinator if trial is not None else None
     deploys = coordinator is None and advisor_factory is None and config.advisor.is_served
     started, logs_since = time.perf_counter(), since_now()
-    try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
-        handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
-        trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
-        # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
-        # output does (--verbose); a sweep trial's progress stays in its run directory.
-        summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
-                                     started=started, use_gpu=use_gpu, cluster=cluster)
+    # Whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal). Fault
+    # injection: the driver's own writes run out of disk where faults.disk_full says so (off otherwise).
+    try:
+        with driver_disk_full(config.faults, run_dir):
+            handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
+            trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
+            # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
+            # output does (--verbose); a sweep trial's progress stays in its run directory.
+            summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
+                                         started=started, use_gpu=use_gpu, cluster=cluster)
     finally:
         if deploys:
             delete_served_advisor(plan.advisor)
@@ -290,18 +295,42 @@ def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool
         with tail:
             result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
-        close_advice(handle, plan, incidents=[], shared=shared)
-        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
+        _close_after_failure(handle, plan, shared=shared)
+        raise RunError(f"training failed: {_disk_full_line(error)}{error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
                        f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
-        close_advice(handle, plan, incidents=[], shared=shared)
+        _close_after_failure(handle, plan, shared=shared)
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
-    advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
-    summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
+    try:
+        advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
+        summary = summarize(plan, metrics, advice_counts, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
+    except OSError as error:  # a full disk at the very end: the checkpoints hold everything, nothing half-written was left
+        raise RunError(f"training finished, but its outputs could not be written: {_disk_full_line(error)}{error}\nNothing was lost: every "
+                       f"file is whole (or not there) and the last checkpoint holds the ledger. Free space, then finish with: "
+                       f"hybridtrain run --resume {run_dir} (it evaluates that checkpoint again and writes the ledger and summary)") from error
     return summary
+
+
+def _close_after_failure(handle: Any, plan: RunPlan, *, shared: bool) -> None:
+    """Close the advice of a run that failed, writing the ledger so far; a write that fails too (a full disk)
+    costs a warning, not the error that says why the run failed: the checkpoints hold the ledger for the resume."""
+    try:
+        close_advice(handle, plan, incidents=[], shared=shared)
+    except OSError as error:
+        print(f"[hybridtrain] warning: could not write {LEDGER} after the failure ({error}); the last checkpoint holds it", flush=True)
+
+
+def _disk_full_line(error: BaseException) -> str:
+    """A first line naming a full disk when `error` (or what it wraps, even as text through Ray) is ENOSPC; else ''."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return "the disk is full (ENOSPC). "
+        cause = cause.__cause__ or cause.__context__
+    return "the disk is full (ENOSPC). " if "No space left on device" in str(error) or "[Errno 28]" in str(error) else ""
 
 
 def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
@@ -448,7 +477,7 @@ def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, A
     for incident in incidents:
         if not incident.get("recorded", False):  # the coordinator's ledger already holds the ones it was told of
             ledger.append(InterventionRecord(kind="error", epoch=int(incident.get("epoch", 0)), reason=str(incident["problem"])))
-    ledger.write_csv(plan.run_dir / LEDGER)
+    atomic_write_text(plan.run_dir / LEDGER, ledger.to_dataframe().to_csv(index=False))  # whole or not at all (a kill, a full disk)
     counts.update(ledger.counts())
     counts["advice_incidents"] = [incident["problem"] for incident in incidents]
     return counts
