@@ -103,6 +103,8 @@ def _add_tune(subparsers) -> None:
                       help="override a config key, e.g. --set tune.scheduler=asha (repeatable)")
     tune.add_argument("--output", metavar="DIR", help="sweep directory (default: sweeps/NAME-TIMESTAMP)")
     tune.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep; finished trials are not run again")
+    tune.add_argument("--allow-changed", action="store_true",
+                      help="with --resume: go on although the sweep's config.yaml (tune.* included) or data file changed since it started (what changed is printed)")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--no-report", dest="report", action="store_false", help="do not write SWEEP_DIR/report/report.html at the end")
     _add_verbose(tune)
@@ -114,8 +116,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     if args.resume:
         sweep_dir = Path(args.resume)
-        summary = run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"))
+        summary = run_sweep(None, args.resume, resume=True, address=_resume_address(args, "sweep"), allow_changed=args.allow_changed)
     else:
+        if args.allow_changed:
+            raise UsageError("--allow-changed goes with --resume: a new sweep has nothing to have changed")
         config, sweep_dir = _config_and_dir(args, sweep=True, root="sweeps")
         summary = run_sweep(config, sweep_dir)
     if args.report:

@@ -20,6 +20,7 @@ from serve_llm.config import AdvisorConfig
 from tune_search.config import TuneConfig
 from workers.config import DataConfig, ModelConfig, ModesConfig, TrainConfig
 from workers.faults import FaultConfig
+from workers.files import atomic_write_text
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,11 +34,13 @@ class ExperimentConfig:
     advisor: AdvisorConfig = field(default_factory=AdvisorConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # used by `hybridtrain tune` only
-    faults: FaultConfig = field(default_factory=FaultConfig)  # testing only: kill a worker at a chosen point (`workers.faults`)
+    faults: FaultConfig = field(default_factory=FaultConfig)  # testing only: kill a worker or fill the disk at a chosen point (`workers.faults`)
 
     def __post_init__(self) -> None:
         if self.faults.kill_epoch is not None and self.faults.kill_epoch > self.train.epochs:
             raise ConfigError(f"faults.kill_epoch must be unset or in [1, {self.train.epochs}], got {self.faults.kill_epoch!r}")
+        if self.faults.disk_full and self.faults.disk_full_epoch > self.train.epochs:
+            raise ConfigError(f"faults.disk_full_epoch must be in [1, {self.train.epochs}], got {self.faults.disk_full_epoch!r}")
         # L2-SP pulls the backbone toward the pretrained weights: it needs them, and needs them whole on every rank.
         if self.modes.l2sp > 0 and not self.model.pretrained:
             raise ConfigError(f"modes.l2sp={self.modes.l2sp!r} pulls weights toward pretrained ones: set model.pretrained too")
@@ -126,7 +129,8 @@ def config_from_dict(values: dict[str, Any]) -> ExperimentConfig:
 
 
 def write_config(config: ExperimentConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Written whole (`workers.files`): a resume rewrites it, and a torn one would leave nothing to resume with."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def read_config(path: Path) -> ExperimentConfig:

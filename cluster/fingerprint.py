@@ -12,6 +12,10 @@ Left out, because they change where or how safely a run trains, not what it lear
 `train.checkpoints_to_keep`, `train.tensorboard` and `advisor.app_name`. Everything else counts,
 `train.epochs` included: the cosine decay is laid over `train.epochs`, so raising it mid-run changes
 the learning rate of every epoch after the resume point.
+
+A sweep keeps one too (`SWEEP_DIR/fingerprint.json`, `fingerprint(config, sweep=True)`), with the
+`tune.*` section counted: its space, scheduler and population decide which runs the sweep trains, and
+`hybridtrain tune --resume` refuses a change in them the same way.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ IGNORED_KEYS = ("train.max_failures", "train.checkpoint_every", "train.checkpoin
 HASHED_FILE_BYTES = 1 << 30  # data files up to 1 GiB are hashed (about 2 s); larger ones are described by size and mtime
 
 
-def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
-    """`{"config": {dotted key: value}, "data": {...}}` of what `config` trains on (see the module docstring)."""
+def fingerprint(config: ExperimentConfig, *, sweep: bool = False) -> dict[str, Any]:
+    """`{"config": {dotted key: value}, "data": {...}}` of what `config` trains on (see the module docstring);
+    with `sweep`, of what a sweep of it trains on (`tune.*` counts too)."""
+    ignored = tuple(section for section in IGNORED_SECTIONS if not (sweep and section == "tune"))
     values = {key: value for key, value in _flatten(config.to_dict()).items()
-              if key.split(".")[0] not in IGNORED_SECTIONS and key not in IGNORED_KEYS}
+              if key.split(".")[0] not in ignored and key not in IGNORED_KEYS}
     # Through JSON and back, as it is read from the run directory (tuples become lists, keys strings).
     return json.loads(json.dumps({"config": values, "data": describe_data(config.data)}, default=str))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -41,6 +42,7 @@ from orchestration.ledger import InterventionRecord, Ledger
 from serve_llm.config import AdvisorConfig
 from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
+from workers.faults import driver_disk_full
 from workers.models import check_model
 from workers.plan import WorkerPlan
 from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
@@ -123,8 +125,8 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
                    needed_cpus=needed_cpus(config), fingerprint=current)
 
 
-def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False) -> list[str]:
-    """What changed in the config and data since the run in `run_dir` started (its `fingerprint.json`).
+def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False, kind: Literal["run", "sweep"] = "run") -> list[str]:
+    """What changed in the config and data since the run (or sweep) in `run_dir` started (its `fingerprint.json`).
 
     A change raises `ConfigError` naming each one, unless `allow_changed` (then it is printed and
     returned). A run from before fingerprints were kept cannot be checked: that is said, not refused.
@@ -135,13 +137,13 @@ def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bo
         recorded, found = None, [f"{FINGERPRINT}: {error}"]
     else:
         if recorded is None:
-            print(f"[hybridtrain] warning: {run_dir} has no {FINGERPRINT} (a run from an older version): "
+            print(f"[hybridtrain] warning: {run_dir} has no {FINGERPRINT} (a {kind} from an older version): "
                   f"whether its config or data changed cannot be checked", flush=True)
             return []
         found = changes(recorded, current)
     if found and not allow_changed:
-        raise ConfigError(f"--resume {str(run_dir)!r}: the run's config or data changed since it started:\n  " + "\n  ".join(found)
-                          + "\nResuming would train the rest of the run on them. Restore them, or pass --allow-changed to go on with them")
+        raise ConfigError(f"--resume {str(run_dir)!r}: the {kind}'s config or data changed since it started:\n  " + "\n  ".join(found)
+                          + f"\nResuming would train the rest of the {kind} on them. Restore them, or pass --allow-changed to go on with them")
     if found:
         print("[hybridtrain] warning: resuming with a changed config or data (--allow-changed):\n  " + "\n  ".join(found), flush=True)
     return found
@@ -267,16 +269,18 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     deploys = coordinator is None and advisor_factory is None and config.advisor.is_served
     started, logs_since = time.perf_counter(), since_now()
     advisor_start: AdvisorStart | None = None
-    try:  # whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal)
-        if deploys:  # the model loads while the coordinator and the worker group start
-            advisor_start = AdvisorStart(plan.advisor)
-        handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
-        trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
-        # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
-        # output does (--verbose); a sweep trial's progress stays in its run directory.
-        summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
-                                     started=started, use_gpu=use_gpu, cluster=cluster,
-                                     advisor_start=advisor_start)
+    # Whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal). Fault
+    # injection: the driver's own writes run out of disk where faults.disk_full says so (off otherwise).
+    try:
+        with driver_disk_full(config.faults, run_dir):
+            if deploys:  # the model loads while the coordinator and the worker group start
+                advisor_start = AdvisorStart(plan.advisor)
+            handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
+            trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
+            # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
+            # output does (--verbose); a sweep trial's progress stays in its run directory.
+            summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
+                                         started=started, use_gpu=use_gpu, cluster=cluster, advisor_start=advisor_start)
     finally:
         if advisor_start is not None:
             advisor_start.stop()
@@ -297,19 +301,43 @@ def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool
         with tail:
             result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
-        close_advice(handle, plan, incidents=[], shared=shared)
-        raise RunError(f"training failed: {error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
+        _close_after_failure(handle, plan, shared=shared)
+        raise RunError(f"training failed: {_disk_full_line(error)}{error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
                        f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
-        close_advice(handle, plan, incidents=[], shared=shared)
+        _close_after_failure(handle, plan, shared=shared)
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
-    advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
-    started_advisor = advisor_start.record() if advisor_start is not None else {}
-    summary = summarize(plan, metrics, advice_counts | started_advisor, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
+    try:
+        advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
+        started_advisor = advisor_start.record() if advisor_start is not None else {}
+        summary = summarize(plan, metrics, advice_counts | started_advisor, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
+    except OSError as error:  # a full disk at the very end: the checkpoints hold everything, nothing half-written was left
+        raise RunError(f"training finished, but its outputs could not be written: {_disk_full_line(error)}{error}\nNothing was lost: every "
+                       f"file is whole (or not there) and the last checkpoint holds the ledger. Free space, then finish with: "
+                       f"hybridtrain run --resume {run_dir} (it evaluates that checkpoint again and writes the ledger and summary)") from error
     return summary
+
+
+def _close_after_failure(handle: Any, plan: RunPlan, *, shared: bool) -> None:
+    """Close the advice of a run that failed, writing the ledger so far; a write that fails too (a full disk)
+    costs a warning, not the error that says why the run failed: the checkpoints hold the ledger for the resume."""
+    try:
+        close_advice(handle, plan, incidents=[], shared=shared)
+    except OSError as error:
+        print(f"[hybridtrain] warning: could not write {LEDGER} after the failure ({error}); the last checkpoint holds it", flush=True)
+
+
+def _disk_full_line(error: BaseException) -> str:
+    """A first line naming a full disk when `error` (or what it wraps, even as text through Ray) is ENOSPC; else ''."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return "the disk is full (ENOSPC). "
+        cause = cause.__cause__ or cause.__context__
+    return "the disk is full (ENOSPC). " if "No space left on device" in str(error) or "[Errno 28]" in str(error) else ""
 
 
 def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
@@ -503,7 +531,7 @@ def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, A
     for incident in incidents:
         if not incident.get("recorded", False):  # the coordinator's ledger already holds the ones it was told of
             ledger.append(InterventionRecord(kind="error", epoch=int(incident.get("epoch", 0)), reason=str(incident["problem"])))
-    ledger.write_csv(plan.run_dir / LEDGER)
+    atomic_write_text(plan.run_dir / LEDGER, ledger.to_dataframe().to_csv(index=False))  # whole or not at all (a kill, a full disk)
     counts.update(ledger.counts())
     counts["advice_incidents"] = [incident["problem"] for incident in incidents]
     return counts

@@ -24,15 +24,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from cluster.experiment import ExperimentConfig, write_config
-from cluster.launch import TRIAL_CPU, deploy_served_advisor, needed_cpus, resolve_output_dir
+from cluster.fingerprint import FINGERPRINT, fingerprint
+from cluster.launch import TRIAL_CPU, check_unchanged, deploy_served_advisor, needed_cpus, resolve_output_dir
 from cluster.placement import free_placement_groups
-from cluster.rundir import claim_directory
+from cluster.rundir import atomic_write_text, claim_directory
 from cluster.runtime import check_shared_storage, connect
 from cluster.sweep_callbacks import explore_feed, progress_table, ray_output_to, sweep_series
 from cluster.sweep_outputs import EXPLORE_DECISIONS, write_sweep_outputs
@@ -68,15 +70,21 @@ def trial_generator(tune_config: TuneConfig) -> Any:
     return BasicVariantGenerator(random_state=tune_config.seed, max_concurrent=tune_config.concurrency)
 
 
-def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None) -> dict[str, Any]:
+def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None,
+              allow_changed: bool = False) -> dict[str, Any]:
     """Run `config.tune` into `sweep_dir` (or, with `resume`, continue the sweep there) and return its summary.
 
     The sweep directory is claimed first (`cluster.rundir.claim_directory`): a second driver on it is refused
-    before Ray starts. Ray's and Tune's own output goes to `SWEEP_DIR/logs/tune.log` (with `cluster.verbose`,
-    to the terminal too, as Ray prints it); the terminal shows hybridtrain's table and lines.
+    before Ray starts. A resume whose config (`tune.*` included) or data differ from what the sweep started
+    with is refused, saying what changed, unless `allow_changed` (`cluster.fingerprint`). Ray's and Tune's own
+    output goes to `SWEEP_DIR/logs/tune.log` (with `cluster.verbose`, to the terminal too, as Ray prints it);
+    the terminal shows hybridtrain's table and lines.
     """
     with claim_directory(sweep_dir, "sweep"):
         config, sweep_dir = resolve_output_dir("sweep", config, sweep_dir, resume=resume, address=address)
+        current = fingerprint(config, sweep=True)
+        if resume:
+            check_unchanged(sweep_dir, current, allow_changed=allow_changed, kind="sweep")
         check_space(config)
         # Starting a whole population at once on a small machine takes a while: give Train's worker groups
         # longer than its 60 s default to come up (read by Train controllers of an embedded Ray, which
@@ -86,6 +94,7 @@ def run_sweep(config: ExperimentConfig | None, sweep_dir: str | Path, *, resume:
         check_shared_storage(sweep_dir, cluster)  # trials on any node write here and read each other's checkpoints
         if not resume:
             write_config(config, sweep_dir / "config.yaml")
+        atomic_write_text(sweep_dir / FINGERPRINT, json.dumps(current, indent=1))  # what --resume compares with (now, after --allow-changed)
         deploy_served_advisor(config.advisor, shared=True)
         population = start_population(config, sweep_dir)
         print(f"[hybridtrain] sweep {config.name!r}: {config.tune.scheduler}, {config.tune.num_samples} trials of {config.train.epochs} epochs "

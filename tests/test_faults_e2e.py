@@ -123,3 +123,35 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_used(ray_local, tm
     pd.concat([metrics, metrics.tail(1)]).to_csv(run_dir / "metrics.csv", index=False)
     assert main(["audit", str(run_dir)]) == 1
     assert any("metrics.csv epochs" in problem for problem in audit_run(run_dir))
+
+
+def test_a_full_disk_inside_a_checkpoint_and_at_the_summary_fails_clearly_and_resume_finishes(ray_local, tmp_path) -> None:
+    """ENOSPC struck twice (`faults.disk_full`): inside epoch 3's checkpoint (DeepSpeed's files written, rank 0's copy
+    to storage cut off), then writing summary.json at the end. Each fails the run with a clear error and loses nothing
+    written whole; each `--resume` goes on from what is whole, and the third attempt finishes with every ledger row."""
+    run_dir = tmp_path / "disk-full"
+    overrides = [*ASK_EVERY_EPOCH, "train.epochs=5", "train.checkpoint_every=1", "train.max_failures=0",
+                 "faults.disk_full=[checkpoint, summary.json]", "faults.disk_full_epoch=3", f"advisor.script={_script(tmp_path, SHRINK)}"]
+    with pytest.raises(RunError, match=r"training failed: the disk is full \(ENOSPC\)(.|\n)*--resume") as failed:
+        run_experiment(build_config(recipe="smoke", overrides=overrides), run_dir)
+    assert "inside the checkpoint of epoch 3" in str(failed.value)
+    storage = run_dir / RAY_STORAGE / RAY_RUN_NAME
+    partial = [path for path in storage.glob("checkpoint_*") if path.is_dir() and not list(path.glob("manifest-rank*.json"))]
+    assert len(partial) == 1  # the copy the full disk cut off
+    assert list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2]
+    intact = sorted(path for path in storage.glob("checkpoint_*") if path.is_dir() and path not in partial)
+    checkpointed = json.loads((intact[-1] / "advice_state.json").read_text())["coordinator"]["ledger"]
+    assert json.loads((intact[-1] / "loop_state.json").read_text())["epoch"] == 2 and any(row["kind"] == "verdict" for row in checkpointed)
+
+    with pytest.raises(RunError, match=r"outputs could not be written: the disk is full \(ENOSPC\)(.|\n)*Nothing was lost(.|\n)*--resume"):
+        run_experiment(None, run_dir, resume=True)
+    progress = (run_dir / "progress.log").read_text()
+    assert f"checkpoint unusable: {partial[0]}: no manifest" in progress and "resumed from checkpoint after epoch 2" in progress
+    assert not (run_dir / "summary.json").exists() and not list(run_dir.glob(".*.tmp"))  # half of it is nowhere
+    assert len(pd.read_csv(run_dir / "interventions.csv")) >= len(checkpointed)  # written whole before the summary failed
+
+    summary = run_experiment(None, run_dir, resume=True)
+    ledger = assert_nothing_lost(run_dir, summary, epochs=5)
+    kept = {(row["kind"], row["query_id"], row["epoch"]) for row in checkpointed}
+    assert kept <= {(row.kind, row.query_id, row.epoch) for row in ledger.itertuples()}
+    assert summary["restarts"] == 2 and list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2, 3, 4, 5]

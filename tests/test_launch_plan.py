@@ -227,3 +227,53 @@ def test_resume_of_a_run_without_a_fingerprint_goes_on_and_says_it_cannot_check(
     (run_dir / "fingerprint.json").unlink()
     assert plan_run(None, run_dir, resume=True).resume
     assert "cannot be checked" in capsys.readouterr().out
+
+
+# ==== tune --resume: a sweep keeps a fingerprint too, tune.* included ==========================
+
+def _started_sweep(sweep_dir: Path, config) -> Path:
+    """A sweep directory as `run_sweep` leaves it once started: config.yaml and fingerprint.json (tune.* counted)."""
+    from cluster.experiment import write_config
+    from cluster.fingerprint import FINGERPRINT, fingerprint
+    from cluster.rundir import atomic_write_text
+
+    sweep_dir.mkdir(parents=True)
+    write_config(config, sweep_dir / "config.yaml")
+    atomic_write_text(sweep_dir / FINGERPRINT, json.dumps(fingerprint(config, sweep=True)))
+    return sweep_dir
+
+
+class _ReachedRay(Exception):
+    """`run_sweep` got past its checks to the point where Ray would start."""
+
+
+def test_tune_resume_refuses_a_changed_sweep_config_naming_the_change_unless_allowed(tmp_path, monkeypatch, capsys) -> None:
+    import cluster.sweep
+    from cluster.cli import main
+    from cluster.fingerprint import fingerprint
+
+    def reached_ray(*args, **kwargs):
+        raise _ReachedRay
+
+    monkeypatch.setattr(cluster.sweep, "connect", reached_ray)
+    config = build_config(recipe="smoke", sweep=True)
+    # A run's fingerprint leaves tune.* out (a run does not read it); a sweep's counts it.
+    assert not any(key.startswith("tune.") for key in fingerprint(config)["config"])
+    assert fingerprint(config, sweep=True)["config"]["tune.num_samples"] == 4
+    sweep_dir = _started_sweep(tmp_path / "sweep", config)
+    with pytest.raises(_ReachedRay):  # unchanged: it goes on to start Ray
+        cluster.sweep.run_sweep(None, sweep_dir, resume=True)
+
+    text = (sweep_dir / "config.yaml").read_text()
+    (sweep_dir / "config.yaml").write_text(text.replace("num_samples: 4", "num_samples: 6").replace("max_failures: 2", "max_failures: 5"))
+    with pytest.raises(ConfigError, match=r"the sweep's config or data changed since it started:\n  tune.num_samples: 4 -> 6\n.*--allow-changed") as refused:
+        cluster.sweep.run_sweep(None, sweep_dir, resume=True)
+    assert "max_failures" not in str(refused.value)
+    # The command says the same and exits 2, before Ray starts; --allow-changed goes on and says what changed.
+    assert main(["tune", "--resume", str(sweep_dir), "--no-report"]) == 2
+    assert "tune.num_samples: 4 -> 6" in capsys.readouterr().err
+    with pytest.raises(_ReachedRay):
+        cluster.sweep.run_sweep(None, sweep_dir, resume=True, allow_changed=True)
+    assert "resuming with a changed config or data (--allow-changed):\n  tune.num_samples: 4 -> 6" in capsys.readouterr().out
+    assert main(["tune", "--recipe", "smoke", "--output", str(tmp_path / "new"), "--allow-changed"]) == 2
+    assert "--allow-changed goes with --resume" in capsys.readouterr().err

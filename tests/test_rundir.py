@@ -172,3 +172,58 @@ def test_sweep_outputs_go_on_past_a_torn_last_line_of_explores(tmp_path: Path, c
         summary = write_sweep_outputs(build_config(recipe="smoke", sweep=True), tmp_path, [], wall_s=1.0)
     assert summary["exploits"] == 1 and "torn last line 2" in caplog.text
     assert json.loads((tmp_path / "summary.json").read_text())["exploits"] == 1
+
+
+# ==== faults.disk_full: a write that runs out of disk half-way leaves the old file whole ==========
+
+def test_an_injected_full_disk_fails_the_write_half_way_and_leaves_the_old_file(tmp_path: Path) -> None:
+    import errno
+
+    from workers.files import set_write_fault
+
+    target = tmp_path / "metrics.csv"
+    atomic_write_text(target, "epoch\n1\n")
+    written: list[int] = []
+
+    def fill(path: Path) -> bool:
+        written.append(len(list(tmp_path.iterdir())))  # the temporary file is open beside the target
+        return path.name == "metrics.csv"
+
+    previous = set_write_fault(fill)
+    try:
+        with pytest.raises(OSError) as error:
+            atomic_write_text(target, "epoch\n1\n2\n")
+        atomic_write_text(tmp_path / "other.json", "{}")  # the fault picks by path
+    finally:
+        assert set_write_fault(previous) is fill
+    assert error.value.errno == errno.ENOSPC and "injected" in str(error.value)
+    assert written == [2, 2] and target.read_text() == "epoch\n1\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.csv", "other.json"]  # no temporary file left
+
+
+def test_the_drivers_disk_full_points_strike_once_per_run_directory(tmp_path: Path) -> None:
+    from workers.faults import DISK_FULL_MARKER, FaultConfig, driver_disk_full
+
+    config = FaultConfig(disk_full=["summary.json", "checkpoint"])  # a YAML list; checkpoint is the workers' point
+    assert config.disk_full == ("summary.json", "checkpoint")
+    with driver_disk_full(config, tmp_path):
+        atomic_write_text(tmp_path / "interventions.csv", "kind\n")  # not named: written
+        with pytest.raises(OSError, match="No space left on device"):
+            atomic_write_text(tmp_path / "summary.json", "{}")
+        atomic_write_text(tmp_path / "summary.json", '{"second": 1}')  # it struck once
+    assert (tmp_path / DISK_FULL_MARKER.format(point="summary.json")).exists()
+    with driver_disk_full(config, tmp_path):  # a resume: the marker says it struck already
+        atomic_write_text(tmp_path / "summary.json", '{"third": 1}')
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"third": 1}
+
+
+def test_disk_full_points_and_epoch_are_checked() -> None:
+    from cluster.experiment import build_config
+    from orchestration.errors import ConfigError
+
+    assert build_config(recipe="smoke", overrides=["faults.disk_full=[checkpoint, summary.json]"]).faults.disk_full == ("checkpoint", "summary.json")
+    assert build_config(recipe="smoke", overrides=["faults.disk_full=model.safetensors"]).faults.disk_full == ("model.safetensors",)
+    with pytest.raises(ConfigError, match=r"faults.disk_full must be a list of write points from \['checkpoint'"):
+        build_config(recipe="smoke", overrides=["faults.disk_full=[config.yaml]"])
+    with pytest.raises(ConfigError, match=r"faults.disk_full_epoch must be in \[1, 8\], got 9"):
+        build_config(recipe="smoke", overrides=["faults.disk_full=[checkpoint]", "faults.disk_full_epoch=9"])

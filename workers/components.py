@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -195,9 +194,8 @@ class EpochProgress(Observer):
 def write_metrics_csv(run_dir: Path, history: list[dict[str, float]]) -> None:
     import pandas as pd
 
-    path = run_dir / "metrics.csv"
-    pd.DataFrame(history, columns=METRIC_COLUMNS).to_csv(path.with_suffix(".csv.tmp"), index=False)
-    os.replace(path.with_suffix(".csv.tmp"), path)  # a reader never sees a half-written file
+    # Whole or not at all: a reader (and a full disk) never leaves a half-written file, nor a stray temporary one.
+    atomic_write_text(run_dir / "metrics.csv", pd.DataFrame(history, columns=METRIC_COLUMNS).to_csv(index=False))
 
 
 # The one registration list: a new component is its own file and one line here.

@@ -9,9 +9,25 @@ re-exports it) and imports nothing of the project.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+
+WriteFault = Callable[[Path], bool]  # fault injection (`workers.faults`): whether the write of this path runs out of disk
+_write_fault: WriteFault | None = None
+
+
+def set_write_fault(fault: WriteFault | None) -> WriteFault | None:
+    """Install `fault` (None removes it) for this process's atomic writes; returns the one it replaces.
+
+    Testing only (`faults.disk_full`): a write the fault picks gets half its bytes into the temporary
+    file, then `OSError(ENOSPC)`, as on a disk that fills up mid-write.
+    """
+    global _write_fault
+    previous, _write_fault = _write_fault, fault
+    return previous
 
 
 def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> None:
@@ -31,6 +47,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            if _write_fault is not None and _write_fault(path):
+                handle.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: faults.disk_full)", str(temporary))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # the bytes are on disk before the name points at them

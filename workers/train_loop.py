@@ -51,7 +51,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     problems = restore_or_begin(loop)
     loop.state.nodes = loop.nodes
     loop.fire(Event.FIT_START)
-    for epoch in range(loop.state.epoch + 1, loop.train.epochs + 1):
+    last_epoch = loop.train.epochs
+    if loop.start == "resumed" and stopped_early(loop):  # the driver died after the stop: evaluate, do not train on
+        loop.log(f"the run stopped early after epoch {loop.state.epoch}: no more epochs")
+        last_epoch = loop.state.epoch
+    for epoch in range(loop.state.epoch + 1, last_epoch + 1):
         loop.epoch, loop.epoch_started = epoch, time.perf_counter()
         loop.start_clock()
         loop.fire(Event.EPOCH_START)
@@ -95,6 +99,12 @@ def find_lr(loop: Loop) -> None:
     set_peak_lr(loop.engine, result.lr)
 
 
+def stopped_early(loop: Loop) -> bool:
+    """Whether `loop.state` is that of a run that stopped early (no val-loss improvement for the patience)."""
+    patience = loop.train.early_stopping_patience
+    return patience > 0 and loop.state.bad_epochs >= patience
+
+
 def end_epoch(loop: Loop, val) -> None:
     """Book the epoch: best weights, stopping, its metrics row; decide whether it checkpoints."""
     state, train, result = loop.state, loop.train, loop.epoch_result
@@ -110,7 +120,7 @@ def end_epoch(loop: Loop, val) -> None:
                 "wall_s": state.wall_s}
     state.history.append(loop.row)
     loop.row["probation_s"] = 0.0
-    loop.stop = train.early_stopping_patience > 0 and state.bad_epochs >= train.early_stopping_patience
+    loop.stop = stopped_early(loop)
     loop.save = loop.epoch % train.checkpoint_every == 0 or loop.stop or loop.epoch == train.epochs
 
 
