@@ -184,7 +184,11 @@ def stop_driver_once(run_dir: Path, where: str) -> None:
     marker = run_dir / STOPPED_MARKER
     if marker.exists():
         return
-    stamp = json.loads((run_dir / LOCK_FILE).read_text(encoding="utf-8"))
+    try:
+        stamp = json.loads((run_dir / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a sweep trial's run directory: its driver claimed the sweep's
+        sys.__stdout__.write(f"[hybridtrain] chaos: cannot stop the driver {where}: {run_dir} holds no driver's claim\n")
+        return
     if stamp["host"] != socket.gethostname():
         sys.__stdout__.write(f"[hybridtrain] chaos: cannot stop the driver {where}: it runs on {stamp['host']}, not here\n")
         return
