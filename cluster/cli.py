@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cluster.advisor_cli import register as register_advisor
+from cluster.stopping import DriverStopped
 from orchestration.errors import HybridtrainError, UsageError
 
 PACKAGES = ("cluster", "orchestration", "workers", "serve_llm", "tune_search")  # whose loggers --verbose turns to debug
@@ -66,21 +67,28 @@ def _config_and_dir(args: argparse.Namespace, *, sweep: bool, root: str):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cluster.launch import execute_run, plan_run
-    from cluster.rundir import claim_directory
+    from cluster.launch import run_experiment
+    from cluster.stopping import check_stop, record_stop, set_phase, stop_on_sigterm
 
-    if args.resume:
-        run_dir, address = Path(args.resume), _resume_address(args, "run")
-        with claim_directory(run_dir, "run"):  # before Ray starts: a retried --resume while the first lives is refused
-            execute_run(plan_run(None, run_dir, resume=True, address=address, allow_changed=args.allow_changed))
-    else:
-        if args.allow_changed:
-            raise UsageError("--allow-changed goes with --resume: a new run has nothing to have changed")
-        config, run_dir = _config_and_dir(args, sweep=False, root="runs")
-        with claim_directory(run_dir, "run"):  # two `run --output X` at once: the second is refused
-            execute_run(plan_run(config, run_dir))
-    if args.report:
-        _report(run_dir)
+    with stop_on_sigterm():  # SIGTERM: stop cleanly, leave the run resumable (`cluster.stopping`); `main` prints the line
+        # run_experiment claims the directory before Ray starts: a second `run --output X`, or a retried
+        # --resume while the first lives, is refused.
+        if args.resume:
+            run_dir, address = Path(args.resume), _resume_address(args, "run")
+            run_experiment(None, run_dir, resume=True, address=address, allow_changed=args.allow_changed)
+        else:
+            if args.allow_changed:
+                raise UsageError("--allow-changed goes with --resume: a new run has nothing to have changed")
+            config, run_dir = _config_and_dir(args, sweep=False, root="runs")
+            run_experiment(config, run_dir)
+        if args.report:
+            set_phase("the report")
+            _report(run_dir)
+            try:
+                check_stop()
+            except DriverStopped as stop:  # the run had finished and its report is written: say so, and stop
+                record_stop(run_dir, stop)
+                raise
     return 0
 
 
@@ -330,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybridtrain: interrupted", file=sys.stderr)
         return 130
+    except DriverStopped as stop:  # SIGTERM of a run: stopped cleanly (`cluster.stopping`); the message says what to do
+        print(f"hybridtrain: {stop}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.faults.kill_epoch is not None and self.faults.kill_epoch > self.train.epochs:
             raise ConfigError(f"faults.kill_epoch must be unset or in [1, {self.train.epochs}], got {self.faults.kill_epoch!r}")
+        if self.faults.stop_driver_epoch is not None and self.faults.stop_driver_epoch > self.train.epochs:
+            raise ConfigError(f"faults.stop_driver_epoch must be unset or in [1, {self.train.epochs}], got {self.faults.stop_driver_epoch!r}")
         if self.faults.disk_full and self.faults.disk_full_epoch > self.train.epochs:
             raise ConfigError(f"faults.disk_full_epoch must be in [1, {self.train.epochs}], got {self.faults.disk_full_epoch!r}")
         # L2-SP pulls the backbone toward the pretrained weights: it needs them, and needs them whole on every rank.

@@ -35,8 +35,10 @@ from typing import Any, Callable, Literal
 from cluster.console import RAY_LOGS, ProgressTail, collect_ray_logs, since_now
 from cluster.experiment import ConfigError, ExperimentConfig, read_config, write_config
 from cluster.fingerprint import FINGERPRINT, changes, fingerprint
-from cluster.rundir import UnreadableFileError, atomic_write_text, claim_directory, read_json
+from cluster.rundir import UnreadableFileError, atomic_write_text, claim_directory, read_json, read_jsonl
 from cluster.runtime import ClusterInfo, check_shared_storage, connect
+from cluster.stopping import (STOPS, DriverStopped, check_stop, record_stop, set_phase, stop_on_sigterm, stop_requested, stopping_training,
+                              training_runs)
 from orchestration.errors import RunError
 from orchestration.ledger import InterventionRecord, Ledger
 from serve_llm.config import AdvisorConfig
@@ -234,10 +236,21 @@ def run_experiment(config: ExperimentConfig | None, run_dir: str | Path, *, resu
                    advisor_factory: Callable[[], Any] | None = None, address: str | None = None,
                    allow_changed: bool = False) -> dict[str, Any]:
     """Claim `run_dir` (`cluster.rundir.claim_directory`: a second driver on it is refused), then
-    `execute_run(plan_run(...))`: train and return the summary. This is what `hybridtrain run` does."""
-    with claim_directory(run_dir, "run"):
-        plan = plan_run(config, run_dir, resume=resume, address=address, allow_changed=allow_changed)
-        return execute_run(plan, cluster=cluster, advisor_factory=advisor_factory)
+    `execute_run(plan_run(...))`: train and return the summary. This is what `hybridtrain run` does.
+
+    From the main thread, a SIGTERM stops the run cleanly (`cluster.stopping`): `DriverStopped` is raised
+    once Ray Train is stopped and the run's advisor deleted, with why recorded in `RUN_DIR/stops.jsonl`."""
+    with stop_on_sigterm(), claim_directory(run_dir, "run") as directory:
+        epochs = config.train.epochs if config is not None else None
+        try:
+            plan = plan_run(config, directory, resume=resume, address=address, allow_changed=allow_changed)
+            epochs = plan.config.train.epochs
+            summary = execute_run(plan, cluster=cluster, advisor_factory=advisor_factory)
+            check_stop()  # one that came after the summary was written: the run finished, and its driver stops now
+            return summary
+        except DriverStopped as stop:
+            record_stop(directory, stop, epochs=epochs)
+            raise
 
 
 def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_factory: Callable[[], Any] | None = None,
@@ -254,6 +267,7 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     advisor the run deployed itself is deleted from Serve when the run ends, however it ends.
     """
     config, run_dir = plan.config, plan.run_dir
+    set_phase("start-up (connecting to Ray)")
     cluster = cluster or connect(config.cluster, min_cpus=plan.needed_cpus)
     run_dir.mkdir(parents=True, exist_ok=True)
     if trial is None or not trial.storage_checked:
@@ -264,6 +278,9 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     data = plan.data
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
+    stops = read_jsonl(run_dir / STOPS) if plan.resume else []
+    if stops:
+        print(f"[hybridtrain] its last driver was stopped by {stops[-1]['signal']} during {stops[-1]['phase']} ({stops[-1]['time']})", flush=True)
 
     coordinator = trial.coordinator if trial is not None else None
     deploys = coordinator is None and advisor_factory is None and config.advisor.is_served
@@ -271,21 +288,26 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     advisor_start: AdvisorStart | None = None
     # Whatever happens, the full Ray and worker logs end up in the run directory (they are off the terminal). Fault
     # injection: the driver's own writes run out of disk where faults.disk_full says so (off otherwise).
+    stopped: DriverStopped | None = None
     try:
         with driver_disk_full(config.faults, run_dir):
             if deploys:  # the model loads while the coordinator and the worker group start
                 advisor_start = AdvisorStart(plan.advisor)
+            set_phase("start-up (the advisor and the coordinator)")
             handle, advice = start_advice(plan, advisor_factory, coordinator=coordinator)
             trainer = build_trainer(plan, advice=advice, use_gpu=use_gpu, trial=trial, components=components)
             # Rank 0's progress lines reach the terminal through the run directory, unless the workers' own
             # output does (--verbose); a sweep trial's progress stays in its run directory.
             summary = _fit_and_summarize(plan, trainer, handle, shared=coordinator is not None, tail_progress=not config.cluster.verbose and trial is None,
                                          started=started, use_gpu=use_gpu, cluster=cluster, advisor_start=advisor_start)
+    except DriverStopped as stop:
+        stopped = stop
+        raise
     finally:
         if advisor_start is not None:
             advisor_start.stop()
-        if deploys:
-            delete_served_advisor(plan.advisor)
+        if deploys and delete_served_advisor(plan.advisor) and stopped is not None:
+            stopped.done.append(f"the advisor's Serve application {plan.advisor.app_name!r} deleted")
         collect_ray_logs(run_dir / RAY_LOGS, since=logs_since)
     print(f"[hybridtrain] done: test_accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f}, "
           f"{summary['epochs']} epochs in {summary['wall_s']:.1f}s -> {run_dir}", flush=True)
@@ -297,22 +319,30 @@ def _fit_and_summarize(plan: RunPlan, trainer: Any, handle: Any, *, shared: bool
     """Fit, close the run's advice (its ledger) and write `summary.json` whole; a failure says how to resume."""
     run_dir = plan.run_dir
     tail = ProgressTail(run_dir / PROGRESS) if tail_progress else contextlib.nullcontext()
+    set_phase("training")
     try:
-        with tail:
+        # A SIGTERM aborts Ray Train at once (`cluster.stopping`), so no worker writes to the run directory after this driver.
+        with tail, stopping_training(functools.partial(stop_training, trainer)):
             result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause and point at the resumable state
         _close_after_failure(handle, plan, shared=shared)
+        stop = stop_requested()
+        if stop is not None:  # fit ended because the stop aborted it: keep the ledger so far, say where it stopped
+            raise stop from None
         raise RunError(f"training failed: {_disk_full_line(error)}{error}\nThe last checkpoint is kept; continue with: hybridtrain run --resume {run_dir}"
                        f"\nWorker and Ray logs: {run_dir / RAY_LOGS}") from error
     final_file = run_dir / FINAL_METRICS
     if result.error is not None or not final_file.is_file():
         _close_after_failure(handle, plan, shared=shared)
+        check_stop()
         raise RunError(f"training ended without its final evaluation ({result.error or 'no ' + FINAL_METRICS}); resume with: hybridtrain run --resume {run_dir}")
     metrics = json.loads(final_file.read_text())
+    set_phase("the final report (the ledger and the summary)")
     try:
         advice_counts = close_advice(handle, plan, incidents=metrics.get("advice_incidents", []), shared=shared)
         started_advisor = advisor_start.record() if advisor_start is not None else {}
         summary = summarize(plan, metrics, advice_counts | started_advisor, driver_wall_s=time.perf_counter() - started, use_gpu=use_gpu, cluster=cluster)
+        check_stop()  # a stop during the ledger's write comes out here: the run is not finished, its resume writes both again
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))  # its presence means finished: never half of it
     except OSError as error:  # a full disk at the very end: the checkpoints hold everything, nothing half-written was left
         raise RunError(f"training finished, but its outputs could not be written: {_disk_full_line(error)}{error}\nNothing was lost: every "
@@ -338,6 +368,41 @@ def _disk_full_line(error: BaseException) -> str:
             return "the disk is full (ENOSPC). "
         cause = cause.__cause__ or cause.__context__
     return "the disk is full (ENOSPC). " if "No space left on device" in str(error) or "[Errno 28]" in str(error) else ""
+
+
+def stop_training(trainer: Any, *, timeout_s: float = 60.0) -> str:
+    """Abort Ray Train's run the way Train does on Ctrl-C (its controller stops the worker group, then itself), so no
+    worker writes to the run directory after its driver is gone. Returns what happened, for the driver's last line."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (controller := getattr(trainer, "controller", None)) is None:  # a stop in fit's first moments: its controller comes soon
+        if not training_runs() or time.monotonic() > deadline:
+            return "Ray Train had not started"
+        time.sleep(0.1)
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # abort ends the controller's process: its reply is the actor's death
+    except ray.exceptions.GetTimeoutError:
+        return f"Ray Train did not stop within {timeout_s:g} s (its workers end with this driver's Ray job)"
+    return "Ray Train stopped"
+
+
+@functools.cache
+def _stoppable_trainer_class() -> type:
+    """`TorchTrainer` that keeps the handle of the controller it starts (Train hands it to its Ctrl-C handler,
+    in the main thread only), so that `stop_training` can abort it on SIGTERM."""
+    from ray.train.torch import TorchTrainer
+
+    class StoppableTorchTrainer(TorchTrainer):
+        controller = None  # set as fit starts it
+
+        def _register_sigint_handler(self, controller):
+            self.controller = controller
+            super()._register_sigint_handler(controller)
+
+    return StoppableTorchTrainer
 
 
 def resolve_use_gpu(config: ExperimentConfig, cluster: ClusterInfo) -> bool:
@@ -366,14 +431,14 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     `resume_from_checkpoint`, so the path travels in the `WorkerPlan`).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from workers.train_loop import train_loop_per_worker
 
     train = plan.config.train
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     keep_all = trial is not None and trial.keep_all_checkpoints
-    return TorchTrainer(
+    return _stoppable_trainer_class()(
         train_loop_per_worker,
         train_loop_config=worker_plan(plan, advice=advice, trial=trial, components=components).as_loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -489,9 +554,9 @@ def named_advisor(advisor: AdvisorConfig, owner: str) -> AdvisorConfig:
     return dataclasses.replace(advisor, app_name=f"{advisor.app_name}-{owner}")
 
 
-def delete_served_advisor(advisor: AdvisorConfig) -> None:
-    """Delete the advisor's Serve application (its replicas give back their CPUs and GPUs). Never raises: a
-    run's own outputs matter more than its clean-up, so a failure is a warning naming the application."""
+def delete_served_advisor(advisor: AdvisorConfig) -> bool:
+    """Delete the advisor's Serve application (its replicas give back their CPUs and GPUs); returns whether it did.
+    Never raises: a run's own outputs matter more than its clean-up, so a failure is a warning naming the application."""
     from ray import serve
 
     try:
@@ -500,8 +565,9 @@ def delete_served_advisor(advisor: AdvisorConfig) -> None:
     except Exception as error:  # noqa: BLE001 - Serve may be gone with the cluster; the run's result stands
         print(f"[hybridtrain] warning: could not delete the advisor's Serve application {advisor.app_name!r} "
               f"({type(error).__name__}: {error}); its replicas hold their CPUs/GPUs until serve.delete({advisor.app_name!r}) or `serve shutdown`", flush=True)
-        return
+        return False
     logger.debug("deleted the advisor's Serve application %r", advisor.app_name)
+    return True
 
 
 def close_advice(coordinator: Any, plan: RunPlan, *, incidents: list[dict[str, Any]], shared: bool = False) -> dict[str, Any]:
@@ -575,6 +641,7 @@ def summarize(plan: RunPlan, metrics: dict[str, Any], advice_counts: dict[str, A
         "optimizer": config.train.optimizer,
         # train.lr: find: the range test's choice and how it got there (RUN_DIR/lr_find.csv holds the curve); else None
         "lr_find": metrics.get("lr_find"),
+        "stops": read_jsonl(plan.run_dir / STOPS),  # each time a driver of this run was stopped by a signal (`cluster.stopping`)
         "use_gpu": use_gpu,
         "data": plan.data,
         "cluster": {"address": cluster.address, "dashboard_url": cluster.dashboard_url},

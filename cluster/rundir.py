@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from orchestration.errors import DataError, ReportError, UsageError
-from workers.files import atomic_write_bytes, atomic_write_text, fsync_directory
+from workers.files import LOCK_FILE, atomic_write_bytes, atomic_write_text, fsync_directory
 
 __all__ = ["LOCK_FILE", "DirectoryInUseError", "UnreadableFileError", "append_jsonl", "atomic_write_bytes", "atomic_write_text", "claim_directory",
            "fsync_directory", "read_json", "read_jsonl"]
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".hybridtrain.lock"
 
 
 class DirectoryInUseError(UsageError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.console import quiet_driver_loggers
+from cluster.stopping import starting_ray
 from orchestration.errors import ClusterError
 from orchestration.settings import ConfigError, require
 from serve_llm.net import is_loopback
@@ -97,20 +98,22 @@ def connect(config: ClusterConfig | None = None, *, min_cpus: int = 1, quiet: bo
     elif address is None:
         num_cpus = config.num_cpus or max(os.cpu_count() or 1, min_cpus)
         set_embedded_defaults()
-        context = ray.init(
-            address="local",  # a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
-            num_cpus=num_cpus,
-            namespace=config.namespace,
-            include_dashboard=config.dashboard,
-            dashboard_host=config.dashboard_host,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-            log_to_driver=config.verbose,
-        )
+        with starting_ray():  # ray.init takes SIGTERM over; a stopping driver takes it back (`cluster.stopping`)
+            context = ray.init(
+                address="local",  # a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+                num_cpus=num_cpus,
+                namespace=config.namespace,
+                include_dashboard=config.dashboard,
+                dashboard_host=config.dashboard_host,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+                log_to_driver=config.verbose,
+            )
         embedded = True
     else:
         try:
-            context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
+            with starting_ray():
+                context = ray.init(address=address, namespace=config.namespace, logging_level=logging.WARNING, log_to_driver=config.verbose)
         except ConnectionError as error:
             raise ClusterError(f"no Ray cluster answers at {address} ({error}): start one (`hybridtrain cluster up`), or leave out "
                                "--address and RAY_ADDRESS for an embedded local Ray") from error

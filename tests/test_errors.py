@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Exception classes that are not part of the family, each with the reason it never reaches the user.
 OUTSIDE_THE_FAMILY = {
     "serve_llm.validate._Rejected": "private to the validator: caught in the same module and turned into a 'rejected' AdvisorResponse",
+    "cluster.stopping.DriverStopped": "a stop signal, not an error: a BaseException as KeyboardInterrupt is, so no `except Exception` swallows it; "
+                                      "`main` prints its line and exits 128 + the signal",
 }
 
 
@@ -191,7 +193,7 @@ def test_a_run_or_check_that_did_not_finish_exits_1(error: Exception, tmp_path: 
                                                     monkeypatch: pytest.MonkeyPatch, no_ray: None) -> None:
     import cluster.launch
 
-    def fails(plan):
+    def fails(plan, **kwargs):
         raise error
 
     monkeypatch.setattr(cluster.launch, "execute_run", fails)

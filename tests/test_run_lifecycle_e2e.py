@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -47,6 +48,24 @@ def _script(tmp_path: Path) -> str:
     return str(path)
 
 
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (Ray's own and its workers, whatever their process group),
+    and wait until all are gone: a worker outliving the kill could still finish a checkpoint."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree = [root, *root.children(recursive=True)]
+    os.killpg(process.pid, signal.SIGKILL)
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
+    process.wait(timeout=60)
+
+
 def _rows(frame: pd.DataFrame) -> set[tuple]:
     return {(row.kind, row.query_id, int(row.epoch), row.reason) for row in frame.itertuples()}
 
@@ -74,15 +93,14 @@ def test_a_killed_driver_resumes_with_every_checkpointed_ledger_row(tmp_path) ->
             break
         time.sleep(0.2)
     assert ledgers and process.poll() is None, f"no checkpoint in time:\n{process.stdout.read()[-3000:] if process.poll() is not None else ''}"
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, without any clean-up
-    process.wait(timeout=60)
-    scan()  # a checkpoint written between the last look and the kill is one the resume may pick
+    _kill_tree(process)  # the driver and the embedded Ray it started, without any clean-up
+    # Nothing writes any more: the newest intact checkpoint now is the one the resume must take.
+    intact_epoch, checkpointed = _intact_ledger(run_dir)
     assert not (run_dir / "summary.json").exists()
 
     output = _run("run", "--resume", str(run_dir))
-    # The checkpoint Ray Train resumed from is the last one it had registered (a newer directory may not be yet).
     resumed_epoch = int(re.search(r"resumed from checkpoint after epoch (\d+)", output).group(1))
-    checkpointed = ledgers[resumed_epoch]
+    assert resumed_epoch == intact_epoch, output[-3000:]
     assert resumed_epoch >= 2 and sum(row["kind"] == "verdict" for row in checkpointed) >= 1
     summary = json.loads((run_dir / "summary.json").read_text())
     ledger = pd.read_csv(run_dir / "interventions.csv")
@@ -90,6 +108,77 @@ def test_a_killed_driver_resumes_with_every_checkpointed_ledger_row(tmp_path) ->
     assert before <= _rows(ledger), f"rows lost: {before - _rows(ledger)}"
     assert summary["epochs"] == 10 and list(pd.read_csv(run_dir / "metrics.csv").epoch) == list(range(1, 11))
     assert summary["advisor_queries"] == (ledger.kind == "query").sum() > len([r for r in checkpointed if r["kind"] == "query"])
+
+
+def _intact_ledger(run_dir: Path) -> tuple[int, list]:
+    """The epoch and ledger of the newest checkpoint with every rank's manifest (what a resume restores)."""
+    from workers.checkpoints import checkpoint_problem
+
+    for path in sorted((run_dir / "ray" / "train").glob("checkpoint_*"), reverse=True):
+        if path.is_dir() and checkpoint_problem(path) is None:
+            return (json.loads((path / "loop_state.json").read_text())["epoch"],
+                    json.loads((path / "advice_state.json").read_text())["coordinator"]["ledger"])
+    return 0, []
+
+
+def _stop_when(process: subprocess.Popen, marker: str | None, timeout: float = 420) -> str:
+    """The driver's output until it exits; SIGTERM (to the driver alone, as `docker stop` sends it) once `marker` is printed."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if marker is not None and marker in line:
+            process.send_signal(signal.SIGTERM)
+            marker = None
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    process.wait(timeout=120)
+    return "".join(lines)
+
+
+def test_a_driver_stopped_by_sigterm_twice_resumes_and_audits_clean(tmp_path) -> None:
+    """SIGTERM at two moments of one run, chosen with a seed (HYBRIDTRAIN_FAULT_SEED, default 0): one the driver is
+    in (start-up, seen in its output, or its final report, after the test accuracy line) and one in a worker's epoch
+    (mid-epoch or during a proposal's probation: faults.stop_driver_*). Each stop exits 143 with one line saying
+    where it stopped and what it cleaned (Ray Train, the run's Serve app); each `--resume` goes on, the last finishes
+    with every checkpointed ledger row, and `hybridtrain audit` finds nothing lost."""
+    seed = int(os.environ.get("HYBRIDTRAIN_FAULT_SEED", "0"))
+    rng = random.Random(seed)
+    driver_moment, worker_moment, epoch = rng.choice(["start-up", "final"]), rng.choice(["epoch", "probation"]), rng.randint(2, 3)
+    print(f"seed {seed}: SIGTERM at {driver_moment} and in epoch {epoch}'s {worker_moment}")
+    run_dir = tmp_path / "run"
+    first = _hybridtrain("run", "--recipe", "smoke", "--output", str(run_dir), "--set", "train.epochs=5", "--set", "advisor.serve=true",
+                         "--set", f"advisor.script={_script(tmp_path)}", *(f"--set={item}" for item in ADVISED),
+                         "--set", f"faults.stop_driver_epoch={epoch}", "--set", f"faults.stop_driver_in={worker_moment}")
+    markers = {"start-up": [f"-> {run_dir}", None, None], "final": [None, "test accuracy", None]}[driver_moment]
+    checkpointed, outputs = [], []
+    for attempt, marker in enumerate(markers):
+        process = first if attempt == 0 else _hybridtrain("run", "--resume", str(run_dir))
+        output = _stop_when(process, marker)
+        outputs.append(output)
+        if attempt == 2 or process.returncode == 0:
+            break
+        assert process.returncode == 143, output[-4000:]
+        line = output.strip().splitlines()[-1]
+        assert line.startswith("hybridtrain: stopped by SIGTERM during "), output[-4000:]
+        if (run_dir / "summary.json").exists():  # the final-report stop landed after the summary: the run had finished
+            assert "The run had finished" in line and "the report" in line
+            break
+        assert f"The run directory is resumable: hybridtrain run --resume {run_dir}" in line
+        assert re.search(r"the advisor's Serve application 'hybridtrain-advisor-smoke-\w+-\w+' deleted", line), line
+        if "during training" in line:
+            assert "Ray Train stopped" in line
+        checkpointed.append(_intact_ledger(run_dir))
+    assert len(outputs) >= 2 and process.returncode == 0, outputs[-1][-4000:]
+    stops = [json.loads(line) for line in (run_dir / "stops.jsonl").read_text().splitlines()]
+    assert len(stops) == len(outputs) - 1 >= 1 and all(stop["signal"] == "SIGTERM" for stop in stops)
+    assert (run_dir / ".chaos_stopped_driver").exists()  # the worker's moment struck
+    audit = _run("audit", str(run_dir))
+    assert "nothing lost" in audit
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 5 and list(pd.read_csv(run_dir / "metrics.csv").epoch) == [1, 2, 3, 4, 5]
+    assert [stop["phase"] for stop in summary["stops"]] == [stop["phase"] for stop in stops]
+    ledger = _rows(pd.read_csv(run_dir / "interventions.csv"))
+    for resumed_epoch, rows in checkpointed:
+        assert _rows(pd.DataFrame(rows, columns=["kind", "query_id", "epoch", "reason"])) <= ledger, f"rows of epoch {resumed_epoch} lost"
 
 
 def test_a_seeded_run_repeats_exactly_in_a_fresh_process(tmp_path) -> None:

@@ -1,11 +1,15 @@
 """Fault injection: kill a worker the hard way, or fill the disk, at a chosen point, to prove that nothing is lost.
 
-Off unless the `faults` config section sets `kill_epoch` or `disk_full` (the fault tests and
+Off unless the `faults` config section sets `kill_epoch`, `stop_driver_epoch` or `disk_full` (the fault tests and
 `benchmarks/soak.py` do). Each fault strikes once per run directory (a marker file remembers), so the
 restart or `--resume` that follows runs clean:
 
 - `kill_epoch`: the last rank's process gets SIGKILL half-way through the epoch's training steps or
   through a proposal's probation in that epoch (`kill_in`).
+- `stop_driver_epoch`: at the same kind of moment (`stop_driver_in`; a probation: the first from that
+  epoch on, since when an answer is tried depends on when it came), the last rank sends the run's
+  driver SIGTERM (its pid and host are in the directory's claim, `LOCK_FILE`; same host only), which must
+  stop cleanly and leave the run resumable (`cluster.stopping`).
 - `disk_full`: the write points listed get `OSError(ENOSPC)`, as on a disk that fills up mid-write
   (`DISK_FULL_POINTS` says who writes each). A file point gets half its bytes into the temporary file of
   its atomic write (`workers.files.set_write_fault`), so the old file must survive whole. `checkpoint`
@@ -19,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import json
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,10 +36,11 @@ from typing import ClassVar
 
 from orchestration.settings import require
 from workers.events import Event, Loop, Observer
-from workers.files import set_write_fault
+from workers.files import LOCK_FILE, set_write_fault
 
 KILL_PHASES = ("epoch", "probation")
 KILLED_MARKER = ".chaos_killed"  # in the run directory: the kill happened (holds the killed pid)
+STOPPED_MARKER = ".chaos_stopped_driver"  # in the run directory: the driver was sent SIGTERM (holds its pid)
 DISK_FULL_MARKER = ".chaos_disk_full-{point}"  # in the run directory: that write point ran out of disk once
 DISK_FULL_POINTS = {  # write point -> who writes it, and when
     "checkpoint": "every rank, inside the first checkpoint from epoch disk_full_epoch on",
@@ -53,12 +60,16 @@ class FaultConfig:
 
     kill_epoch: int | None = None  # SIGKILL the last rank's process once, mid-way through this epoch
     kill_in: str = "epoch"  # where in kill_epoch: "epoch" (its training steps) or "probation" (a proposal's)
+    stop_driver_epoch: int | None = None  # SIGTERM the driver once, mid-way through this epoch or the first probation from it on
+    stop_driver_in: str = "epoch"  # where in stop_driver_epoch: "epoch" or "probation", as kill_in
     disk_full: tuple[str, ...] = ()  # write points (DISK_FULL_POINTS) that run out of disk, each once
     disk_full_epoch: int = 1  # for the epoch's points (checkpoint, metrics.csv): from this epoch on
 
     def __post_init__(self) -> None:
         require(self.kill_in in KILL_PHASES, "faults.kill_in", self.kill_in, f"must be one of {KILL_PHASES}")
         require(self.kill_epoch is None or self.kill_epoch >= 1, "faults.kill_epoch", self.kill_epoch, "must be unset or >= 1")
+        require(self.stop_driver_in in KILL_PHASES, "faults.stop_driver_in", self.stop_driver_in, f"must be one of {KILL_PHASES}")
+        require(self.stop_driver_epoch is None or self.stop_driver_epoch >= 1, "faults.stop_driver_epoch", self.stop_driver_epoch, "must be unset or >= 1")
         points = (self.disk_full,) if isinstance(self.disk_full, str) else self.disk_full
         require(isinstance(points, (list, tuple)) and all(point in DISK_FULL_POINTS for point in points), "faults.disk_full", self.disk_full,
                 f"must be a list of write points from {sorted(DISK_FULL_POINTS)}")
@@ -79,7 +90,7 @@ class FaultInjection(Observer):
     @classmethod
     def create(cls, loop: Loop) -> FaultInjection | None:
         config = loop.plan.faults
-        kills = config.kill_epoch is not None and loop.rank == loop.world_size - 1
+        kills = (config.kill_epoch is not None or config.stop_driver_epoch is not None) and loop.rank == loop.world_size - 1
         # Armed once, at the start: every rank sees the same markers, so every rank strikes a checkpoint together.
         armed = frozenset(point for point in config.disk_full if not (loop.run_dir / DISK_FULL_MARKER.format(point=point)).exists()
                           and (point == "checkpoint" or (point in WORKER_FILES and loop.rank == 0)))
@@ -95,9 +106,14 @@ class FaultInjection(Observer):
             if "checkpoint" in self.disk_full and loop.epoch >= self.config.disk_full_epoch:
                 self._fill_inside_checkpoint(loop)
             return
-        batch = loop.batch
-        if self.kills and batch.phase == self.config.kill_in and batch.epoch == self.config.kill_epoch and batch.step == batch.steps // 2:
-            kill_once(self.run_dir, "mid-epoch" if batch.phase == "epoch" else "during a proposal's probation")
+        batch, config = loop.batch, self.config
+        if not self.kills or batch.step != batch.steps // 2:
+            return
+        where = "mid-epoch" if batch.phase == "epoch" else "during a proposal's probation"
+        if batch.phase == config.stop_driver_in and config.stop_driver_epoch is not None and batch.epoch >= config.stop_driver_epoch:
+            stop_driver_once(self.run_dir, f"{where} (epoch {batch.epoch})")
+        if batch.phase == config.kill_in and batch.epoch == config.kill_epoch:
+            kill_once(self.run_dir, where)
 
     def fills(self, point: str, *, epoch: int = 0) -> bool:
         """Whether the write of `point` runs out of disk now (once: the marker is written before it strikes)."""
@@ -160,6 +176,26 @@ def driver_disk_full(config: FaultConfig, run_dir: Path) -> Iterator[None]:
         yield
     finally:
         set_write_fault(previous)
+
+
+def stop_driver_once(run_dir: Path, where: str) -> None:
+    """SIGTERM the driver that claimed `run_dir`, once per run directory; a driver on another host cannot be
+    reached from here, and that is said instead."""
+    marker = run_dir / STOPPED_MARKER
+    if marker.exists():
+        return
+    try:
+        stamp = json.loads((run_dir / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a sweep trial's run directory: its driver claimed the sweep's
+        sys.__stdout__.write(f"[hybridtrain] chaos: cannot stop the driver {where}: {run_dir} holds no driver's claim\n")
+        return
+    if stamp["host"] != socket.gethostname():
+        sys.__stdout__.write(f"[hybridtrain] chaos: cannot stop the driver {where}: it runs on {stamp['host']}, not here\n")
+        return
+    marker.write_text(str(stamp["pid"]))
+    sys.__stdout__.write(f"[hybridtrain] chaos: sending the driver (pid {stamp['pid']}) SIGTERM {where}\n")
+    sys.__stdout__.flush()
+    os.kill(int(stamp["pid"]), signal.SIGTERM)
 
 
 def kill_once(run_dir: Path, where: str) -> None:

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+LOCK_FILE = ".hybridtrain.lock"  # in a run or sweep directory: its driver's claim, stamped with the driver's pid and host (`cluster.rundir`)
 WriteFault = Callable[[Path], bool]  # fault injection (`workers.faults`): whether the write of this path runs out of disk
 _write_fault: WriteFault | None = None
 
