@@ -46,7 +46,9 @@ from workers.advice import AdviceSettings
 from workers.data import load_dataset, stratified_split
 from workers.faults import driver_disk_full
 from workers.models import check_model
+from workers.augment import check_augmentation
 from workers.plan import WorkerPlan
+from workers.streaming import StreamSource, data_config, scan, stream_datasets, wants_streaming
 from workers.train_loop import ADVICE_STATE, FINAL_METRICS, PROGRESS
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class RunPlan:
     resume_from: Path | None  # the latest checkpoint Ray Train will hand the workers, if any
     data: dict[str, Any]  # what the data check found: source, shapes, split sizes
     needed_cpus: int  # train workers plus advisor replicas, at once
+    stream: StreamSource | None = None  # streamed data: the driver's scan (`workers.streaming`); None: in memory
     fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)  # what it trains on (`cluster.fingerprint`), kept in the run directory
 
     @property
@@ -118,13 +121,14 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
     directories raise `ConfigError`/`DataError`.
     """
     config, run_dir = resolve_output_dir("run", config, run_dir, resume=resume, address=address)
-    data = check_data(config)
+    stream = scan(config.data) if wants_streaming(config.data) else None
+    data = check_data(config, stream)
     current = fingerprint(config)
     if resume:
         check_unchanged(run_dir, current, allow_changed=allow_changed)
     return RunPlan(config=config, run_dir=run_dir, run_id=run_id(config), resume=resume,
                    resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=data,
-                   needed_cpus=needed_cpus(config), fingerprint=current)
+                   needed_cpus=needed_cpus(config), fingerprint=current, stream=stream)
 
 
 def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False, kind: Literal["run", "sweep"] = "run") -> list[str]:
@@ -192,13 +196,18 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
+STREAM_READ_CPUS = 1  # a streamed run keeps this many CPUs free for Ray Data's read and decode tasks
+
+
 def needed_cpus(config: ExperimentConfig, *, trials: int | None = None) -> int:
     """Logical CPUs that must be free at once: one run's train workers, or those of `trials` sweep trials
     (each trial also holds `TRIAL_CPU` as its Train driver; PBT needs the whole population running),
     plus the advisor's Serve replicas at their most (deployed once, shared by every trial)."""
     workers = config.train.num_workers * config.train.cpus_per_worker
     runs = workers if trials is None else trials * (workers + TRIAL_CPU)
-    return math.ceil(runs + config.advisor.served_cpus)
+    # Streamed data is read and decoded by Ray Data's tasks, beside the workers: one CPU for them at least.
+    reading = STREAM_READ_CPUS if wants_streaming(config.data) else 0
+    return math.ceil(runs + config.advisor.served_cpus + reading)
 
 
 def run_id(config: ExperimentConfig) -> str:
@@ -212,17 +221,26 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def check_data(config: ExperimentConfig) -> dict[str, Any]:
-    """Load and split the data once on the driver and build the model once, so bad data or a bad
-    `model.factory` fails before Ray starts. A `data.loader` needs Ray to read its dataset: it is checked on
-    the workers, before training (the model with it)."""
+def check_data(config: ExperimentConfig, stream: StreamSource | None = None) -> dict[str, Any]:
+    """Load and split the data once on the driver (streamed data: the scan's findings) and build the model
+    once, so bad data or a bad `model.factory` fails before Ray starts. A `data.loader` needs Ray to read
+    its dataset: it is checked on the workers, before training (the model with it)."""
     if config.data.loader is not None:
         return {"source": f"data.loader {config.data.loader}", "checked": "on the workers"}
-    dataset = load_dataset(config.data)
-    split = stratified_split(dataset.y, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.data.seed)
-    model = check_model(config.model, dataset.sample_shape, len(dataset.classes))
-    return {"source": dataset.source, "sample_shape": list(dataset.sample_shape), "classes": len(dataset.classes),
-            "train": len(split.train), "val": len(split.val), "test": len(split.test), "parameters": model["parameters"]}
+    if stream is not None:
+        if config.modes.curriculum or config.modes.batch_selection != "off":
+            raise ConfigError("modes.curriculum and modes.batch_selection rank every training sample each epoch; streamed data "
+                              "(data.streaming) cannot: set data.streaming: false or turn the mode off")
+        summary, sample_shape, classes = stream.summary(), stream.sample_shape, len(stream.classes)
+    else:
+        dataset = load_dataset(config.data)
+        split = stratified_split(dataset.y, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.data.seed)
+        summary, sample_shape, classes = ({"source": dataset.source, "sample_shape": list(dataset.sample_shape), "classes": len(dataset.classes),
+                                           "train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                                          dataset.sample_shape, len(dataset.classes))
+    check_augmentation(config.data, sample_shape)
+    model = check_model(config.model, sample_shape, classes)
+    return summary | {"parameters": model["parameters"]}
 
 
 def latest_checkpoint(storage_path: Path) -> Path | None:
@@ -278,6 +296,8 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     data = plan.data
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)
+    for note in plan.stream.notes if plan.stream is not None else ():
+        print(f"[hybridtrain] warning: {note}", flush=True)
     stops = read_jsonl(run_dir / STOPS) if plan.resume else []
     if stops:
         print(f"[hybridtrain] its last driver was stopped by {stops[-1]['signal']} during {stops[-1]['phase']} ({stops[-1]['time']})", flush=True)
@@ -416,7 +436,7 @@ def worker_plan(plan: RunPlan, *, advice: AdviceSettings | None, trial: TrialCon
                 components: tuple[Any, ...] = ()) -> WorkerPlan:
     """What every worker of `plan` receives: its config sections, where it writes, and how it starts."""
     config = plan.config
-    return WorkerPlan(data=config.data, model=config.model, train=config.train, modes=config.modes, run_dir=plan.run_dir,
+    return WorkerPlan(data=config.data, model=config.model, train=config.train, modes=config.modes, run_dir=plan.run_dir, stream=plan.stream.without_codes() if plan.stream is not None else None,
                       checkpoint_root=plan.storage_path / RAY_RUN_NAME, advice=advice, faults=config.faults,
                       initial_checkpoint=trial.initial_checkpoint if trial is not None else None,
                       digest_checkpoints=trial is not None and trial.digest_checkpoints, extra_components=tuple(components))
@@ -438,8 +458,10 @@ def build_trainer(plan: RunPlan, *, advice: AdviceSettings | None, use_gpu: bool
     train = plan.config.train
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     keep_all = trial is not None and trial.keep_all_checkpoints
+    streamed = {} if plan.stream is None else {"datasets": stream_datasets(plan.stream, seed=plan.config.data.seed), "dataset_config": data_config()}
     return _stoppable_trainer_class()(
         train_loop_per_worker,
+        **streamed,
         train_loop_config=worker_plan(plan, advice=advice, trial=trial, components=components).as_loop_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -641,6 +663,7 @@ def summarize(plan: RunPlan, metrics: dict[str, Any], advice_counts: dict[str, A
         "optimizer": config.train.optimizer,
         # train.lr: find: the range test's choice and how it got there (RUN_DIR/lr_find.csv holds the curve); else None
         "lr_find": metrics.get("lr_find"),
+        "worker_memory": metrics.get("worker_memory", []),  # each rank's RSS and USS at the start and at their peaks (MB)
         "stops": read_jsonl(plan.run_dir / STOPS),  # each time a driver of this run was stopped by a signal (`cluster.stopping`)
         "use_gpu": use_gpu,
         "data": plan.data,

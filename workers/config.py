@@ -39,8 +39,27 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    # Parquet through Ray Data, never whole in one process (`workers.streaming`): true, false, or auto (when
+    # the Parquet files on disk take more than streaming_threshold_mb). Streamed data is split by a seeded hash
+    # of each row's content, not stratified by counting.
+    streaming: bool | str = "auto"
+    streaming_threshold_mb: float = 256.0
+    normalize_sample: int = 4096  # streamed: the normalisation statistics come from the first this-many training rows
+    probe_rows: int = 2048  # streamed: the training rows held in memory for probations and the LR range test
+    shuffle_buffer: int = 2048  # streamed: rows each worker shuffles in (Ray Data's local shuffle buffer)
+    val_in_memory_mb: float = 256.0  # streamed: a worker keeps its part of val after the first pass when it decodes to at most this
+    # Image augmentation on the fly, training steps only: a random crop of the image padded by this many pixels
+    # (0: off) and a random horizontal flip, drawn per sample from the epoch's seed.
+    random_crop_padding: int = 0
+    random_flip: bool = False
 
     def __post_init__(self) -> None:
+        require(self.streaming in (True, False, "auto"), "data.streaming", self.streaming, "must be true, false or auto")
+        require(self.streaming_threshold_mb >= 0, "data.streaming_threshold_mb", self.streaming_threshold_mb, "must be >= 0")
+        require(self.val_in_memory_mb >= 0, "data.val_in_memory_mb", self.val_in_memory_mb, "must be >= 0")
+        for name in ("normalize_sample", "probe_rows", "shuffle_buffer"):
+            require(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), "must be >= 1")
+        require(0 <= self.random_crop_padding <= 64, "data.random_crop_padding", self.random_crop_padding, "must be in [0, 64]")
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction, "must be in (0, 0.5)")
         require(0.0 < self.test_fraction < 0.5, "data.test_fraction", self.test_fraction, "must be in (0, 0.5)")
         require(self.image_size is None or self.image_size >= 4, "data.image_size", self.image_size, "must be >= 4")

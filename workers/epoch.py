@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestration.protocol import ProbationMetrics
+from workers.augment import augment, wants_augmentation
 from workers.data import probation_batches, stable_seed
 from workers.events import Event
 from workers.loop import BatchInfo, Loop, positions_by_rank
@@ -41,14 +42,28 @@ class EpochResult:
     train_seconds: float
 
 
-def train_step(loop: Loop, batch: np.ndarray, weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-step on `batch` (indices into the train split); returns the detached loss and the number of
-    samples the model got right (in training mode, before the step). `weights` are batch selection's
-    importance weights (the loss is the mean of w * loss); the research modes may add a penalty (L2-SP)."""
-    engine, data, device = loop.engine, loop.data, loop.device
-    index = torch.from_numpy(data.split.train[batch])
-    target = data.labels[index].to(device)
-    logits = engine(data.features[index].to(device, loop.dtype)).float()
+Batch = np.ndarray | tuple[torch.Tensor, torch.Tensor]  # indices into the train split, or a streamed batch's samples and labels
+
+
+def batch_tensors(loop: Loop, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (normalised) samples and labels of `batch`, on the CPU."""
+    if isinstance(batch, tuple):
+        return batch
+    index = torch.from_numpy(loop.data.split.train[batch])
+    return loop.data.features[index], loop.data.labels[index]
+
+
+def train_step(loop: Loop, batch: Batch, weights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-step on `batch`; returns the detached loss and the number of samples the model got right
+    (in training mode, before the step). Images are augmented first when the config says so. `weights` are
+    batch selection's importance weights (the loss is the mean of w * loss); the research modes may add a
+    penalty (L2-SP)."""
+    engine, device = loop.engine, loop.device
+    inputs, labels = batch_tensors(loop, batch)
+    if wants_augmentation(loop.plan.data):
+        inputs = augment(inputs, loop.plan.data)
+    target = labels.to(device)
+    logits = engine(inputs.to(device, loop.dtype)).float()
     loss = batch_loss(logits, target, None if weights is None else torch.from_numpy(weights).to(device, torch.float32))
     penalty = loop.modes.penalty()
     engine.backward(loss if penalty is None else loss + penalty)
@@ -68,13 +83,17 @@ def batch_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return losses.sum() / max(len(target), 1)
 
 
-def run_steps(loop: Loop, batches: list[np.ndarray], weights: list[np.ndarray] | None, *, phase: str, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`train_step` on each batch, firing `batch` before and `batch_end` after each one."""
+def run_steps(loop: Loop, batches: Any, weights: list[np.ndarray] | None, *, phase: str, epoch: int,
+              steps: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """`train_step` on each batch (a list, or an iterator of `steps` streamed ones), firing `batch` before and
+    `batch_end` after each one; returns each step's loss, samples right and samples."""
     results = []
+    steps = len(batches) if steps is None else steps
     for step, batch in enumerate(batches):
-        loop.batch = BatchInfo(phase=phase, epoch=epoch, step=step, steps=len(batches))
+        loop.batch = BatchInfo(phase=phase, epoch=epoch, step=step, steps=steps)
         loop.fire(Event.BATCH)
-        results.append(train_step(loop, batch, None if weights is None else weights[step]))
+        loss, right = train_step(loop, batch, None if weights is None else weights[step])
+        results.append((loss, right, len(batch[1]) if isinstance(batch, tuple) else len(batch)))
         loop.fire(Event.BATCH_END)
     loop.batch = None
     return results
@@ -86,16 +105,26 @@ def run_epoch(loop: Loop, epoch: int) -> EpochResult:
     train, started = loop.train, time.perf_counter()
     torch.manual_seed(stable_seed(train.seed, epoch, loop.rank))
     loop.scores = sample_scores(loop)
-    batches, weights = loop.modes.epoch_batches(loop.scores, num_samples=len(loop.data.split.train), rank=loop.rank,
-                                                world_size=loop.world_size, epoch=epoch, seed=train.seed)
+    stream, steps = loop.data.stream, None
+    if stream is not None:  # this rank's shard through Ray Data (curriculum and batch selection are refused with streaming)
+        steps = stream.train_steps(train.batch_size, train.grad_accum_steps)
+        batches, weights = stream.train_batches(epoch=epoch, seed=train.seed, batch_size=train.batch_size, steps=steps), None
+    else:
+        batches, weights = loop.modes.epoch_batches(loop.scores, num_samples=len(loop.data.split.train), rank=loop.rank,
+                                                    world_size=loop.world_size, epoch=epoch, seed=train.seed)
     loop.engine.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.float64)
-    for batch, (loss, right) in zip(batches, run_steps(loop, batches, weights, phase="epoch", epoch=epoch)):
-        loss_sum += loss.double().cpu() * len(batch)
+    seen = 0
+    for loss, right, samples in run_steps(loop, batches, weights, phase="epoch", epoch=epoch, steps=steps):
+        loss_sum += loss.double().cpu() * samples
         correct += right.double().cpu()
-    seen = sum(len(batch) for batch in batches)
+        seen += samples
     train_seconds = time.perf_counter() - started
+    if stream is not None and stream.dropped and not stream.reported_drop:
+        stream.reported_drop = True
+        loop.log(f"warning: rank {loop.rank}'s stream gave {stream.dropped} training rows beyond its {steps} steps in epoch {epoch}; "
+                 "they were not trained on (the scan's counts and Ray Data's split disagree)")
     loss_total, correct_total, samples = all_reduce_sums(loss_sum, correct, seen)
     return EpochResult(train_loss=loss_total / samples, train_accuracy=correct_total / samples, samples=int(samples),
                        local_samples_per_s=seen / train_seconds, train_seconds=train_seconds)
@@ -107,14 +136,14 @@ def sample_scores(loop: Loop) -> np.ndarray | None:
     if not loop.modes.needs_scores:
         return None
     split = loop.data.split
-    result = evaluate(loop, split.train, per_sample=True)
+    result = evaluate(loop, "train", per_sample=True)
     scores = np.empty(len(split.train))
     scores[positions_by_rank(len(split.train), loop.world_size)] = result.sample_losses
     return scores
 
 
 def validate(loop: Loop, *, per_sample: bool = False) -> EvalResult:
-    return evaluate(loop, loop.data.split.val, per_sample=per_sample)
+    return evaluate(loop, "val", per_sample=per_sample)
 
 
 def run_probation(loop: Loop, micro_steps: int) -> ProbationMetrics:
@@ -131,15 +160,15 @@ def run_probation(loop: Loop, micro_steps: int) -> ProbationMetrics:
         batches = probation_batches(num_samples, rank=loop.rank, world_size=loop.world_size, batch_size=train.batch_size, epoch=epoch,
                                     seed=train.seed, micro_steps=micro_steps)
         weights = None
-    losses = [float(loss) for loss, _ in run_steps(loop, batches, weights, phase="probation", epoch=epoch)]
+    losses = [float(loss) for loss, _, _ in run_steps(loop, batches, weights, phase="probation", epoch=epoch)]
     train_loss, count = all_reduce_sums(sum(losses), len(losses))
     probe = validate(loop, per_sample=True)  # per-sample values: the verdict measures the comparison's own noise
     return ProbationMetrics(val_loss=probe.loss, val_accuracy=probe.accuracy, train_loss=train_loss / max(count, 1),
                             sample_losses=tuple(probe.sample_losses.tolist()), sample_correct=tuple(probe.sample_correct.tolist()))
 
 
-def evaluate(loop: Loop, indices: np.ndarray, *, gather: bool = False, per_sample: bool = False) -> EvalResult:
-    """Mean loss and accuracy over `indices`, each rank taking a shard; all ranks get the result.
+def evaluate(loop: Loop, which: str, *, gather: bool = False, per_sample: bool = False) -> EvalResult:
+    """Mean loss and accuracy over the `which` split (train, val or test), each rank taking a shard; all ranks get the result.
     `gather`: also the predictions and labels; `per_sample`: also each sample's loss and correctness.
 
     All ranks run the same number of forward passes, even on an empty shard, because under ZeRO-3
@@ -148,40 +177,57 @@ def evaluate(loop: Loop, indices: np.ndarray, *, gather: bool = False, per_sampl
     """
     loop.eval_weights.swap_in()  # schedule-free: evaluate its average x, not the training point (collective)
     try:
-        return _evaluate(loop, indices, gather=gather, per_sample=per_sample)
+        return _evaluate(loop, which, gather=gather, per_sample=per_sample)
     finally:
         loop.eval_weights.swap_out()
 
 
-def _evaluate(loop: Loop, indices: np.ndarray, *, gather: bool, per_sample: bool) -> EvalResult:
-    engine, features, labels = loop.engine, loop.data.features, loop.data.labels
-    engine.eval()
+def eval_chunks(loop: Loop, which: str, batch_size: int) -> Any:
+    """This rank's (samples, labels) chunks of the `which` split: the same number on every rank (ZeRO-3 gathers
+    parameters in every forward pass), some maybe empty. In memory: every `world_size`-th sample, cut evenly;
+    streamed (val, test): every `world_size`-th batch of the stream."""
+    stream = loop.data.stream
+    if stream is not None and which != "train":
+        yield from stream.eval_batches(which, batch_size)
+        return
+    indices = getattr(loop.data.split, which)
     shard = indices[loop.rank::loop.world_size]
-    batch_size = max(256, loop.train.batch_size)
     steps = math.ceil(math.ceil(len(indices) / loop.world_size) / batch_size)
+    for chunk in np.array_split(shard, steps):
+        index = torch.from_numpy(chunk)
+        yield loop.data.features[index], loop.data.labels[index]
+
+
+def _evaluate(loop: Loop, which: str, *, gather: bool, per_sample: bool) -> EvalResult:
+    engine = loop.engine
+    engine.eval()
+    batch_size = max(256, loop.train.batch_size)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    correct, seen = 0, 0
     predictions: list[np.ndarray] = []
     sample_losses: list[np.ndarray] = []
+    local_labels: list[np.ndarray] = []
     device = next(engine.module.parameters()).device
     with torch.no_grad():
-        for chunk in np.array_split(shard, steps):
-            index = torch.from_numpy(chunk)
-            logits = engine(features[index].to(device, loop.dtype)).float()
-            targets = labels[index].to(device)
-            if len(chunk):
+        for inputs, labels in eval_chunks(loop, which, batch_size):
+            logits = engine(inputs.to(device, loop.dtype)).float()
+            targets = labels.to(device)
+            if len(labels):
+                seen += len(labels)
+                local_labels.append(labels.numpy())
                 losses = F.cross_entropy(logits, targets, reduction="none").double().cpu()
                 loss_sum += losses.sum()
                 sample_losses.append(losses.numpy())
                 predicted = logits.argmax(dim=1)
                 correct += int((predicted == targets).sum())
                 predictions.append(predicted.cpu().numpy())
-    totals = torch.tensor([float(loss_sum), correct, len(shard)], dtype=torch.float64)
+    totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
     result = EvalResult(loss=float(totals[0] / totals[2]), accuracy=float(totals[1] / totals[2]))
     if gather or per_sample:
-        _gather_samples(result, predictions, sample_losses, labels[torch.from_numpy(shard)].numpy(), loop.world_size)
+        _gather_samples(result, predictions, sample_losses, np.concatenate(local_labels) if local_labels else np.zeros(0, dtype=np.int64),
+                        loop.world_size)
     return result
 
 

@@ -58,11 +58,20 @@ class LoopState:
 
 @dataclass(kw_only=True)
 class LoopData:
+    """The rank's data. In memory: every sample (`features`, `labels`) and the split's indices into them.
+    Streamed (`stream`): only the probe rows are here, as a train split of their own (probations and the LR
+    range test draw from them); epochs, validation and the test stream through Ray Data."""
+
     dataset: Dataset
     split: Split
     normalizer: Normalizer
-    features: torch.Tensor  # every sample, normalised
+    features: torch.Tensor  # every sample (streamed: the probe rows), normalised
     labels: torch.Tensor
+    stream: Any = None  # `workers.streaming.StreamShards` of a streamed run
+
+    def count(self, which: str) -> int:
+        """Samples in the train, val or test split (streamed: the whole split, not the probe rows)."""
+        return self.stream.source.counts[which] if self.stream is not None else len(getattr(self.split, which))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +110,7 @@ class Loop:
     best_params: dict[str, torch.Tensor] | None = None
     initial_params: dict[str, torch.Tensor] | None = None  # the weights before the first step (a collapsed run's restart point)
     lr_find: Any = None  # `workers.lr_find.LrFindResult` with train.lr: find
+    memory: Any = None  # `workers.memory.MemoryWatch` of this worker
     components: Components = field(default_factory=lambda: Components([]))
     start: str = "fresh"  # how this attempt began: "fresh", "resumed" (a checkpoint of this run) or "handed over" (a sweep's)
     # what the current event is about
@@ -149,9 +159,9 @@ def prepare(plan: WorkerPlan) -> Loop:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # DeepSpeed reads it
     nodes = _record_placement(plan.run_dir, rank)
-    data = load_data(plan)
+    data = load_data(plan, rank=rank, world_size=world_size)
     model_config = plan.model.for_kind(resolve_kind(plan.model.kind, data.dataset.sample_shape))
-    train = small_data_batch(plan.train, len(data.split.train), world_size)
+    train = small_data_batch(plan.train, data.count("train"), world_size)
     if train.lr == LR_FIND:  # built at the default, then the range test picks the rate (`train_loop.find_lr`)
         train = dataclasses.replace(train, lr=DEFAULT_LR)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
@@ -159,8 +169,9 @@ def prepare(plan: WorkerPlan) -> Loop:
     modes = TrainingModes.create(plan.modes, train, model_config, model, log=lambda message: progress_log(rank, plan.run_dir, message))
     # Before DeepSpeed partitions them (ZeRO-3): the same on every rank and every attempt (seeded, or model.pretrained's).
     initial_params = {name: param.detach().float().cpu().clone() for name, param in model.named_parameters()}
-    micro_steps = len(shard_batches(len(data.split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0,
-                                    seed=train.seed, grad_accum_steps=train.grad_accum_steps))
+    micro_steps = (data.stream.train_steps(train.batch_size, train.grad_accum_steps) if data.stream is not None else
+                   len(shard_batches(len(data.split.train), rank=0, world_size=world_size, batch_size=train.batch_size, epoch=0,
+                                     seed=train.seed, grad_accum_steps=train.grad_accum_steps)))
     device = ray.train.torch.get_device()
     engine, spec = build_engine(model, train, world_size=world_size, micro_steps_per_epoch=micro_steps, device=device,
                                 param_groups=modes.optimizer_groups())
@@ -187,12 +198,29 @@ def progress_log(rank: int, run_dir: Path, message: str) -> None:
         pass
 
 
-def load_data(plan: WorkerPlan) -> LoopData:
+def load_data(plan: WorkerPlan, *, rank: int = 0, world_size: int = 1) -> LoopData:
+    if plan.stream is not None:
+        return _streamed_data(plan, rank=rank, world_size=world_size)
     dataset = load_dataset(plan.data)
     split = stratified_split(dataset.y, val_fraction=plan.data.val_fraction, test_fraction=plan.data.test_fraction, seed=plan.data.seed)
     normalizer = Normalizer.fit(dataset.x[split.train])
     return LoopData(dataset=dataset, split=split, normalizer=normalizer, features=torch.from_numpy(normalizer(dataset.x)),
                     labels=torch.from_numpy(dataset.y))
+
+
+def _streamed_data(plan: WorkerPlan, *, rank: int, world_size: int) -> LoopData:
+    from workers.streaming import StreamShards
+
+    source = plan.stream
+    stream = StreamShards.open(source, rank=rank, world_size=world_size, shuffle_buffer=plan.data.shuffle_buffer,
+                               val_in_memory_mb=plan.data.val_in_memory_mb)
+    probe = stream.probe()
+    if len(probe["y"]) != source.probe_rows:
+        raise RuntimeError(f"the probe stream gave {len(probe['y'])} rows, the scan promised {source.probe_rows}")
+    positions = np.arange(len(probe["y"]))
+    return LoopData(dataset=Dataset(x=probe["x"], y=probe["y"], classes=list(source.classes), source=source.source),
+                    split=Split(train=positions, val=positions[:0], test=positions[:0]), normalizer=Normalizer.from_dict(source.normalizer),
+                    features=torch.from_numpy(probe["x"]), labels=torch.from_numpy(probe["y"]), stream=stream)
 
 
 def _record_placement(run_dir: Path, rank: int) -> list[str]:

@@ -110,13 +110,13 @@ def numeric_features(features: Any, *, where: str, label: str) -> np.ndarray:
     return x
 
 
-def decode_images(column: Any, *, where: str, image_size: int | None, grayscale: bool) -> np.ndarray:
-    """Encoded PNG/JPEG bytes per row -> float32 (N, C, H, W) in [0, 1], every image at the first one's size
-    (or `data.image_size`)."""
+def decode_images(column: Any, *, where: str, image_size: int | None, grayscale: bool, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Encoded PNG/JPEG bytes per row -> float32 (N, C, H, W) in [0, 1], every image at `size` (width, height),
+    else at `data.image_size` square, else at the first one's size."""
     from PIL import Image
 
     mode = "L" if grayscale else "RGB"
-    size: tuple[int, int] | None = (image_size, image_size) if image_size else None
+    size = size or ((image_size, image_size) if image_size else None)
     images = []
     for row, value in enumerate(column):
         encoded = value.get("bytes") if isinstance(value, dict) else value

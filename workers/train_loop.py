@@ -22,12 +22,13 @@ from workers.checkpoints import CheckpointError, agree_on_checkpoint, checkpoint
 from workers.checkpointing import restore
 from workers.components import ADVICE_STATE, BUILT_IN, TENSORBOARD
 from workers.config import LR_FIND
-from workers.engine import broadcast_from_rank0, full_buffers, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
+from workers.engine import broadcast_from_rank0, full_buffers, gather_to_all, full_fp32_params, params_digest, read_hyperparameters, set_peak_lr, write_full_fp32_params, write_hyperparameters
 from workers.epoch import run_epoch, test_metrics, validate
 from workers.files import atomic_write_bytes, atomic_write_text
 from workers.events import Components, Event
 from workers.lr_find import find_learning_rate, read_result
 from workers.loop import PLACEMENT, PLACEMENT_GROUP, PROGRESS, Loop, LoopState, prepare
+from workers.memory import MemoryWatch
 from workers.plan import WorkerPlan
 
 __all__ = ["ADVICE_STATE", "FINAL_METRICS", "PLACEMENT", "PLACEMENT_GROUP", "PROGRESS", "TENSORBOARD", "LoopState", "train_loop_per_worker"]
@@ -43,7 +44,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # DeepSpeed still calls torch collectives that torch marks deprecated, a warning at every ZeRO step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     plan = WorkerPlan.from_loop_config(loop_config)
+    memory = MemoryWatch().start()  # after the imports, before the data: what the worker holds for its data shows as growth
     loop = prepare(plan)
+    loop.memory = memory
     if plan.train.lr == LR_FIND:
         find_lr(loop)
     # Built before restoring: the advice reads the configured peak lr off the fresh schedule (`WorkerAdvice.configured_lr`).
@@ -183,10 +186,9 @@ def _begin_fresh(loop: Loop) -> None:
     elif loop.rank == 0:
         earlier.write_text(json.dumps({"pid": os.getpid()}))
     model, data, train, spec = loop.model_config, loop.data, loop.train, loop.spec
-    split = data.split
     shape = f"{model.factory}, options {model.options}" if model.factory else f"width {model.width}, depth {model.depth}"
     loop.log(f"training {model.kind} ({shape}, dropout {loop.configured['dropout']:g}) on "
-             f"{data.dataset.source}: {len(split.train)}/{len(split.val)}/{len(split.test)} samples, {loop.world_size} workers, ZeRO-{spec.zero_stage}, "
+             f"{data.dataset.source}: {data.count('train')}/{data.count('val')}/{data.count('test')} samples, {loop.world_size} workers, ZeRO-{spec.zero_stage}, "
              f"{spec.precision}, {spec.device}; batch {train.batch_size} per worker"
              + (f" (lowered from {loop.plan.train.batch_size}: train.min_steps_per_epoch {train.min_steps_per_epoch})"
                 if train.batch_size != loop.plan.train.batch_size else ""))
@@ -214,7 +216,7 @@ def finish(loop: Loop, checkpoint_problems: list[str]) -> dict[str, Any]:
     final = loop.best_params if loop.best_params is not None else loop.eval_weights.evaluated_params()
     write_full_fp32_params(loop.engine, final)
     loop.eval_weights.final()  # the engine holds the evaluated weights now (schedule-free: its average x)
-    test = evaluate(loop, loop.data.split.test, gather=True)
+    test = evaluate(loop, "test", gather=True)
     final_params = full_fp32_params(loop.engine)
     final_metrics: dict[str, Any] = {"epoch": state.epoch, "final": True, "best_val_loss": state.best_val_loss, "best_epoch": state.best_epoch,
                                      "wall_s": state.wall_s, "restarts": state.restarts, "probation_s": state.probation_s,
@@ -224,6 +226,8 @@ def finish(loop: Loop, checkpoint_problems: list[str]) -> dict[str, Any]:
     if loop.lr_find is not None:
         final_metrics["lr_find"] = loop.lr_find.record()
     final_metrics |= loop.components.final_metrics(loop)
+    memory = gather_to_all(loop.memory.stop() if loop.memory is not None else {})  # collective: every rank's figures
+    final_metrics["worker_memory"] = [{"rank": rank, **figures} for rank, figures in enumerate(memory)]
     if loop.rank == 0:
         final_metrics.update(test_metrics(test.predictions, test.labels, len(loop.data.dataset.classes)))
         final_metrics["test_loss"] = test.loss
