@@ -41,13 +41,21 @@ def audit_run(run_dir: str | Path) -> list[str]:
     from cluster.experiment import read_config
     from cluster.predict import load_model, predict_arrays
     from workers.data import load_dataset, stratified_split
+    from workers.streaming import TEST, iter_split, scan, wants_streaming
 
     config = read_config(run_dir / "config.yaml")
-    dataset = load_dataset(config.data)
-    test = stratified_split(dataset.y, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.data.seed).test
     model, meta = load_model(run_dir)
-    predicted, _ = predict_arrays(model, meta, dataset.x[test])
-    accuracy = float(np.mean(predicted == dataset.y[test]))
+    if wants_streaming(config.data):  # the streamed test split, a record batch at a time (the data may not fit here)
+        right = total = 0
+        for chunk in iter_split(scan(config.data), TEST, normalize=False):
+            predicted, _ = predict_arrays(model, meta, chunk["x"])
+            right, total = right + int(np.sum(predicted == chunk["y"])), total + len(chunk["y"])
+        accuracy = right / max(total, 1)
+    else:
+        dataset = load_dataset(config.data)
+        test = stratified_split(dataset.y, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.data.seed).test
+        predicted, _ = predict_arrays(model, meta, dataset.x[test])
+        accuracy = float(np.mean(predicted == dataset.y[test]))
     if abs(accuracy - summary["test_accuracy"]) > 1e-9:
         problems.append(f"model.safetensors predicts test accuracy {accuracy:.4f}, summary.json says {summary['test_accuracy']:.4f}")
     return problems

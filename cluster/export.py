@@ -35,6 +35,7 @@ from cluster.experiment import read_config
 from cluster.predict import load_model
 from orchestration.errors import ExportError, VerificationError
 from workers.data import Normalizer, load_dataset, stratified_split
+from workers.streaming import TEST, first_rows, scan, wants_streaming
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def check_inputs(run_dir: Path, meta: dict, count: int) -> tuple[np.ndarray, str
     sample_shape = tuple(meta["sample_shape"])
     try:
         data = read_config(run_dir / "config.yaml").data
+        if wants_streaming(data):  # the first test rows of the streamed data, without loading it
+            source = scan(data)
+            if tuple(source.sample_shape) != sample_shape:
+                raise ValueError(f"its samples are shaped {tuple(source.sample_shape)}, the model takes {sample_shape}")
+            x = Normalizer.from_dict(meta["normalizer"])(first_rows(source, TEST, count, normalize=False)["x"])
+            return x, f"test split of {source.source}"
         dataset = load_dataset(data)
         test = stratified_split(dataset.y, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=data.seed).test
         if dataset.sample_shape != sample_shape:

@@ -20,11 +20,25 @@ from cluster.sweep import run_sweep
 pytestmark = pytest.mark.e2e
 
 
+def _digits_parquet(path: Path) -> Path:
+    """scikit-learn's digits as Parquet files of 64 numeric feature columns and a label, in row groups of 300."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    frame = pd.DataFrame(digits.data.astype("float32"), columns=[f"pixel{i}" for i in range(64)]).assign(label=digits.target)
+    path.mkdir()
+    for part, first in enumerate(range(0, len(frame), 900)):
+        frame.iloc[first:first + 900].to_parquet(path / f"part-{part}.parquet", row_group_size=300)
+    return path
+
+
 def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, tmp_path, capsys) -> None:
-    """Also LLM-guided explore with a scripted advisor whose answers alternate in bounds / out of bounds:
-    the sweep goes on, and every explore is recorded as llm or fallback, none holding Tune's loop a second.
-    The same advisor advises the trials themselves (within-run advice keeps working inside trials). The
-    terminal shows hybridtrain's lines only; Tune's own output is in the sweep's log."""
+    """On streamed data (Ray Data shards in every trial, probations on the probe rows). Also LLM-guided explore
+    with a scripted advisor whose answers alternate in bounds / out of bounds: the sweep goes on, and every
+    explore is recorded as llm or fallback, none holding Tune's loop a second. The same advisor advises the
+    trials themselves (within-run advice keeps working inside trials). The terminal shows hybridtrain's lines
+    only; Tune's own output is in the sweep's log."""
+    data = _digits_parquet(tmp_path / "digits")
     script = tmp_path / "advisor.json"
     script.write_text(json.dumps([{"hyperparameters": {"lr_scale": 0.5}, "reason": "halve lr"},
                                   {"hyperparameters": {"lr_scale": 10.0}, "reason": "far too much"}]))
@@ -33,7 +47,7 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
                                                                  "tune.quantile_fraction=0.5",
                                                                  "tune.llm_explore=true", "advisor.backend=scripted", f"advisor.script={script}",
-                                                                 "coordinator.probation_steps=2"])
+                                                                 "coordinator.probation_steps=2", f"data.path={data}", "data.streaming=true"])
     summary = run_sweep(config, tmp_path / "pbt")
     sweep_dir = tmp_path / "pbt"
     assert summary["trials"] == 4 and summary["exploits"] >= 1, summary
@@ -57,6 +71,8 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     assert checked >= 1, explores.to_string()
     results = pd.read_csv(sweep_dir / "results.csv")
     assert len(results) == 4 and (results.status != "error").all(), results.to_string()
+    for run_dir in results.run_dir:  # every trial streamed its data
+        assert "(streamed)" in json.loads((Path(run_dir) / "summary.json").read_text())["data"]["source"], run_dir
     # Train keeps every checkpoint of a trial until Tune has copied it (a trial that fell behind once lost one to
     # Train's rotation), then the trial removes it: the last copied one and the final epoch's remain.
     for run_dir in results.run_dir:

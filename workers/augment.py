@@ -26,20 +26,17 @@ def check_augmentation(config: DataConfig, sample_shape: tuple[int, ...] | Any) 
 
 def augment(x: torch.Tensor, config: DataConfig) -> torch.Tensor:
     """A random crop of each image padded by `random_crop_padding` zeros (the normalised mean) and a random
-    horizontal flip of half of them; `x` is (N, C, H, W) and is not changed in place."""
+    horizontal flip of half of them; `x` is (N, C, H, W) and is not changed in place. One padded copy and
+    the output are all it allocates (large images: no index tensors the size of the batch)."""
     if x.ndim != 4 or len(x) == 0:
         return x
-    if config.random_flip:
-        flip = torch.rand(len(x)) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    count, height, width = len(x), x.shape[-2], x.shape[-1]
+    flip = (torch.rand(count) < 0.5).tolist() if config.random_flip else [False] * count
     pad = config.random_crop_padding
-    if pad:
-        height, width = x.shape[-2:]
-        padded = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (len(x), 2))
-        rows = (offsets[:, 0, None] + torch.arange(height))[:, None, :, None]  # (N, 1, H, 1)
-        columns = (offsets[:, 1, None] + torch.arange(width))[:, None, None, :]  # (N, 1, 1, W)
-        batch = torch.arange(len(x))[:, None, None, None]
-        channels = torch.arange(x.shape[1])[None, :, None, None]
-        x = padded[batch, channels, rows, columns]
-    return x
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2)).tolist() if pad else [[0, 0]] * count
+    source = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    out = torch.empty_like(x)
+    for index, ((top, left), mirrored) in enumerate(zip(offsets, flip)):
+        crop = source[index, :, top:top + height, left:left + width]
+        out[index] = crop.flip(-1) if mirrored else crop
+    return out

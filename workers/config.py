@@ -45,8 +45,10 @@ class DataConfig:
     streaming: bool | str = "auto"
     streaming_threshold_mb: float = 256.0
     normalize_sample: int = 4096  # streamed: the normalisation statistics come from the first this-many training rows
-    probe_rows: int = 2048  # streamed: the training rows held in memory for probations and the LR range test
-    shuffle_buffer: int = 2048  # streamed: rows each worker shuffles in (Ray Data's local shuffle buffer)
+    # streamed: the training rows held in memory for probations and the LR range test, and the rows each worker
+    # shuffles in (Ray Data's local shuffle buffer); each at most 64 MiB of decoded samples (`workers.streaming.HELD_BYTES`)
+    probe_rows: int = 2048
+    shuffle_buffer: int = 2048
     val_in_memory_mb: float = 256.0  # streamed: a worker keeps its part of val after the first pass when it decodes to at most this
     # Image augmentation on the fly, training steps only: a random crop of the image padded by this many pixels
     # (0: off) and a random horizontal flip, drawn per sample from the epoch's seed.

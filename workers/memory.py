@@ -20,6 +20,8 @@ class MemoryWatch:
     peak_rss: int = 0
     peak_uss: int = 0
     samples: int = 0
+    phase: str = "start"  # what the loop is doing (set by the loop); `peak_phase` is where USS peaked
+    peak_phase: str = "start"
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -40,7 +42,9 @@ class MemoryWatch:
 
     def _sample(self, process: Any) -> None:
         info = process.memory_full_info()
-        self.peak_rss, self.peak_uss = max(self.peak_rss, info.rss), max(self.peak_uss, info.uss)
+        if info.uss > self.peak_uss:
+            self.peak_uss, self.peak_phase = info.uss, self.phase
+        self.peak_rss = max(self.peak_rss, info.rss)
         self.samples += 1
 
     def _run(self, process: Any) -> None:
@@ -60,4 +64,4 @@ class MemoryWatch:
         self._sample(psutil.Process())
         return {"start_rss_mb": round(self.start_rss / MB, 1), "peak_rss_mb": round(self.peak_rss / MB, 1),
                 "start_uss_mb": round(self.start_uss / MB, 1), "peak_uss_mb": round(self.peak_uss / MB, 1),
-                "peak_uss_growth_mb": round((self.peak_uss - self.start_uss) / MB, 1), "samples": self.samples}
+                "peak_uss_growth_mb": round((self.peak_uss - self.start_uss) / MB, 1), "peak_phase": self.peak_phase, "samples": self.samples}

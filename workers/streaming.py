@@ -47,6 +47,8 @@ TRAIN, VAL, TEST = 0, 1, 2
 SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
 IMAGE_COLUMN = "image"
 SCAN_BATCH_ROWS = 2048  # rows per record batch of the driver's scan (only labels and keys are kept) and of a streamed block
+BLOCK_BYTES = 16 * 2**20  # a streamed block (one record batch read, decoded) holds about this many bytes of samples
+HELD_BYTES = 64 * 2**20  # the probe rows and a worker's shuffle buffer are capped to this many decoded bytes each
 LARGE_ROW_GROUP_BYTES = 256 * 2**20  # a row group above this (uncompressed) is read whole into one Ray Data task's memory
 PARQUET_SUFFIX = ".parquet"
 
@@ -197,6 +199,10 @@ def prepare_rows(table: Any, source: StreamSource, split: int, *, normalize: boo
     return {"x": x.astype(np.float32, copy=False), "y": y}
 
 
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return parts[0] if len(parts) == 1 else {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 class ReadRowGroups:
     """Ray Data's `map_batches` function (pickled to its tasks): for each (file, row group) it is given, that row
     group's rows of one split, read with pyarrow a record batch at a time, decoded and normalised
@@ -210,15 +216,22 @@ class ReadRowGroups:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        rows = block_rows(self.source.sample_shape)
+        pending: list[dict[str, np.ndarray]] = []
         for file, group, keep in zip(batch["file"], batch["group"], batch["rows"]):
             reader, start = pq.ParquetFile(str(file)), 0
             keep = np.asarray(keep, dtype=np.int64)
-            for record_batch in reader.iter_batches(row_groups=[int(group)], columns=self.source.read_columns, batch_size=SCAN_BATCH_ROWS):
+            for record_batch in reader.iter_batches(row_groups=[int(group)], columns=self.source.read_columns, batch_size=rows):
                 end = start + record_batch.num_rows
                 here = keep[(keep >= start) & (keep < end)] - start
                 start = end
                 if len(here):
-                    yield prepare_rows(pa.Table.from_batches([record_batch]), self.source, self.split, keep=here)
+                    pending.append(prepare_rows(pa.Table.from_batches([record_batch]), self.source, self.split, keep=here))
+                if sum(len(part["y"]) for part in pending) >= rows:  # blocks of about BLOCK_BYTES, however sparse the split
+                    yield _joined(pending)
+                    pending = []
+        if pending:
+            yield _joined(pending)
 
 
 # --- the driver's scan -------------------------------------------------------------------------------
@@ -307,20 +320,51 @@ def scan(config: DataConfig) -> StreamSource:
         raise DataError(f"{path}: classes {missing} have no training rows")
     source = StreamSource(**{**probe.__dict__, "classes": tuple(str(c) for c in classes), "label_kind": label_kind,
                              "sample_shape": sample_shape or (len(features),), "counts": counts, "class_counts": class_counts,
-                             "probe_rows": min(config.probe_rows, counts["train"]), "bytes_on_disk": sum(entry.stat().st_size for entry in files),
+                             "probe_rows": min(config.probe_rows, counts["train"], held_rows(sample_shape or (len(features),))), "bytes_on_disk": sum(entry.stat().st_size for entry in files),
                              "row_groups": tuple(row_groups), "codes": tuple(group_codes), "notes": tuple(notes)})
-    sample = first_rows(source, TRAIN, config.normalize_sample, normalize=False)
-    normalizer = Normalizer.fit(sample["x"]).to_dict()
-    return StreamSource(**{**source.__dict__, "normalizer": normalizer, "normalize_rows": len(sample["y"]), "scan_s": time.perf_counter() - started})
+    normalizer, rows = fit_normalizer(source, config.normalize_sample)
+    return StreamSource(**{**source.__dict__, "normalizer": normalizer.to_dict(), "normalize_rows": rows, "scan_s": time.perf_counter() - started})
 
 
-def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str], group_codes: list[np.ndarray]) -> Iterator[Any]:
+def fit_normalizer(source: StreamSource, count: int) -> tuple[Any, int]:
+    """`workers.data.Normalizer.fit` over the first `count` training rows, from running float64 sums a record
+    batch at a time (per channel for images, per feature for tables); the rows are never held together."""
+    from workers.data import Normalizer
+
+    total = total_squares = None
+    seen = values = 0
+    for chunk in iter_split(source, TRAIN, normalize=False):
+        x = chunk["x"][:count - seen].astype(np.float64)
+        axes = (0, 2, 3) if x.ndim == 4 else (0,) if x.ndim == 2 else (0, 2)
+        sums, squares = x.sum(axis=axes, keepdims=True)[0], (x * x).sum(axis=axes, keepdims=True)[0]
+        total, total_squares = (sums, squares) if total is None else (total + sums, total_squares + squares)
+        seen += len(x)
+        values += x.size // sums.size
+        if seen >= count:
+            break
+    mean = total / values
+    std = np.sqrt(np.maximum(total_squares / values - mean * mean, 0.0))
+    return Normalizer(mean=mean.astype(np.float32), std=np.maximum(std, 1e-6).astype(np.float32)), seen
+
+
+def block_rows(sample_shape: tuple[int, ...]) -> int:
+    """Rows per streamed block: about `BLOCK_BYTES` of float32 samples, at most `SCAN_BATCH_ROWS`."""
+    return max(1, min(SCAN_BATCH_ROWS, BLOCK_BYTES // (4 * math.prod(sample_shape))))
+
+
+def held_rows(sample_shape: tuple[int, ...]) -> int:
+    """Rows of this shape that fit in `HELD_BYTES` as float32 (at least 1)."""
+    return max(1, HELD_BYTES // (4 * math.prod(sample_shape)))
+
+
+def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str], group_codes: list[np.ndarray],
+                       batch_size: int = SCAN_BATCH_ROWS) -> Iterator[Any]:
     """Record batches of each row group in turn; appends an empty code array to `group_codes` as each row group starts."""
     import pyarrow.parquet as pq
 
     for file, group in row_groups:
         group_codes.append(np.zeros(0, dtype=np.int8))
-        yield from pq.ParquetFile(file).iter_batches(row_groups=[group], columns=columns, batch_size=SCAN_BATCH_ROWS)
+        yield from pq.ParquetFile(file).iter_batches(row_groups=[group], columns=columns, batch_size=batch_size)
 
 
 def _metadata(path: Path) -> Any:
@@ -347,10 +391,8 @@ def first_rows(source: StreamSource, split: int, count: int, *, normalize: bool 
 def iter_split(source: StreamSource, split: int, *, normalize: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """`split`'s rows in file order, a record batch at a time, without Ray (audit, export's check, the scan)."""
     import pyarrow as pa
-    import pyarrow.dataset as pads
 
-    table = pads.dataset(list(source.files), format="parquet")
-    for batch in table.to_batches(columns=source.read_columns, batch_size=SCAN_BATCH_ROWS):
+    for batch in _row_group_batches(list(source.row_groups), source.read_columns, [], block_rows(source.sample_shape)):
         chunk = prepare_rows(pa.Table.from_batches([batch]), source, split, normalize=normalize)
         if len(chunk["y"]):
             yield chunk
@@ -400,6 +442,7 @@ def stream_datasets(source: StreamSource, *, seed: int) -> dict[str, Any]:
     import ray.data
 
     travelling = source.without_codes()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the datasets carry the context: no bars in the workers' output
 
     def read(split: int, *, shuffled: bool = False) -> Any:
         # Only the row groups holding rows of `split`, each with the positions of those rows (the scan's codes).
@@ -448,7 +491,7 @@ class StreamShards:
         import ray.train
 
         val_bytes = source.counts["val"] * math.prod(source.sample_shape) * 4 / world_size
-        return cls(source=source, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, val_in_memory=val_bytes <= val_in_memory_mb * 2**20,
+        return cls(source=source, rank=rank, world_size=world_size, shuffle_buffer=min(shuffle_buffer, held_rows(source.sample_shape)), val_in_memory=val_bytes <= val_in_memory_mb * 2**20,
                    iterators={name: ray.train.get_dataset_shard(name) for name in (*SPLITS, "probe")})
 
     def rows_per_rank(self) -> int:
@@ -504,13 +547,13 @@ class StreamShards:
             yield self.empty()
 
     def _own_batches(self, which: str, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        """This rank's batches as tensors; the other ranks' are skipped before any conversion."""
         import torch
 
-        stream = self.iterators[which].iter_torch_batches(batch_size=batch_size, device="cpu", dtypes={"x": torch.float32, "y": torch.int64},
-                                                          prefetch_batches=2)
+        stream = self.iterators[which].iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1)
         for index, batch in enumerate(stream):
             if index % self.world_size == self.rank:
-                yield batch["x"], batch["y"]
+                yield torch.from_numpy(np.ascontiguousarray(batch["x"], dtype=np.float32)), torch.from_numpy(batch["y"].astype(np.int64))
 
     def empty(self) -> tuple[Any, Any]:
         import torch

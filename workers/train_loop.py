@@ -45,6 +45,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     plan = WorkerPlan.from_loop_config(loop_config)
     memory = MemoryWatch().start()  # after the imports, before the data: what the worker holds for its data shows as growth
+    memory.phase = "start-up (data, model, engine)"
     loop = prepare(plan)
     loop.memory = memory
     if plan.train.lr == LR_FIND:
@@ -62,11 +63,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop.epoch, loop.epoch_started = epoch, time.perf_counter()
         loop.start_clock()
         loop.fire(Event.EPOCH_START)
+        memory.phase = f"epoch {epoch}"
         loop.epoch_result = run_epoch(loop, epoch)
         loop.fire(Event.EVAL_START)
+        memory.phase = f"validation {epoch}"
         val = validate(loop)
         loop.fire(Event.EVAL_END)
         end_epoch(loop, val)
+        memory.phase = f"end of epoch {epoch} (advice, checkpoint)"
         loop.fire(Event.EPOCH_END)
         # The epoch's tail (telemetry, checkpoint, report) is training wall time too: the next row's
         # wall_s includes this one's, so wall_s differences are whole epochs end to end.
@@ -76,6 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop.log(f"early stopping: no val-loss improvement for {state.bad_epochs} epochs (best {state.best_val_loss:.4f} at epoch {state.best_epoch})")
             break
     loop.fire(Event.FIT_END)
+    memory.phase = "the test and the final model"
     ray.train.report(finish(loop, problems))
 
 
