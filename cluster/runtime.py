@@ -68,6 +68,9 @@ EMBEDDED_DEFAULTS = {
     # (every 2 s by default): a run's end, a sweep trial's results, and a paused or exploited trial's freed CPUs all
     # wait for the next poll. Poll four times as often (a cheap call to each worker).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # glibc gives each thread that allocates its own heap arena (up to 8 per core) and keeps what they freed: a
+    # worker streaming batches through Ray Data's threads grew ~100 MB more USS over a 4 GiB epoch without this.
+    "MALLOC_ARENA_MAX": "2",
 }
 
 

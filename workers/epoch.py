@@ -201,7 +201,8 @@ def eval_chunks(loop: Loop, which: str, batch_size: int) -> Any:
 def _evaluate(loop: Loop, which: str, *, gather: bool, per_sample: bool) -> EvalResult:
     engine = loop.engine
     engine.eval()
-    batch_size = max(256, loop.train.batch_size)
+    # 256 samples a forward pass, fewer when they are large (16 MiB of float32), never below the training batch.
+    batch_size = max(loop.train.batch_size, min(256, (16 << 20) // (4 * math.prod(loop.data.dataset.sample_shape))))
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct, seen = 0, 0
     predictions: list[np.ndarray] = []
