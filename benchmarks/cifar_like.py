@@ -124,7 +124,12 @@ def main() -> None:
     if not (args.folder / "cifar_like.parquet").is_file():
         make(args.folder, args.samples)
     if args.action == "stream":
-        rows = [train(args.folder, epochs=args.epochs, source="parquet", workers=args.workers, streaming=streaming) for streaming in (False, True)]
+        import ray
+
+        rows = []
+        for streaming in (False, True):  # each on its own embedded Ray, sized for it (streaming keeps a CPU for Ray Data)
+            rows.append(train(args.folder, epochs=args.epochs, source="parquet", workers=args.workers, streaming=streaming))
+            ray.shutdown()
         for row in rows:
             print(f"{'streamed ' if row['streaming'] else 'in memory'}: {row['samples_per_s']:8.1f} samples/s per worker (epochs {row['samples_per_s_by_epoch']}), "
                   f"peak USS {row['peak_uss_mb']} MB, RSS {row['peak_rss_mb']} MB, test accuracy {row['test_accuracy']:.4f}, train wall {row['wall_s']:.1f} s")

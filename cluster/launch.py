@@ -199,6 +199,16 @@ def _finished(run_dir: Path) -> bool:
 STREAM_READ_CPUS = 1  # a streamed run keeps this many CPUs free for Ray Data's read and decode tasks
 
 
+def check_stream_cpus(config: ExperimentConfig, cluster: ClusterInfo) -> None:
+    """A streamed run's Ray Data tasks need CPUs the train workers do not hold: with none left, the first epoch
+    would wait for them forever. Fail now, saying so."""
+    workers = config.train.num_workers * config.train.cpus_per_worker
+    if cluster.num_cpus < workers + STREAM_READ_CPUS:
+        raise ConfigError(f"streamed data (data.streaming) needs {STREAM_READ_CPUS} CPU beyond the {workers:g} the train workers hold, "
+                          f"for Ray Data's read tasks; the cluster has {cluster.num_cpus:g}: lower train.num_workers or "
+                          "train.cpus_per_worker, add CPUs (cluster.num_cpus on an embedded Ray), or set data.streaming: false")
+
+
 def needed_cpus(config: ExperimentConfig, *, trials: int | None = None) -> int:
     """Logical CPUs that must be free at once: one run's train workers, or those of `trials` sweep trials
     (each trial also holds `TRIAL_CPU` as its Train driver; PBT needs the whole population running),
@@ -293,6 +303,8 @@ def execute_run(plan: RunPlan, *, cluster: ClusterInfo | None = None, advisor_fa
     write_config(config, run_dir / "config.yaml")
     atomic_write_text(run_dir / FINGERPRINT, json.dumps(plan.fingerprint, indent=1))  # what --resume compares with
     use_gpu = resolve_use_gpu(config, cluster)
+    if plan.stream is not None and trial is None:
+        check_stream_cpus(config, cluster)
     data = plan.data
     print(f"[hybridtrain] run {config.name!r} ({plan.run_id}) -> {run_dir}  ({data['source']}: {data['train']}/{data['val']}/{data['test']} samples, "
           f"{data['classes']} classes)" + (f"; resuming from {plan.resume_from.name}" if plan.resume_from else ""), flush=True)

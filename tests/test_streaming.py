@@ -124,3 +124,15 @@ def test_augmentation_crops_and_flips_per_sample_from_the_seed() -> None:
         assert torch.equal(image, original) or torch.equal(image, original.flip(-1))
     with pytest.raises(ConfigError, match="augment images"):
         check_augmentation(config, (64,))
+
+
+def test_a_streamed_run_without_a_cpu_for_ray_data_is_refused_before_it_hangs() -> None:
+    from cluster.experiment import build_config
+    from cluster.launch import check_stream_cpus
+    from cluster.runtime import ClusterInfo
+
+    config = build_config(overrides=["train.num_workers=2"])
+    cluster = ClusterInfo(address="local", embedded=True, dashboard_url=None, num_cpus=2, num_gpus=0)
+    with pytest.raises(ConfigError, match="needs 1 CPU beyond the 2 the train workers hold"):
+        check_stream_cpus(config, cluster)
+    check_stream_cpus(config, ClusterInfo(address="local", embedded=True, dashboard_url=None, num_cpus=3, num_gpus=0))
