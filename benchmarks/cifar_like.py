@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--source", choices=("parquet", "folder"), default="parquet")
+    parser.add_argument("--streaming", action="store_true", help="train: stream the Parquet through Ray Data")
     args = parser.parse_args()
     if args.action == "make":
         started = time.perf_counter()
@@ -124,19 +125,21 @@ def main() -> None:
     if not (args.folder / "cifar_like.parquet").is_file():
         make(args.folder, args.samples)
     if args.action == "stream":
-        import ray
+        import subprocess
 
         rows = []
-        for streaming in (False, True):  # each on its own embedded Ray, sized for it (streaming keeps a CPU for Ray Data)
-            rows.append(train(args.folder, epochs=args.epochs, source="parquet", workers=args.workers, streaming=streaming))
-            ray.shutdown()
+        for streaming in (False, True):  # each in its own process and embedded Ray, sized for it (streaming keeps a CPU for Ray Data)
+            command = [sys.executable, __file__, "train", str(args.folder), "--epochs", str(args.epochs), "--workers", str(args.workers),
+                       *(["--streaming"] if streaming else [])]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(output[output.index("\n{") + 1:] if not output.startswith("{") else output))
         for row in rows:
             print(f"{'streamed ' if row['streaming'] else 'in memory'}: {row['samples_per_s']:8.1f} samples/s per worker (epochs {row['samples_per_s_by_epoch']}), "
                   f"peak USS {row['peak_uss_mb']} MB, RSS {row['peak_rss_mb']} MB, test accuracy {row['test_accuracy']:.4f}, train wall {row['wall_s']:.1f} s")
         print(f"streamed / in memory samples/s: {rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}")
         print(json.dumps(rows, indent=2))
         return
-    print(json.dumps(train(args.folder, epochs=args.epochs, source=args.source, workers=args.workers), indent=2))
+    print(json.dumps(train(args.folder, epochs=args.epochs, source=args.source, workers=args.workers, streaming=args.streaming), indent=2))
 
 
 if __name__ == "__main__":
