@@ -71,6 +71,10 @@ EMBEDDED_DEFAULTS = {
     # glibc gives each thread that allocates its own heap arena (up to 8 per core) and keeps what they freed: a
     # worker streaming batches through Ray Data's threads grew ~100 MB more USS over a 4 GiB epoch without this.
     "MALLOC_ARENA_MAX": "2",
+    # Each process hands its metrics (hybridtrain's live series among them) to the node's agent every 10 s by
+    # default: a Train worker of a short local run could end before its series ever reached Prometheus or the
+    # dashboard. Every 2 s instead.
+    "RAY_metrics_report_interval_ms": "2000",
 }
 
 

@@ -84,8 +84,8 @@ def test_integer_labels_and_numeric_features_stream_too(tmp_path) -> None:
 
 @pytest.mark.parametrize("change, message", [
     (lambda f: f.drop(columns=["label"]), "label column 'label' not found"),
-    (lambda f: f.assign(label=[1.5] * len(f)), "must hold integers or strings"),
-    (lambda f: f.assign(label=[None] + [1] * (len(f) - 1)), "is empty in row 0"),
+    (lambda f: f.assign(label=[1.5] * len(f)), "holds non-integer numbers"),
+    (lambda f: f.assign(label=[None] + [1] * (len(f) - 1)), "is empty in 1 row\(s\), the first is row 0"),
     (lambda f: f.assign(image=[b"not an image"] + list(f.image[1:])), "row 0 is not a readable image"),
     (lambda f: f.drop(columns=["image"]).assign(text=["a"] * len(f)), "feature columns must be numeric"),
 ])
@@ -95,6 +95,25 @@ def test_bad_tables_are_named_before_training(tmp_path, change, message) -> None
     change(frame).to_parquet(tmp_path / "d" / "bad.parquet")
     with pytest.raises(DataError, match=message):
         scan(DataConfig(path=str(tmp_path / "d"), streaming=True))
+
+
+@pytest.mark.parametrize("labels", [[i % 2 for i in range(60)], [float(i % 2) for i in range(60)], [f"c{i % 2}" for i in range(60)],
+                                    [0.5] * 60, [True, False] * 30, [None] + [1] * 59])
+def test_a_table_streams_exactly_when_it_loads_whole(tmp_path, labels) -> None:
+    """One set of label rules (`workers.tables.checked_labels`): a table is read whole and scanned to stream
+    with the same classes, or refused by both with the same message."""
+    from workers.tables import load_parquet
+
+    (tmp_path / "d").mkdir()
+    pd.DataFrame({"a": np.arange(60.0), "b": np.ones(60), "label": labels}).to_parquet(tmp_path / "d" / "t.parquet")
+    config = DataConfig(path=str(tmp_path / "d"), streaming=True)
+    outcomes = []
+    for read in (lambda: load_parquet(tmp_path / "d", config).classes, lambda: list(scan(config).classes)):
+        try:
+            outcomes.append(read())
+        except DataError as error:
+            outcomes.append(str(error).split(": ", 1)[1])
+    assert outcomes[0] == outcomes[1]
 
 
 def test_which_runs_stream(tmp_path) -> None:

@@ -144,26 +144,23 @@ def split_codes(keys: list[bytes], *, seed: int, val_fraction: float, test_fract
     return np.where(unit < test_fraction, TEST, np.where(unit < test_fraction + val_fraction, VAL, TRAIN)).astype(np.int8)
 
 
-def _image_bytes(value: Any) -> Any:
-    return value.get("bytes") if isinstance(value, dict) else value
+def row_keys(table: Any, source: StreamSource, *, first_row: int = 0) -> list[bytes]:
+    """Each row's content as bytes: the encoded image, or the feature values as float64 (`first_row`: the
+    table's first row in the data, for errors)."""
+    from workers.tables import encoded_image
 
-
-def row_keys(table: Any, source: StreamSource) -> list[bytes]:
-    """Each row's content as bytes: the encoded image, or the feature values as float64."""
     if source.image:
-        return [bytes(_image_bytes(value) or b"") for value in table.column(IMAGE_COLUMN).to_pylist()]
-    features = np.ascontiguousarray(_features(table, source.feature_columns, where=source.path), dtype=np.float64)
+        return [bytes(encoded_image(value, where=source.path, row=first_row + offset)) for offset, value in enumerate(table.column(IMAGE_COLUMN).to_pylist())]
+    features = np.ascontiguousarray(_features(table, source.feature_columns, where=source.path, first_row=first_row), dtype=np.float64)
     return [row.tobytes() for row in features]
 
 
-def _features(table: Any, columns: tuple[str, ...], *, where: str) -> np.ndarray:
+def _features(table: Any, columns: tuple[str, ...], *, where: str, first_row: int = 0) -> np.ndarray:
+    from workers.tables import finite_features
+
     x = np.column_stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32) for name in columns]) if len(table) else \
         np.zeros((0, len(columns)), dtype=np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        row, column = (int(i) for i in np.argwhere(bad)[0])
-        raise DataError(f"{where}: features contain missing or infinite values (column {columns[column]!r})")
-    return x
+    return finite_features(x, columns, where=where, first_row=first_row)
 
 
 def label_indices(values: list[Any], source: StreamSource, *, where: str) -> np.ndarray:
@@ -240,37 +237,53 @@ class ReadRowGroups:
 def scan(config: DataConfig) -> StreamSource:
     """Read the Parquet data once, a record batch at a time, keeping only labels and split codes: the classes,
     each split's size, every image's header, and the normalisation statistics of the first training rows."""
-    import pyarrow.dataset as pads
-
-    from workers.data import Normalizer
-
     started = time.perf_counter()
     path = Path(config.path).expanduser().resolve()
     files = parquet_files(path)
     if not files:
         raise DataError(f"{path}: no .parquet files")
+    image, features = _columns(path, files, config.label_column)
+    probe = StreamSource(path=str(path), files=tuple(str(entry) for entry in files), label_column=config.label_column, image=image,
+                         feature_columns=features, classes=(), label_kind="int", sample_shape=(), grayscale=config.grayscale, counts={},
+                         class_counts={}, normalizer={}, normalize_rows=0, probe_rows=0, bytes_on_disk=0, seed=config.seed,
+                         val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+    row_groups, notes = _row_groups(files)
+    labels, group_codes, label_kind, sample_shape = _read_labels(probe, row_groups, config)
+    sample_shape = sample_shape or (len(features),)
+    classes, counts, class_counts = _split_sizes(path, labels, np.concatenate(group_codes), config)
+    source = StreamSource(**{**probe.__dict__, "classes": tuple(str(c) for c in classes), "label_kind": label_kind,
+                             "sample_shape": sample_shape, "counts": counts, "class_counts": class_counts,
+                             "probe_rows": min(config.probe_rows, counts["train"], held_rows(sample_shape)),
+                             "bytes_on_disk": sum(entry.stat().st_size for entry in files),
+                             "row_groups": tuple(row_groups), "codes": tuple(group_codes), "notes": tuple(notes)})
+    normalizer, rows = fit_normalizer(source, config.normalize_sample)
+    return StreamSource(**{**source.__dict__, "normalizer": normalizer.to_dict(), "normalize_rows": rows, "scan_s": time.perf_counter() - started})
+
+
+def _columns(path: Path, files: list[Path], label: str) -> tuple[bool, tuple[str, ...]]:
+    """(whether the rows are encoded images, the feature columns of a table) from the first file's schema."""
+    import pyarrow.parquet as pq
+    import pyarrow.types as patypes
+
     try:
-        table = pads.dataset([str(entry) for entry in files], format="parquet")
-        schema = table.schema
+        schema = pq.read_schema(str(files[0]))
     except Exception as error:  # ArrowInvalid, OSError: a truncated or foreign file
         raise DataError(f"{path}: not readable Parquet ({type(error).__name__}: {error})") from error
-    label = config.label_column
     if label not in schema.names:
         raise DataError(f"{path}: label column {label!r} not found; columns are {schema.names} (set data.label_column)")
-    image = IMAGE_COLUMN in schema.names
-    features = () if image else tuple(name for name in schema.names if name != label)
-    if not image:
-        import pyarrow.types as patypes
+    if IMAGE_COLUMN in schema.names:
+        return True, ()
+    features = tuple(name for name in schema.names if name != label)
+    if not features:
+        raise DataError(f"{path}: no '{IMAGE_COLUMN}' column and no feature columns besides {label!r}")
+    non_numeric = [name for name in features if not (patypes.is_integer(schema.field(name).type) or patypes.is_floating(schema.field(name).type))]
+    if non_numeric:
+        raise DataError(f"{path}: feature columns must be numeric (or give an '{IMAGE_COLUMN}' column of encoded images); these are not: {non_numeric}")
+    return False, features
 
-        if not features:
-            raise DataError(f"{path}: no '{IMAGE_COLUMN}' column and no feature columns besides {label!r}")
-        non_numeric = [name for name in features if not (patypes.is_integer(schema.field(name).type) or patypes.is_floating(schema.field(name).type))]
-        if non_numeric:
-            raise DataError(f"{path}: feature columns must be numeric (or give an '{IMAGE_COLUMN}' column of encoded images); these are not: {non_numeric}")
-    probe = StreamSource(path=str(path), files=tuple(str(entry) for entry in files), label_column=label, image=image, feature_columns=features,
-                         classes=(), label_kind="int", sample_shape=(), grayscale=config.grayscale, counts={}, class_counts={}, normalizer={},
-                         normalize_rows=0, probe_rows=0, bytes_on_disk=0, seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction)
+
+def _row_groups(files: list[Path]) -> tuple[list[tuple[str, int]], list[str]]:
+    """Every (file, row group) in order, and notes on row groups too large to read comfortably in one task."""
     row_groups, notes = [], []
     for entry in files:
         metadata = _metadata(entry)
@@ -280,50 +293,60 @@ def scan(config: DataConfig) -> StreamSource:
             if size > LARGE_ROW_GROUP_BYTES and len(notes) < 3:
                 notes.append(f"{entry} row group {group} holds {size / 2**20:.0f} MiB uncompressed: each is read whole into one task's memory "
                              "(write smaller row groups, e.g. pyarrow's row_group_size)")
-    labels, codes, kinds = [], [], set()
+    return row_groups, notes
+
+
+def _read_labels(probe: StreamSource, row_groups: list[tuple[str, int]], config: DataConfig) -> tuple[list, list[np.ndarray], str, tuple[int, ...] | None]:
+    """One pass over the rows: (labels, each row group's split codes, the label kind, the image shape), checking
+    labels and image headers on the way."""
+    import pyarrow.parquet as pq
+
+    from workers.tables import checked_labels
+
+    where, label = probe.path, probe.label_column
+    labels, group_codes, kinds = [], [], set()
     sample_shape: tuple[int, ...] | None = None
-    row = 0
-    group_codes: list[np.ndarray] = []
     try:
-        batches = _row_group_batches(row_groups, probe.read_columns, group_codes)
-        for batch in batches:
-            values = batch.column(label).to_pylist()
-            kinds |= _label_kinds(values, where=str(path), column=label, first_row=row)
-            if image:
-                shape = _check_headers(batch.column(IMAGE_COLUMN).to_pylist(), where=str(path), first_row=row, grayscale=config.grayscale,
-                                       image_size=config.image_size)
-                sample_shape = sample_shape or shape
-            codes.append(split_codes(row_keys(batch, probe), seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction))
-            group_codes[-1] = np.concatenate([group_codes[-1], codes[-1]])
-            labels.extend(values)
-            row += len(values)
+        for file, group in row_groups:
+            codes = []
+            for batch in pq.ParquetFile(file).iter_batches(row_groups=[group], columns=probe.read_columns, batch_size=SCAN_BATCH_ROWS):
+                values, kind = checked_labels(batch.column(label).to_numpy(zero_copy_only=False), where=where, column=label, first_row=len(labels))
+                kinds.add(kind)
+                if probe.image:
+                    shape = _check_headers(batch.column(IMAGE_COLUMN).to_pylist(), where=where, first_row=len(labels), grayscale=config.grayscale,
+                                           image_size=config.image_size)
+                    sample_shape = sample_shape or shape
+                codes.append(split_codes(row_keys(batch, probe, first_row=len(labels)), seed=config.seed, val_fraction=config.val_fraction,
+                                         test_fraction=config.test_fraction))
+                labels.extend(values.tolist())
+            group_codes.append(np.concatenate(codes) if codes else np.zeros(0, dtype=np.int8))
     except DataError:
         raise
     except Exception as error:
-        raise DataError(f"{path}: not readable Parquet ({type(error).__name__}: {error})") from error
-    if row == 0:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{where}: not readable Parquet ({type(error).__name__}: {error})") from error
+    if not labels:
+        raise DataError(f"{where}: no rows")
     if len(kinds) > 1:
-        raise DataError(f"{path}: label column {label!r} mixes integers and strings")
-    label_kind = kinds.pop()
+        raise DataError(f"{where}: label column {label!r} mixes integers and strings")
+    return labels, group_codes, kinds.pop(), sample_shape
+
+
+def _split_sizes(path: Path, labels: list, codes: np.ndarray, config: DataConfig) -> tuple[list, dict[str, int], dict[str, list[int]]]:
+    """(the sorted classes, each split's size, each split's size per class); refuses an empty split or a class
+    without training rows."""
     classes = sorted(set(labels))
-    all_codes = np.concatenate(codes)
     index = {value: position for position, value in enumerate(classes)}
     y = np.fromiter((index[value] for value in labels), dtype=np.int64, count=len(labels))
-    class_counts = {name: np.bincount(y[all_codes == code], minlength=len(classes)).tolist() for name, code in SPLITS.items()}
+    class_counts = {name: np.bincount(y[codes == code], minlength=len(classes)).tolist() for name, code in SPLITS.items()}
     counts = {name: int(sum(per_class)) for name, per_class in class_counts.items()}
     for name, count in counts.items():
         if count == 0:
-            raise DataError(f"{path}: the {name} split is empty ({row} rows, data.val_fraction {config.val_fraction}, data.test_fraction {config.test_fraction})")
+            raise DataError(f"{path}: the {name} split is empty ({len(labels)} rows, data.val_fraction {config.val_fraction}, "
+                            f"data.test_fraction {config.test_fraction})")
     missing = [str(classes[i]) for i, count in enumerate(class_counts["train"]) if count == 0]
     if missing:
         raise DataError(f"{path}: classes {missing} have no training rows")
-    source = StreamSource(**{**probe.__dict__, "classes": tuple(str(c) for c in classes), "label_kind": label_kind,
-                             "sample_shape": sample_shape or (len(features),), "counts": counts, "class_counts": class_counts,
-                             "probe_rows": min(config.probe_rows, counts["train"], held_rows(sample_shape or (len(features),))), "bytes_on_disk": sum(entry.stat().st_size for entry in files),
-                             "row_groups": tuple(row_groups), "codes": tuple(group_codes), "notes": tuple(notes)})
-    normalizer, rows = fit_normalizer(source, config.normalize_sample)
-    return StreamSource(**{**source.__dict__, "normalizer": normalizer.to_dict(), "normalize_rows": rows, "scan_s": time.perf_counter() - started})
+    return classes, counts, class_counts
 
 
 def fit_normalizer(source: StreamSource, count: int) -> tuple[Any, int]:
@@ -357,13 +380,11 @@ def held_rows(sample_shape: tuple[int, ...]) -> int:
     return max(1, HELD_BYTES // (4 * math.prod(sample_shape)))
 
 
-def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str], group_codes: list[np.ndarray],
-                       batch_size: int = SCAN_BATCH_ROWS) -> Iterator[Any]:
-    """Record batches of each row group in turn; appends an empty code array to `group_codes` as each row group starts."""
+def _row_group_batches(row_groups: list[tuple[str, int]], columns: list[str], batch_size: int = SCAN_BATCH_ROWS) -> Iterator[Any]:
+    """Record batches of each row group in turn."""
     import pyarrow.parquet as pq
 
     for file, group in row_groups:
-        group_codes.append(np.zeros(0, dtype=np.int8))
         yield from pq.ParquetFile(file).iter_batches(row_groups=[group], columns=columns, batch_size=batch_size)
 
 
@@ -392,33 +413,21 @@ def iter_split(source: StreamSource, split: int, *, normalize: bool = True) -> I
     """`split`'s rows in file order, a record batch at a time, without Ray (audit, export's check, the scan)."""
     import pyarrow as pa
 
-    for batch in _row_group_batches(list(source.row_groups), source.read_columns, [], block_rows(source.sample_shape)):
+    for batch in _row_group_batches(list(source.row_groups), source.read_columns, block_rows(source.sample_shape)):
         chunk = prepare_rows(pa.Table.from_batches([batch]), source, split, normalize=normalize)
         if len(chunk["y"]):
             yield chunk
-
-
-def _label_kinds(values: list[Any], *, where: str, column: str, first_row: int) -> set[str]:
-    kinds = set()
-    for offset, value in enumerate(values):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            raise DataError(f"{where}: label column {column!r} is empty in row {first_row + offset}")
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise DataError(f"{where}: label column {column!r} must hold integers or strings, found {type(value).__name__} values "
-                            f"(row {first_row + offset}: {value!r})")
-        kinds.add("int" if isinstance(value, int) else "str")
-    return kinds
 
 
 def _check_headers(values: list[Any], *, where: str, first_row: int, grayscale: bool, image_size: int | None) -> tuple[int, ...]:
     """Each image's header parses (its pixels are decoded as it streams); the shape samples will have."""
     from PIL import Image
 
+    from workers.tables import encoded_image
+
     size = None
     for offset, value in enumerate(values):
-        encoded = _image_bytes(value)
-        if not isinstance(encoded, (bytes, bytearray, memoryview)) or len(encoded) == 0:
-            raise DataError(f"{where}: column '{IMAGE_COLUMN}' row {first_row + offset} holds {type(encoded).__name__}, not encoded image bytes")
+        encoded = encoded_image(value, where=where, row=first_row + offset)
         try:
             with Image.open(io.BytesIO(encoded)) as opened:
                 size = size or opened.size

@@ -72,26 +72,38 @@ def frame_to_dataset(frame: Any, *, where: str, config: DataConfig):
 
 def table_labels(series: Any, *, where: str, column: str) -> tuple[np.ndarray, list[str]]:
     """Integer or string labels -> class indices (sorted class names); anything else is a `DataError`."""
-    import pandas as pd
-
     values = series.to_numpy() if hasattr(series, "to_numpy") else np.asarray(series)
-    missing = pd.isna(values)
-    if missing.any():
-        raise DataError(f"{where}: label column {column!r} is empty in {int(missing.sum())} row(s), the first is row {int(np.argmax(missing))}")
-    if values.dtype.kind in "iu":
-        kinds = {"int"}
-    elif values.dtype.kind == "f":
-        if not np.all(values == np.round(values)):
-            raise DataError(f"{where}: label column {column!r} holds non-integer numbers (first: {values[np.argmax(values != np.round(values))]!r}); "
-                            "labels must be integers or strings")
-        values, kinds = values.astype(np.int64), {"int"}
-    else:
-        kinds = {type(value).__name__ for value in values}
-    if not (kinds <= {"int", "int64", "int32"} or kinds == {"str"}):
-        bad = next(value for value in values if not isinstance(value, (str, int, np.integer)))
-        raise DataError(f"{where}: label column {column!r} must hold integers or strings, found {type(bad).__name__} values (first: {bad!r})")
+    values, _ = checked_labels(values, where=where, column=column)
     classes, indices = np.unique(values, return_inverse=True)
     return indices.astype(np.int64), [str(c) for c in classes]
+
+
+def checked_labels(values: np.ndarray, *, where: str, column: str, first_row: int = 0) -> tuple[np.ndarray, str]:
+    """(the labels as int64 or as str objects, "int" or "str"): integers, whole floats or strings, never empty;
+    anything else is a `DataError` naming the first bad row (`first_row` is the first value's row). The same
+    rules for tables read whole and for streamed record batches."""
+    import pandas as pd
+
+    missing = pd.isna(values)
+    if missing.any():
+        raise DataError(f"{where}: label column {column!r} is empty in {int(missing.sum())} row(s), the first is row {first_row + int(np.argmax(missing))}")
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64, copy=False), "int"
+    if values.dtype.kind == "f":
+        whole = values == np.round(values)
+        if not whole.all():
+            raise DataError(f"{where}: label column {column!r} holds non-integer numbers (row {first_row + int(np.argmax(~whole))}: "
+                            f"{values[np.argmax(~whole)]!r}); labels must be integers or strings")
+        return values.astype(np.int64), "int"
+    kinds = ["str" if isinstance(value, str) else "int" if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) else None
+             for value in values]
+    if None in kinds or values.dtype.kind == "b":
+        row = kinds.index(None) if None in kinds else 0
+        raise DataError(f"{where}: label column {column!r} must hold integers or strings, found {type(values[row]).__name__} values "
+                        f"(row {first_row + row}: {values[row]!r})")
+    if len(set(kinds)) > 1:
+        raise DataError(f"{where}: label column {column!r} mixes integers and strings")
+    return (values.astype(np.int64), "int") if kinds and kinds[0] == "int" else (values, "str")
 
 
 def numeric_features(features: Any, *, where: str, label: str) -> np.ndarray:
@@ -102,12 +114,24 @@ def numeric_features(features: Any, *, where: str, label: str) -> np.ndarray:
     non_numeric = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])]
     if non_numeric:
         raise DataError(f"{where}: feature columns must be numeric (or give an '{IMAGE_COLUMN}' column of encoded images); these are not: {non_numeric}")
-    x = features.to_numpy(dtype=np.float32)
+    return finite_features(features.to_numpy(dtype=np.float32), list(features.columns), where=where)
+
+
+def finite_features(x: np.ndarray, columns: list[str] | tuple[str, ...], *, where: str, first_row: int = 0) -> np.ndarray:
+    """`x` (rows by `columns`) when every value is finite, else a `DataError` naming the first bad column and row."""
     bad = ~np.isfinite(x)
     if bad.any():
         row, column = (int(i) for i in np.argwhere(bad)[0])
-        raise DataError(f"{where}: features contain missing or infinite values (column {features.columns[column]!r}, row {row})")
+        raise DataError(f"{where}: features contain missing or infinite values (column {columns[column]!r}, row {first_row + row})")
     return x
+
+
+def encoded_image(value: Any, *, where: str, row: int) -> bytes | bytearray | memoryview:
+    """A row's encoded image bytes (bare, or in Hugging Face's `{"bytes": ..., "path": ...}` struct)."""
+    encoded = value.get("bytes") if isinstance(value, dict) else value
+    if not isinstance(encoded, (bytes, bytearray, memoryview)) or len(encoded) == 0:
+        raise DataError(f"{where}: column '{IMAGE_COLUMN}' row {row} holds {type(encoded).__name__}, not encoded image bytes")
+    return encoded
 
 
 def decode_images(column: Any, *, where: str, image_size: int | None, grayscale: bool, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -119,9 +143,7 @@ def decode_images(column: Any, *, where: str, image_size: int | None, grayscale:
     size = size or ((image_size, image_size) if image_size else None)
     images = []
     for row, value in enumerate(column):
-        encoded = value.get("bytes") if isinstance(value, dict) else value
-        if not isinstance(encoded, (bytes, bytearray, memoryview)) or len(encoded) == 0:
-            raise DataError(f"{where}: column '{IMAGE_COLUMN}' row {row} holds {type(encoded).__name__}, not encoded image bytes")
+        encoded = encoded_image(value, where=where, row=row)
         try:
             with Image.open(io.BytesIO(encoded)) as image:
                 image = image.convert(mode)
