@@ -97,8 +97,8 @@ def checked_labels(values: np.ndarray, *, where: str, column: str, first_row: in
         return values.astype(np.int64), "int"
     kinds = ["str" if isinstance(value, str) else "int" if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) else None
              for value in values]
-    if None in kinds or values.dtype.kind == "b":
-        row = kinds.index(None) if None in kinds else 0
+    if None in kinds:  # bools among them (numpy's bool is not an integer)
+        row = kinds.index(None)
         raise DataError(f"{where}: label column {column!r} must hold integers or strings, found {type(values[row]).__name__} values "
                         f"(row {first_row + row}: {values[row]!r})")
     if len(set(kinds)) > 1:
