@@ -160,3 +160,18 @@ def test_the_snapshot_carries_the_lr_factor_the_accepted_changes_multiplied_up_t
     advice._ask(epoch=1, step=4, history=[{"train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}],
                 params=full_fp32_params(engine))
     assert link.snapshots[0].lr_factor == pytest.approx(4.0)
+
+
+def test_the_gpu_checks_blend_and_rollback_check_passes_on_the_cpu(single_process_group, tmp_path, monkeypatch) -> None:
+    """`benchmarks/gpu_check.py` runs only where a GPU is lent: its ZeRO-3 rollback check must not first fail there on its own bugs."""
+    from benchmarks import gpu_check
+    from workers.engine import full_fp32_params
+
+    monkeypatch.setattr(gpu_check, "DEVICE", torch.device("cpu"))
+    x, y = gpu_check.task(400)
+    result = gpu_check.check_rollback(x, y, tmp_path)
+    assert result["ok"], result
+    assert result["rollback_exact"] and result["accepted"] and result["blend_max_abs_error"] < 1e-6
+    engine, spec = gpu_check.engine_for(0, steps_per_epoch=2)
+    before = full_fp32_params(engine)
+    assert gpu_check.step(engine, spec, *gpu_check.batch(x, y, 7)) > 0 and not torch.equal(full_fp32_params(engine)["head.3.weight"], before["head.3.weight"])
