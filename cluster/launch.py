@@ -43,7 +43,7 @@ from orchestration.errors import RunError
 from orchestration.ledger import InterventionRecord, Ledger
 from serve_llm.config import AdvisorConfig
 from workers.advice import AdviceSettings
-from workers.data import load_dataset, stratified_split
+from workers.data import Split, load_dataset, stratified_split
 from workers.faults import driver_disk_full
 from workers.models import check_model
 from workers.augment import check_augmentation
@@ -88,6 +88,7 @@ class RunPlan:
     data: dict[str, Any]  # what the data check found: source, shapes, split sizes
     needed_cpus: int  # train workers plus advisor replicas, at once
     stream: StreamSource | None = None  # streamed data: the driver's scan (`workers.streaming`); None: in memory
+    split: Split | None = None  # data in memory: the driver's train/val/test split, handed to the workers
     fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)  # what it trains on (`cluster.fingerprint`), kept in the run directory
 
     @property
@@ -122,13 +123,13 @@ def plan_run(config: ExperimentConfig | None, run_dir: str | Path, *, resume: bo
     """
     config, run_dir = resolve_output_dir("run", config, run_dir, resume=resume, address=address)
     stream = scan(config.data) if wants_streaming(config.data) else None
-    data = check_data(config, stream)
+    data, split = check_data(config, stream)
     current = fingerprint(config)
     if resume:
         check_unchanged(run_dir, current, allow_changed=allow_changed)
     return RunPlan(config=config, run_dir=run_dir, run_id=run_id(config), resume=resume,
                    resume_from=latest_checkpoint(run_dir / RAY_STORAGE) if resume else None, data=data,
-                   needed_cpus=needed_cpus(config), fingerprint=current, stream=stream)
+                   needed_cpus=needed_cpus(config), fingerprint=current, stream=stream, split=split)
 
 
 def check_unchanged(run_dir: Path, current: dict[str, Any], *, allow_changed: bool = False, kind: Literal["run", "sweep"] = "run") -> list[str]:
@@ -231,12 +232,16 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def check_data(config: ExperimentConfig, stream: StreamSource | None = None) -> dict[str, Any]:
+def check_data(config: ExperimentConfig, stream: StreamSource | None = None) -> tuple[dict[str, Any], Split | None]:
     """Load and split the data once on the driver (streamed data: the scan's findings) and build the model
     once, so bad data or a bad `model.factory` fails before Ray starts. A `data.loader` needs Ray to read
-    its dataset: it is checked on the workers, before training (the model with it)."""
+    its dataset: it is checked on the workers, before training (the model with it).
+
+    Returns what was found and, for data in memory, the split, which the workers get with their plan: it is the
+    split they would compute, and they need not import scikit-learn for it."""
+    split = None
     if config.data.loader is not None:
-        return {"source": f"data.loader {config.data.loader}", "checked": "on the workers"}
+        return {"source": f"data.loader {config.data.loader}", "checked": "on the workers"}, None
     if stream is not None:
         if config.modes.curriculum or config.modes.batch_selection != "off":
             raise ConfigError("modes.curriculum and modes.batch_selection rank every training sample each epoch; streamed data "
@@ -250,7 +255,7 @@ def check_data(config: ExperimentConfig, stream: StreamSource | None = None) -> 
                                           dataset.sample_shape, len(dataset.classes))
     check_augmentation(config.data, sample_shape)
     model = check_model(config.model, sample_shape, classes)
-    return summary | {"parameters": model["parameters"]}
+    return summary | {"parameters": model["parameters"]}, split
 
 
 def latest_checkpoint(storage_path: Path) -> Path | None:
@@ -449,6 +454,7 @@ def worker_plan(plan: RunPlan, *, advice: AdviceSettings | None, trial: TrialCon
     """What every worker of `plan` receives: its config sections, where it writes, and how it starts."""
     config = plan.config
     return WorkerPlan(data=config.data, model=config.model, train=config.train, modes=config.modes, run_dir=plan.run_dir, stream=plan.stream.without_codes() if plan.stream is not None else None,
+                      split=plan.split,
                       checkpoint_root=plan.storage_path / RAY_RUN_NAME, advice=advice, faults=config.faults,
                       initial_checkpoint=trial.initial_checkpoint if trial is not None else None,
                       digest_checkpoints=trial is not None and trial.digest_checkpoints, extra_components=tuple(components))

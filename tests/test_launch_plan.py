@@ -277,3 +277,29 @@ def test_tune_resume_refuses_a_changed_sweep_config_naming_the_change_unless_all
     assert "resuming with a changed config or data (--allow-changed):\n  tune.num_samples: 4 -> 6" in capsys.readouterr().out
     assert main(["tune", "--recipe", "smoke", "--output", str(tmp_path / "new"), "--allow-changed"]) == 2
     assert "--allow-changed goes with --resume" in capsys.readouterr().err
+
+
+def test_the_workers_get_the_drivers_split_and_refuse_it_for_other_data(tmp_path) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from cluster.launch import worker_plan
+    from orchestration.errors import DataError
+    from workers.data import Split, load_digits, stratified_split
+    from workers.loop import load_data
+
+    plan = plan_run(build_config(recipe="smoke", overrides=["advisor.backend=none"]), tmp_path / "run")
+    expected = stratified_split(load_digits().y, val_fraction=0.1, test_fraction=0.1, seed=0)
+    for part in ("train", "val", "test"):
+        assert np.array_equal(getattr(plan.split, part), getattr(expected, part))
+    handed = worker_plan(plan, advice=None)
+    data = load_data(handed)
+    assert data.split is plan.split and len(data.features) == 1797
+    short = Split(train=plan.split.train[:-5], val=plan.split.val, test=plan.split.test)
+    with pytest.raises(DataError, match="1797 samples here, but the driver split 1792"):
+        load_data(dataclasses.replace(handed, split=short))
+    beyond = Split(train=np.append(plan.split.train[:-1], 5000), val=plan.split.val, test=plan.split.test)
+    with pytest.raises(DataError, match="the data changed after the run checked it"):
+        load_data(dataclasses.replace(handed, split=beyond))
+    assert load_data(dataclasses.replace(handed, split=None)).split.size == 1797  # computed on the worker when not handed

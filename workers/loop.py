@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from orchestration.errors import DataError
 from workers.config import DEFAULT_LR, LR_FIND, ModelConfig, TrainConfig, small_data_batch
 from workers.data import Dataset, Normalizer, Split, load_dataset, shard_batches, stratified_split
 from workers.engine import EngineSpec, build_engine, gather_to_all, input_dtype
@@ -202,7 +203,13 @@ def load_data(plan: WorkerPlan, *, rank: int = 0, world_size: int = 1) -> LoopDa
     if plan.stream is not None:
         return _streamed_data(plan, rank=rank, world_size=world_size)
     dataset = load_dataset(plan.data)
-    split = stratified_split(dataset.y, val_fraction=plan.data.val_fraction, test_fraction=plan.data.test_fraction, seed=plan.data.seed)
+    if plan.split is not None:  # the driver's (`cluster.launch.check_data`), on the same data: the fingerprint guards a resume
+        split = plan.split
+        if split.size != len(dataset.y) or int(max(split.train.max(), split.val.max(), split.test.max())) >= len(dataset.y):
+            raise DataError(f"{dataset.source}: {len(dataset.y)} samples here, but the driver split {split.size}: "
+                            "the data changed after the run checked it, or this node reads other data at the same path")
+    else:
+        split = stratified_split(dataset.y, val_fraction=plan.data.val_fraction, test_fraction=plan.data.test_fraction, seed=plan.data.seed)
     normalizer = Normalizer.fit(dataset.x[split.train])
     return LoopData(dataset=dataset, split=split, normalizer=normalizer, features=torch.from_numpy(normalizer(dataset.x)),
                     labels=torch.from_numpy(dataset.y))

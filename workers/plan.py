@@ -17,6 +17,7 @@ from workers.faults import FaultConfig
 
 if TYPE_CHECKING:
     from workers.advice import AdviceSettings
+    from workers.data import Split
     from workers.streaming import StreamSource
 
 PLAN_KEY = "plan"  # the one key of Ray Train's `train_loop_config`
@@ -36,6 +37,7 @@ class WorkerPlan:
     digest_checkpoints: bool = False  # each checkpoint records the SHA-256 of its weights (a sweep proves a PBT clone with it)
     extra_components: tuple[Callable[..., Any], ...] = ()  # the user's own loop components, fired after the built-in ones (`workers.events`)
     stream: StreamSource | None = None  # streamed data (`workers.streaming`): what the driver's scan found; None: in memory
+    split: Split | None = None  # data in memory: the driver's split of it (`cluster.launch.check_data`); None: computed here
 
     def as_loop_config(self) -> dict[str, WorkerPlan]:
         """What `TorchTrainer(train_loop_config=...)` takes (Ray Train wants a dict)."""
