@@ -5,6 +5,7 @@ returns, each logged at debug level with the reason, in order of precedence:
 
 1. a query (or a proposal on probation) is in flight -> no;
 2. burn-in (`snapshot.epoch < burn_in_epochs`) -> no;
+   the run's last epoch (`snapshot.total_epochs`, when known) -> no: no epoch end is left to try an answer at;
    already asked at this epoch (or a later one) -> no;
 3. a collapse (chance-level accuracy, not learning: `orchestration.diagnostics.collapse`) -> ask at once;
    divergence, as `orchestration.diagnostics.diagnose` reads it (non-finite loss, val loss >
@@ -65,6 +66,9 @@ class QueryPolicy:
             return None
         if epoch < config.burn_in_epochs:
             logger.debug("epoch %d: no query, burn-in lasts %d epochs", epoch, config.burn_in_epochs)
+            return None
+        if 0 < snapshot.total_epochs <= epoch:
+            logger.debug("epoch %d: no query, the run's last epoch: no epoch end is left to try an answer at", epoch)
             return None
         if last_query_epoch is not None and epoch <= last_query_epoch:
             logger.debug("epoch %d: no query, already asked at epoch %d", epoch, last_query_epoch)

@@ -86,3 +86,15 @@ def test_never_twice_in_one_epoch():
     policy = QueryPolicy(CoordinatorConfig(burn_in_epochs=0, query_interval=1))
     curve = snapshot_with([1.0, 0.5, 5.0])
     assert decide(policy, curve, last=curve.epoch) is None
+
+
+def test_the_last_epoch_is_never_asked_about_even_when_diverging():
+    """An answer is tried at a later epoch end; after the last one there is none, so the question would be wasted."""
+    import dataclasses
+
+    policy = QueryPolicy(CoordinatorConfig(query_interval=1, burn_in_epochs=1))
+    diverging = snapshot_with([1.0, 0.9, 5.0, math.nan])
+    assert decide(policy, dataclasses.replace(diverging, total_epochs=0)) is not None  # unknown length: asked
+    assert decide(policy, dataclasses.replace(diverging, total_epochs=4)) is not None  # epoch 3 of 4
+    assert decide(policy, dataclasses.replace(diverging, total_epochs=3)) is None  # epoch 3 of 3: the last
+    assert decide(policy, dataclasses.replace(diverging, total_epochs=2)) is None
