@@ -43,7 +43,7 @@ def assert_nothing_lost(run_dir, summary: dict, *, epochs: int) -> pd.DataFrame:
 
 def test_a_worker_killed_during_probation_resumes_from_the_pre_proposal_checkpoint(ray_local, tmp_path) -> None:
     run_dir = tmp_path / "killed-in-probation"
-    # Asked at epochs 1, 3, 5; each answer is tried at the next epoch end (2, 4). Killed in epoch 4's probation,
+    # Asked at epochs 1 and 3 (never at the last, 5); each answer is tried at the next epoch end (2, 4). Killed in epoch 4's probation,
     # the run goes back to the epoch-2 checkpoint, before that proposal was even asked for.
     overrides = [*ASK_EVERY_EPOCH, "train.epochs=5", "train.checkpoint_every=2", "faults.kill_epoch=4", "faults.kill_in=probation",
                  "train.max_failures=1", f"advisor.script={_script(tmp_path, SHRINK)}"]
