@@ -66,6 +66,23 @@ def test_the_suggestion_is_the_steepest_descent_per_log_lr() -> None:
     assert suggest(exponential_lrs(30), falling) not in (*range(10), 29)
 
 
+def test_a_fall_after_a_blow_up_is_never_the_suggestion() -> None:
+    """Schedule-free AdamW's range test on digits (ZeRO-1, 2 workers; `tests/test_peers_e2e.py`): the loss fell fastest
+    near 3e-3, blew up to 27 past 0.06 and came back down to 2.4 at lr 1, short of the 4x early stop; the steepest
+    smoothed fall was then in the recovery, and the suggestion 0.48."""
+    losses = [2.309, 2.323, 2.315, 2.328, 2.319, 2.326, 2.313, 2.3, 2.324, 2.315, 2.31, 2.315, 2.327, 2.316, 2.311, 2.319,
+              2.314, 2.324, 2.314, 2.32, 2.322, 2.309, 2.306, 2.313, 2.303, 2.316, 2.323, 2.317, 2.319, 2.332,
+              2.292, 2.33, 2.31, 2.315, 2.31, 2.327, 2.308, 2.318, 2.314, 2.315, 2.314, 2.31, 2.317, 2.309,
+              2.292, 2.312, 2.315, 2.291, 2.29, 2.298, 2.29, 2.288, 2.274, 2.273, 2.271, 2.246, 2.236, 2.209,
+              2.195, 2.158, 2.117, 2.054, 1.912, 1.771, 1.723, 1.325, 1.13, 0.9033, 0.9739, 0.6795, 1.003,
+              0.6384, 1.425, 0.999, 0.6513, 0.4242, 1.344, 0.403, 2.94, 1.282, 4.227, 16.97, 12.62, 1.44,
+              3.231, 7.162, 1.676, 5.948, 3.174, 27.08, 3.459, 9.433, 50.76, 4.103, 26.01, 2.39, 2.496, 2.362,
+              2.367, 2.388]
+    lrs = exponential_lrs(len(losses))
+    assert not any(should_stop(smoothed(losses[:i + 1])) for i in range(len(losses)))
+    assert 1e-4 <= lrs[suggest(lrs, smoothed(losses))] < 0.06  # before the blow-up (it picked 0.48; now 0.017)
+
+
 def test_too_short_a_curve_falls_back_and_says_so() -> None:
     lrs = exponential_lrs(100)
     result = choose(lrs[:11], [2.3] * 5 + [50.0] * 6, fallback_lr=3e-3, planned=100)
