@@ -37,7 +37,8 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     with a scripted advisor whose answers alternate in bounds / out of bounds: the sweep goes on, and every
     explore is recorded as llm or fallback, none holding Tune's loop a second. The same advisor advises the
     trials themselves (within-run advice keeps working inside trials). The terminal shows hybridtrain's lines
-    only; Tune's own output is in the sweep's log."""
+    only; Tune's own output is in the sweep's log. Every trial streams its data (Ray Data shards), so an exploit
+    clones a streamed trial."""
     script = tmp_path / "advisor.json"
     script.write_text(json.dumps([{"hyperparameters": {"lr_scale": 0.5}, "reason": "halve lr"},
                                   {"hyperparameters": {"lr_scale": 10.0}, "reason": "far too much"}]))
@@ -46,7 +47,8 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     config = build_config(recipe="smoke", sweep=True, overrides=["tune.space={train.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
                                                                  "tune.quantile_fraction=0.5",
                                                                  "tune.llm_explore=true", "advisor.backend=scripted", f"advisor.script={script}",
-                                                                 "coordinator.probation_steps=2", "train.num_workers=1"])
+                                                                 "coordinator.probation_steps=2", "train.num_workers=1",
+                                                                 f"data.path={_digits_parquet(tmp_path / 'digits')}", "data.streaming=true"])
     summary = run_sweep(config, tmp_path / "pbt")
     sweep_dir = tmp_path / "pbt"
     assert summary["trials"] == 4 and summary["exploits"] >= 1, summary
@@ -70,6 +72,8 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
     assert checked >= 1, explores.to_string()
     results = pd.read_csv(sweep_dir / "results.csv")
     assert len(results) == 4 and (results.status != "error").all(), results.to_string()
+    for run_dir in results.run_dir:
+        assert "(streamed)" in json.loads((Path(run_dir) / "summary.json").read_text())["data"]["source"], run_dir
     # Train keeps every checkpoint of a trial until Tune has copied it (a trial that fell behind once lost one to
     # Train's rotation), then the trial removes it: the last copied one and the final epoch's remain.
     for run_dir in results.run_dir:
@@ -92,17 +96,12 @@ def test_pbt_smoke_sweep_exploits_with_cloned_weights_and_mutated_lr(ray_local, 
 
 @pytest.mark.parametrize("scheduler", ["asha", "pb2", "random"])
 def test_other_schedulers_run_a_small_sweep(ray_local, tmp_path, scheduler) -> None:
-    """The random search's trials stream their data (Ray Data shards in every trial)."""
+    """In memory (the PBT test streams)."""
     overrides = [f"tune.scheduler={scheduler}", "tune.num_samples=2", "train.epochs=4", "tune.grace_period=2", "tune.perturbation_interval=2",
                  "tune.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"]
-    if scheduler == "random":
-        overrides += [f"data.path={_digits_parquet(tmp_path / 'digits')}", "data.streaming=true"]
     summary = run_sweep(build_config(recipe="smoke", sweep=True, overrides=overrides), tmp_path / scheduler)
     results = pd.read_csv(tmp_path / scheduler / "results.csv")
     assert summary["trials"] == 2 and (results.status != "error").all(), results.to_string()
-    if scheduler == "random":
-        for run_dir in results.run_dir:
-            assert "(streamed)" in json.loads((Path(run_dir) / "summary.json").read_text())["data"]["source"], run_dir
     assert summary["best_score"] is not None and 0.0 <= summary["best_score"] <= 1.0
     assert summary["trials_finished"] >= 1 and summary["best_test_accuracy"] > 0.5
     # the population's series in SWEEP_DIR/tensorboard: the best score never gets worse and ends at the sweep's best
