@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -105,7 +106,7 @@ def check_engine(x: torch.Tensor, y: torch.Tensor) -> dict:
         digest = state_digest(engine, {"lr": 0.0})
         stages[stage] = {"precision": spec.precision, "module_dtype": module_dtype, "master_dtype": str(params[next(iter(params))].dtype),
                          "first_loss": round(losses[0], 4), "last_loss": round(sum(losses[-5:]) / 5, 4),
-                         "losses_finite": all(map(lambda v: v == v and abs(v) < 1e6, losses)), "write_read_exact": exact,
+                         "losses_finite": all(math.isfinite(v) and abs(v) < 1e6 for v in losses), "write_read_exact": exact,
                          "digest_prefix": digest[:12], "peak_mem_mb": peak_mb()}
         ok = stages[stage]["losses_finite"] and exact and stages[stage]["last_loss"] < stages[stage]["first_loss"] and spec.precision == ("bf16" if DEVICE.type == "cuda" else "fp32")
         stages[stage]["ok"] = bool(ok)

@@ -104,7 +104,7 @@ def load_digits() -> Dataset:
 
     Read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`, 64 pixels then the label per row),
     as its `load_digits` reads it, without importing scikit-learn: a train worker would spend 0.9 s (3 s on a loaded
-    2-core machine) importing it for this file alone. `tests/test_data.py` checks it equals `sklearn.datasets.load_digits`."""
+    2-core machine) importing it for this file alone. `tests/test_epoch_metrics.py` checks it equals `sklearn.datasets.load_digits`."""
     import gzip
     import importlib.util
 

@@ -205,8 +205,9 @@ def load_data(plan: WorkerPlan, *, rank: int = 0, world_size: int = 1) -> LoopDa
     dataset = load_dataset(plan.data)
     if plan.split is not None:  # the driver's (`cluster.launch.check_data`), on the same data: the fingerprint guards a resume
         split = plan.split
-        if split.size != len(dataset.y) or int(max(split.train.max(), split.val.max(), split.test.max())) >= len(dataset.y):
-            raise DataError(f"{dataset.source}: {len(dataset.y)} samples here, but the driver split {split.size}: "
+        highest = int(max(split.train.max(), split.val.max(), split.test.max()))
+        if split.size != len(dataset.y) or highest >= len(dataset.y):
+            raise DataError(f"{dataset.source}: {len(dataset.y)} samples here, but the driver split {split.size} (highest index {highest}): "
                             "the data changed after the run checked it, or this node reads other data at the same path")
     else:
         split = stratified_split(dataset.y, val_fraction=plan.data.val_fraction, test_fraction=plan.data.test_fraction, seed=plan.data.seed)
